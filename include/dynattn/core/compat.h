@@ -1,0 +1,23 @@
+// Version shims: the one place where dynattn adapts to differences between LibTorch 1.13
+// (Debian) and LibTorch 2.x (pip, CUDA builds). Everything else uses these names.
+#pragma once
+#include <torch/torch.h>
+
+#include <string>
+
+namespace dynattn {
+
+// "1.13.1"-style version string of the LibTorch that dynattn was compiled against.
+inline std::string torch_version_string() {
+  return std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
+         std::to_string(TORCH_VERSION_PATCH);
+}
+
+// Inference guard: InferenceMode exists since 1.9; fall back to NoGradGuard otherwise.
+#if (TORCH_VERSION_MAJOR > 1) || (TORCH_VERSION_MAJOR == 1 && TORCH_VERSION_MINOR >= 9)
+using InferenceGuard = c10::InferenceMode;
+#else
+using InferenceGuard = torch::NoGradGuard;
+#endif
+
+}  // namespace dynattn

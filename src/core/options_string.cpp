@@ -1,0 +1,113 @@
+#include "dynattn/core/options_string.h"
+
+#include <torch/torch.h>
+
+#include <cerrno>
+#include <cstdlib>
+
+namespace dynattn {
+namespace {
+std::string trim(const std::string& s) {
+  const auto b = s.find_first_not_of(" \t");
+  if (b == std::string::npos) return "";
+  const auto e = s.find_last_not_of(" \t");
+  return s.substr(b, e - b + 1);
+}
+}  // namespace
+
+OptionMap OptionMap::parse(const std::string& text, const std::string& context) {
+  OptionMap m;
+  m.context_ = context;
+  size_t pos = 0;
+  while (pos <= text.size()) {
+    auto comma = text.find(',', pos);
+    if (comma == std::string::npos) comma = text.size();
+    const std::string item = trim(text.substr(pos, comma - pos));
+    pos = comma + 1;
+    if (item.empty()) {
+      if (comma == text.size()) break;
+      continue;
+    }
+    const auto eq = item.find('=');
+    TORCH_CHECK(eq != std::string::npos && eq > 0, context, ": option '", item,
+                "' is not of the form key=value (in '", text, "')");
+    const std::string key = trim(item.substr(0, eq));
+    TORCH_CHECK(!m.values_.count(key), context, ": option '", key, "' given twice in '", text,
+                "'");
+    m.values_[key] = trim(item.substr(eq + 1));
+  }
+  return m;
+}
+
+bool OptionMap::has(const std::string& key) const { return values_.count(key) > 0; }
+
+void OptionMap::set(const std::string& key, const std::string& value) { values_[key] = value; }
+
+std::string OptionMap::get_string(const std::string& key, const std::string& fallback) const {
+  auto it = values_.find(key);
+  return it == values_.end() ? fallback : it->second;
+}
+
+int64_t OptionMap::get_int(const std::string& key, int64_t fallback) const {
+  auto it = values_.find(key);
+  if (it == values_.end()) return fallback;
+  char* end = nullptr;
+  errno = 0;
+  const long long v = std::strtoll(it->second.c_str(), &end, 10);
+  TORCH_CHECK(errno == 0 && end != it->second.c_str() && *end == '\0', context_, ": option '",
+              key, "' expects an integer, got '", it->second, "'");
+  return v;
+}
+
+double OptionMap::get_double(const std::string& key, double fallback) const {
+  auto it = values_.find(key);
+  if (it == values_.end()) return fallback;
+  char* end = nullptr;
+  errno = 0;
+  const double v = std::strtod(it->second.c_str(), &end);
+  TORCH_CHECK(errno == 0 && end != it->second.c_str() && *end == '\0', context_, ": option '",
+              key, "' expects a number, got '", it->second, "'");
+  return v;
+}
+
+bool OptionMap::get_bool(const std::string& key, bool fallback) const {
+  auto it = values_.find(key);
+  if (it == values_.end()) return fallback;
+  const std::string& v = it->second;
+  if (v == "1" || v == "true" || v == "yes" || v == "on") return true;
+  if (v == "0" || v == "false" || v == "no" || v == "off") return false;
+  TORCH_CHECK(false, context_, ": option '", key, "' expects true/false, got '", v, "'");
+}
+
+void OptionMap::check_known(const std::vector<std::string>& known) const {
+  for (const auto& kv : values_) {
+    if (std::find(known.begin(), known.end(), kv.first) != known.end()) continue;
+    std::string list;
+    for (const auto& k : known) list += (list.empty() ? "" : ", ") + k;
+    TORCH_CHECK(false, context_, ": unknown option '", kv.first, "' (known: ",
+                list.empty() ? std::string("none") : list, ")");
+  }
+}
+
+std::string OptionMap::to_string() const {
+  std::string out;
+  for (const auto& kv : values_) out += (out.empty() ? "" : ",") + kv.first + "=" + kv.second;
+  return out;
+}
+
+std::string NamedOptions::to_string() const {
+  const std::string opts = options.to_string();
+  return opts.empty() ? name : name + ":" + opts;
+}
+
+NamedOptions parse_named_options(const std::string& spec, const std::string& what) {
+  const auto colon = spec.find(':');
+  NamedOptions out;
+  out.name = trim(spec.substr(0, colon));
+  TORCH_CHECK(!out.name.empty(), what, ": empty name in '", spec, "'");
+  const std::string rest = colon == std::string::npos ? "" : spec.substr(colon + 1);
+  out.options = OptionMap::parse(rest, what + " " + out.name);
+  return out;
+}
+
+}  // namespace dynattn
