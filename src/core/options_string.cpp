@@ -13,6 +13,19 @@ std::string trim(const std::string& s) {
   const auto e = s.find_last_not_of(" \t");
   return s.substr(b, e - b + 1);
 }
+
+// Position of the next ',' outside square brackets, or text.size().
+size_t find_top_level_comma(const std::string& text, size_t pos, const std::string& context) {
+  int depth = 0;
+  for (size_t i = pos; i < text.size(); ++i) {
+    if (text[i] == '[') ++depth;
+    if (text[i] == ']') --depth;
+    TORCH_CHECK(depth >= 0, context, ": unbalanced ']' in '", text, "'");
+    if (text[i] == ',' && depth == 0) return i;
+  }
+  TORCH_CHECK(depth == 0, context, ": unbalanced '[' in '", text, "'");
+  return text.size();
+}
 }  // namespace
 
 OptionMap OptionMap::parse(const std::string& text, const std::string& context) {
@@ -20,8 +33,7 @@ OptionMap OptionMap::parse(const std::string& text, const std::string& context) 
   m.context_ = context;
   size_t pos = 0;
   while (pos <= text.size()) {
-    auto comma = text.find(',', pos);
-    if (comma == std::string::npos) comma = text.size();
+    const auto comma = find_top_level_comma(text, pos, context);
     const std::string item = trim(text.substr(pos, comma - pos));
     pos = comma + 1;
     if (item.empty()) {
@@ -34,7 +46,12 @@ OptionMap OptionMap::parse(const std::string& text, const std::string& context) 
     const std::string key = trim(item.substr(0, eq));
     TORCH_CHECK(!m.values_.count(key), context, ": option '", key, "' given twice in '", text,
                 "'");
-    m.values_[key] = trim(item.substr(eq + 1));
+    std::string value = trim(item.substr(eq + 1));
+    // "[...]" groups a nested option string: attn=[cbam:r=8,kernel=7].
+    if (value.size() >= 2 && value.front() == '[' && value.back() == ']') {
+      value = value.substr(1, value.size() - 2);
+    }
+    m.values_[key] = value;
   }
   return m;
 }
@@ -91,7 +108,11 @@ void OptionMap::check_known(const std::vector<std::string>& known) const {
 
 std::string OptionMap::to_string() const {
   std::string out;
-  for (const auto& kv : values_) out += (out.empty() ? "" : ",") + kv.first + "=" + kv.second;
+  for (const auto& kv : values_) {
+    const bool nested = kv.second.find_first_of(",=") != std::string::npos;
+    out += (out.empty() ? "" : ",") + kv.first + "=" +
+           (nested ? "[" + kv.second + "]" : kv.second);
+  }
   return out;
 }
 

@@ -50,3 +50,13 @@ TEST(OptionsString, UnknownKeysAreRejected) {
     EXPECT_NE(msg.find("width, attn"), std::string::npos) << msg;
   }
 }
+
+TEST(OptionsString, BracketsNestOptionStrings) {
+  auto n = parse_named_options("resnet20:attn=[cbam:r=8,kernel=7],depth=20", "model");
+  EXPECT_EQ(n.options.get_string("attn", ""), "cbam:r=8,kernel=7");
+  EXPECT_EQ(n.options.get_int("depth", 0), 20);
+  EXPECT_EQ(n.to_string(), "resnet20:attn=[cbam:r=8,kernel=7],depth=20");
+  EXPECT_EQ(parse_named_options(n.to_string(), "model").to_string(), n.to_string());
+  EXPECT_THROW(parse_named_options("resnet20:attn=[cbam:r=8", "model"), c10::Error);
+  EXPECT_THROW(parse_named_options("resnet20:attn=cbam]", "model"), c10::Error);
+}

@@ -20,4 +20,14 @@ using InferenceGuard = c10::InferenceMode;
 using InferenceGuard = torch::NoGradGuard;
 #endif
 
+// Waits for the kernels queued on a CUDA device (-1: the current one). torch::cuda::synchronize
+// exists from LibTorch 1.13 on; CPU-only builds define it too (it then fails if called).
+inline void cuda_synchronize(int64_t device_index) {
+#if (TORCH_VERSION_MAJOR > 1) || (TORCH_VERSION_MAJOR == 1 && TORCH_VERSION_MINOR >= 13)
+  torch::cuda::synchronize(device_index);
+#else
+  TORCH_CHECK(false, "cuda_synchronize(", device_index, ") needs LibTorch >= 1.13");
+#endif
+}
+
 }  // namespace dynattn

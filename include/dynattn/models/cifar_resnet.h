@@ -1,0 +1,77 @@
+// CIFAR-style ResNet (He et al., "Deep Residual Learning for Image Recognition", CVPR 2016,
+// section 4.2): a 3x3 stem, three stages of n basic blocks at widths 16/32/64, depth 6n+2
+// (ResNet-20/32/56/110), global average pooling and a linear classifier.
+// Deviations: inputs are 28x28 Fashion-MNIST (stages at 28/14/7); the default shortcut is the
+// projection (1x1 conv + BN, the paper's option B) rather than zero padding (option A, kept as
+// `shortcut="pad"`); the last BN of each block starts at zero (timm's zero_init_last), so every
+// block starts as the identity. Each block has an attention slot after its last BN, before the
+// residual add (SENet's placement). Parameter names follow timm/torchvision: conv1, bn1,
+// layer1..3, fc; in blocks conv1, bn1, conv2, bn2, downsample.{0,1}, and `attn` for the slot.
+#pragma once
+#include <torch/torch.h>
+
+#include <string>
+
+namespace dynattn {
+
+struct CifarResNetOptions {
+  TORCH_ARG(int64_t, depth) = 20;  // 6n + 2
+  TORCH_ARG(int64_t, in_channels) = 1;
+  TORCH_ARG(int64_t, num_classes) = 10;
+  TORCH_ARG(int64_t, base_width) = 16;
+  TORCH_ARG(std::string, attention) = "none";  // attention slot spec, e.g. "se:r=8"
+  TORCH_ARG(std::string, shortcut) = "conv";   // "conv" (option B) or "pad" (option A)
+  TORCH_ARG(bool, zero_init_last) = true;
+};
+
+struct BasicBlockOptions {
+  BasicBlockOptions(int64_t in_channels, int64_t out_channels)
+      : in_channels_(in_channels), out_channels_(out_channels) {}
+  TORCH_ARG(int64_t, in_channels);
+  TORCH_ARG(int64_t, out_channels);
+  TORCH_ARG(int64_t, stride) = 1;
+  TORCH_ARG(std::string, attention) = "none";
+  TORCH_ARG(std::string, shortcut) = "conv";
+  TORCH_ARG(bool, zero_init_last) = true;
+};
+
+// conv3x3-BN-ReLU-conv3x3-BN-[attention] + shortcut, then ReLU.
+class BasicBlockImpl : public torch::nn::Cloneable<BasicBlockImpl> {
+ public:
+  explicit BasicBlockImpl(BasicBlockOptions options);
+  void reset() override;
+  torch::Tensor forward(const torch::Tensor& x);
+  // The residual branch alone (no shortcut, no final ReLU): what dynamic wrappers gate.
+  torch::Tensor residual(const torch::Tensor& x);
+  torch::Tensor shortcut(const torch::Tensor& x);
+  void pretty_print(std::ostream& stream) const override;
+
+  BasicBlockOptions options;
+  torch::nn::Conv2d conv1{nullptr}, conv2{nullptr};
+  torch::nn::BatchNorm2d bn1{nullptr}, bn2{nullptr};
+  torch::nn::Sequential downsample{nullptr};  // projection shortcut, when shapes change
+  torch::nn::AnyModule attn;                  // empty when the slot is "none"
+};
+TORCH_MODULE(BasicBlock);
+
+class CifarResNetImpl : public torch::nn::Cloneable<CifarResNetImpl> {
+ public:
+  explicit CifarResNetImpl(CifarResNetOptions options = {});
+  void reset() override;
+  torch::Tensor forward(const torch::Tensor& x);
+  // Pooled features before the classifier, [N, 4 * base_width].
+  torch::Tensor features(const torch::Tensor& x);
+  void pretty_print(std::ostream& stream) const override;
+
+  // All residual blocks in order (stage by stage): what BlockDrop & co. address.
+  std::vector<BasicBlock> blocks() const;
+
+  CifarResNetOptions options;
+  torch::nn::Conv2d conv1{nullptr};
+  torch::nn::BatchNorm2d bn1{nullptr};
+  torch::nn::Sequential layer1{nullptr}, layer2{nullptr}, layer3{nullptr};
+  torch::nn::Linear fc{nullptr};
+};
+TORCH_MODULE(CifarResNet);
+
+}  // namespace dynattn

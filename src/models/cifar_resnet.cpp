@@ -1,0 +1,145 @@
+#include "dynattn/models/cifar_resnet.h"
+
+#include "dynattn/models/attention_slot.h"
+
+namespace dynattn {
+namespace {
+torch::nn::Conv2d conv3x3(int64_t in, int64_t out, int64_t stride) {
+  return torch::nn::Conv2d(
+      torch::nn::Conv2dOptions(in, out, 3).stride(stride).padding(1).bias(false));
+}
+
+// Kaiming-normal (fan_out, ReLU) for convs as torchvision/timm ResNets do; BN to (1, 0).
+void init_conv_bn(torch::nn::Module& m) {
+  torch::NoGradGuard no_grad;
+  for (auto& sub : m.modules(/*include_self=*/true)) {
+    if (auto* conv = sub->as<torch::nn::Conv2d>()) {
+      torch::nn::init::kaiming_normal_(conv->weight, 0.0, torch::kFanOut, torch::kReLU);
+    } else if (auto* bn = sub->as<torch::nn::BatchNorm2d>()) {
+      bn->weight.fill_(1.0);
+      bn->bias.zero_();
+    }
+  }
+}
+}  // namespace
+
+BasicBlockImpl::BasicBlockImpl(BasicBlockOptions options_) : options(std::move(options_)) {
+  reset();
+}
+
+void BasicBlockImpl::reset() {
+  const auto& o = options;
+  TORCH_CHECK(o.shortcut() == "conv" || o.shortcut() == "pad",
+              "BasicBlock: shortcut must be 'conv' or 'pad', got '", o.shortcut(), "'");
+  TORCH_CHECK(o.stride() == 1 || o.stride() == 2, "BasicBlock: stride must be 1 or 2, got ",
+              o.stride());
+  conv1 = register_module("conv1", conv3x3(o.in_channels(), o.out_channels(), o.stride()));
+  bn1 = register_module("bn1", torch::nn::BatchNorm2d(o.out_channels()));
+  conv2 = register_module("conv2", conv3x3(o.out_channels(), o.out_channels(), 1));
+  bn2 = register_module("bn2", torch::nn::BatchNorm2d(o.out_channels()));
+  const bool reshapes = o.stride() != 1 || o.in_channels() != o.out_channels();
+  downsample = nullptr;
+  if (reshapes && o.shortcut() == "conv") {
+    downsample = register_module(
+        "downsample",
+        torch::nn::Sequential(torch::nn::Conv2d(torch::nn::Conv2dOptions(o.in_channels(),
+                                                                         o.out_channels(), 1)
+                                                    .stride(o.stride())
+                                                    .bias(false)),
+                              torch::nn::BatchNorm2d(o.out_channels())));
+  }
+  TORCH_CHECK(o.out_channels() >= o.in_channels() || o.shortcut() == "conv",
+              "BasicBlock: the 'pad' shortcut cannot reduce channels (", o.in_channels(), " -> ",
+              o.out_channels(), ")");
+  attn = create_attention(o.attention(), o.out_channels());
+  if (!attn.is_empty()) register_module("attn", attn.ptr());
+  init_conv_bn(*this);
+  if (o.zero_init_last()) {
+    torch::NoGradGuard no_grad;
+    bn2->weight.zero_();
+  }
+}
+
+torch::Tensor BasicBlockImpl::residual(const torch::Tensor& x) {
+  auto out = torch::relu(bn1(conv1(x)));
+  out = bn2(conv2(out));
+  if (!attn.is_empty()) out = attn.forward(out);
+  return out;
+}
+
+torch::Tensor BasicBlockImpl::shortcut(const torch::Tensor& x) {
+  if (!downsample.is_empty()) return downsample->forward(x);
+  if (options.stride() == 1 && options.in_channels() == options.out_channels()) return x;
+  // Option A: subsample spatially and zero-pad the new channels.
+  auto y = x.slice(2, 0, c10::nullopt, options.stride()).slice(3, 0, c10::nullopt, options.stride());
+  const int64_t extra = options.out_channels() - options.in_channels();
+  return torch::constant_pad_nd(y, {0, 0, 0, 0, extra / 2, extra - extra / 2});
+}
+
+torch::Tensor BasicBlockImpl::forward(const torch::Tensor& x) {
+  return torch::relu(residual(x) + shortcut(x));
+}
+
+void BasicBlockImpl::pretty_print(std::ostream& stream) const {
+  stream << "dynattn::BasicBlock(" << options.in_channels() << " -> " << options.out_channels()
+         << ", stride=" << options.stride() << ", attention=" << options.attention() << ")";
+}
+
+CifarResNetImpl::CifarResNetImpl(CifarResNetOptions options_) : options(std::move(options_)) {
+  reset();
+}
+
+void CifarResNetImpl::reset() {
+  const auto& o = options;
+  TORCH_CHECK(o.depth() >= 8 && (o.depth() - 2) % 6 == 0,
+              "CifarResNet: depth must be 6n+2 (20, 32, 56, 110, ...), got ", o.depth());
+  TORCH_CHECK(o.in_channels() > 0 && o.num_classes() > 0 && o.base_width() > 0,
+              "CifarResNet: in_channels, num_classes and base_width must be positive");
+  const int64_t n = (o.depth() - 2) / 6;
+  const int64_t w = o.base_width();
+  conv1 = register_module("conv1", conv3x3(o.in_channels(), w, 1));
+  bn1 = register_module("bn1", torch::nn::BatchNorm2d(w));
+  auto make_stage = [&](int64_t in, int64_t out, int64_t stride) {
+    torch::nn::Sequential stage;
+    for (int64_t i = 0; i < n; ++i) {
+      stage->push_back(BasicBlock(BasicBlockOptions(i == 0 ? in : out, out)
+                                      .stride(i == 0 ? stride : 1)
+                                      .attention(o.attention())
+                                      .shortcut(o.shortcut())
+                                      .zero_init_last(o.zero_init_last())));
+    }
+    return stage;
+  };
+  layer1 = register_module("layer1", make_stage(w, w, 1));
+  layer2 = register_module("layer2", make_stage(w, 2 * w, 2));
+  layer3 = register_module("layer3", make_stage(2 * w, 4 * w, 2));
+  fc = register_module("fc", torch::nn::Linear(4 * w, o.num_classes()));
+  torch::NoGradGuard no_grad;
+  torch::nn::init::kaiming_normal_(conv1->weight, 0.0, torch::kFanOut, torch::kReLU);
+}
+
+torch::Tensor CifarResNetImpl::features(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4 && x.size(1) == options.in_channels(),
+              "CifarResNet: expected input [N,", options.in_channels(), ",H,W], got ", x.sizes());
+  auto out = torch::relu(bn1(conv1(x)));
+  out = layer3->forward(layer2->forward(layer1->forward(out)));
+  // mean over H, W rather than adaptive pooling: the same maths, a cheaper kernel.
+  return out.mean({2, 3});
+}
+
+torch::Tensor CifarResNetImpl::forward(const torch::Tensor& x) { return fc(features(x)); }
+
+std::vector<BasicBlock> CifarResNetImpl::blocks() const {
+  std::vector<BasicBlock> out;
+  for (const auto& stage : {layer1, layer2, layer3}) {
+    for (const auto& m : *stage) out.emplace_back(std::dynamic_pointer_cast<BasicBlockImpl>(m.ptr()));
+  }
+  return out;
+}
+
+void CifarResNetImpl::pretty_print(std::ostream& stream) const {
+  stream << "dynattn::CifarResNet(depth=" << options.depth() << ", width=" << options.base_width()
+         << ", attention=" << options.attention() << ", shortcut=" << options.shortcut() << ")";
+}
+
+}  // namespace dynattn
