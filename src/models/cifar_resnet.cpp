@@ -10,9 +10,10 @@ torch::nn::Conv2d conv3x3(int64_t in, int64_t out, int64_t stride) {
 }
 
 // Kaiming-normal (fan_out, ReLU) for convs as torchvision/timm ResNets do; BN to (1, 0).
+// Called from reset(), i.e. from constructors: the module itself is not yet in a shared_ptr.
 void init_conv_bn(torch::nn::Module& m) {
   torch::NoGradGuard no_grad;
-  for (auto& sub : m.modules(/*include_self=*/true)) {
+  for (auto& sub : m.modules(/*include_self=*/false)) {
     if (auto* conv = sub->as<torch::nn::Conv2d>()) {
       torch::nn::init::kaiming_normal_(conv->weight, 0.0, torch::kFanOut, torch::kReLU);
     } else if (auto* bn = sub->as<torch::nn::BatchNorm2d>()) {
@@ -42,11 +43,11 @@ void BasicBlockImpl::reset() {
   if (reshapes && o.shortcut() == "conv") {
     downsample = register_module(
         "downsample",
-        torch::nn::Sequential(torch::nn::Conv2d(torch::nn::Conv2dOptions(o.in_channels(),
-                                                                         o.out_channels(), 1)
-                                                    .stride(o.stride())
-                                                    .bias(false)),
-                              torch::nn::BatchNorm2d(o.out_channels())));
+        torch::nn::Sequential(
+            torch::nn::Conv2d(torch::nn::Conv2dOptions(o.in_channels(), o.out_channels(), 1)
+                                  .stride(o.stride())
+                                  .bias(false)),
+            torch::nn::BatchNorm2d(o.out_channels())));
   }
   TORCH_CHECK(o.out_channels() >= o.in_channels() || o.shortcut() == "conv",
               "BasicBlock: the 'pad' shortcut cannot reduce channels (", o.in_channels(), " -> ",
@@ -71,7 +72,8 @@ torch::Tensor BasicBlockImpl::shortcut(const torch::Tensor& x) {
   if (!downsample.is_empty()) return downsample->forward(x);
   if (options.stride() == 1 && options.in_channels() == options.out_channels()) return x;
   // Option A: subsample spatially and zero-pad the new channels.
-  auto y = x.slice(2, 0, c10::nullopt, options.stride()).slice(3, 0, c10::nullopt, options.stride());
+  auto y =
+      x.slice(2, 0, c10::nullopt, options.stride()).slice(3, 0, c10::nullopt, options.stride());
   const int64_t extra = options.out_channels() - options.in_channels();
   return torch::constant_pad_nd(y, {0, 0, 0, 0, extra / 2, extra - extra / 2});
 }
@@ -119,20 +121,23 @@ void CifarResNetImpl::reset() {
 }
 
 torch::Tensor CifarResNetImpl::features(const torch::Tensor& x) {
-  TORCH_CHECK(x.dim() == 4 && x.size(1) == options.in_channels(),
-              "CifarResNet: expected input [N,", options.in_channels(), ",H,W], got ", x.sizes());
+  TORCH_CHECK(x.dim() == 4 && x.size(1) == options.in_channels(), "CifarResNet: expected input [N,",
+              options.in_channels(), ",H,W], got ", x.sizes());
   auto out = torch::relu(bn1(conv1(x)));
   out = layer3->forward(layer2->forward(layer1->forward(out)));
   // mean over H, W rather than adaptive pooling: the same maths, a cheaper kernel.
   return out.mean({2, 3});
 }
 
-torch::Tensor CifarResNetImpl::forward(const torch::Tensor& x) { return fc(features(x)); }
+torch::Tensor CifarResNetImpl::forward(const torch::Tensor& x) {
+  return fc(features(x));
+}
 
 std::vector<BasicBlock> CifarResNetImpl::blocks() const {
   std::vector<BasicBlock> out;
   for (const auto& stage : {layer1, layer2, layer3}) {
-    for (const auto& m : *stage) out.emplace_back(std::dynamic_pointer_cast<BasicBlockImpl>(m.ptr()));
+    for (const auto& m : *stage)
+      out.emplace_back(std::dynamic_pointer_cast<BasicBlockImpl>(m.ptr()));
   }
   return out;
 }

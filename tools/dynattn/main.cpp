@@ -1,2 +1,91 @@
+// dynattn: train, evaluate, benchmark and inspect attention and dynamic networks.
 #include <cstdio>
-int main() { std::puts("dynattn"); return 0; }
+
+#include "cli_common.h"
+#include "dynattn/core/version.h"
+#include "dynattn/data/fashion_mnist.h"
+#include "dynattn/io/atomic_file.h"
+
+namespace dynattn::cli {
+
+int setup_runtime(const GlobalOptions& g) {
+  apply_malloc_policy(parse_malloc_policy(g.malloc));
+  const int threads = configure_threads(g.threads);
+  if (!g.quiet) {
+    const BlasInfo blas = detect_blas();
+    std::fprintf(stderr, "%s\n",
+                 runtime_banner(threads, parse_malloc_policy(g.malloc), blas).c_str());
+    if (blas.reference) std::fprintf(stderr, "%s\n", blas.warning.c_str());
+  }
+  return threads;
+}
+
+torch::Device parse_device(const std::string& text) {
+  try {
+    torch::Device d(text);
+    if (d.is_cuda()) {
+      TORCH_CHECK(torch::cuda::is_available(), "--device ", text,
+                  ": CUDA is not available in this build or on this machine");
+    }
+    return d;
+  } catch (const c10::Error& e) {
+    throw;
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, "--device: expected cpu, cuda or cuda:N, got '", text, "'");
+  }
+}
+
+FashionMnistSplits load_fashion_mnist_splits(const std::string& root, double val_fraction,
+                                             uint64_t seed) {
+  const FashionMnist raw = load_fashion_mnist(root);
+  FashionMnistSplits s{
+      InMemoryDataset(raw.train_images, raw.train_labels),
+      InMemoryDataset(raw.train_images.slice(0, 0, 0), raw.train_labels.slice(0, 0, 0)),
+      InMemoryDataset(raw.test_images, raw.test_labels)};
+  if (val_fraction > 0) {
+    auto parts = s.train.split_validation(val_fraction, seed);
+    s.train = std::move(parts.first);
+    s.val = std::move(parts.second);
+  }
+  return s;
+}
+
+void write_json(const std::string& path, const nlohmann::json& j) {
+  write_file_atomic(path, j.dump(2) + "\n");
+}
+
+}  // namespace dynattn::cli
+
+int main(int argc, char** argv) {
+  using namespace dynattn::cli;
+  CLI::App app{"dynattn " + dynattn::version() +
+               ": attention mechanisms and dynamic networks on LibTorch"};
+  app.require_subcommand(1);
+  app.fallthrough();  // global options may follow the subcommand: `dynattn bench --threads 2`
+  app.set_version_flag("--version", dynattn::version());
+  GlobalOptions g;
+  app.add_option("--threads", g.threads,
+                 "intra-op threads (default: OMP_NUM_THREADS if set, else every core)")
+      ->check(CLI::NonNegativeNumber);
+  app.add_option("--malloc", g.malloc,
+                 "allocator policy: tuned (keep large blocks mapped; default) or default")
+      ->check(CLI::IsMember({"tuned", "default"}));
+  app.add_flag("--quiet", g.quiet, "do not log the runtime banner");
+  add_train_command(app, g);
+  add_eval_command(app, g);
+  add_bench_command(app, g);
+  add_zoo_command(app, g);
+  add_demo_command(app, g);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  } catch (const c10::Error& e) {
+    std::fprintf(stderr, "dynattn: error: %s\n", e.what_without_backtrace());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "dynattn: error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,15 @@
+// Entry point of dynattn_bench: the CLI's runtime policy (tuned malloc, every core unless
+// OMP_NUM_THREADS says otherwise), then Google Benchmark.
+#include <benchmark/benchmark.h>
+
+#include "dynattn/core/runtime.h"
+
+int main(int argc, char** argv) {
+  dynattn::apply_malloc_policy(dynattn::MallocPolicy::kTuned);
+  dynattn::configure_threads(0);
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

@@ -1,0 +1,17 @@
+// Umbrella header: everything a user of the dynattn library needs.
+#pragma once
+#include "dynattn/core/compat.h"
+#include "dynattn/core/memory_format.h"
+#include "dynattn/core/options_string.h"
+#include "dynattn/core/runtime.h"
+#include "dynattn/core/version.h"
+#include "dynattn/data/dataset.h"
+#include "dynattn/data/fashion_mnist.h"
+#include "dynattn/io/checkpoint.h"
+#include "dynattn/io/safetensors.h"
+#include "dynattn/models/attention_slot.h"
+#include "dynattn/models/cifar_resnet.h"
+#include "dynattn/models/registry.h"
+#include "dynattn/profile/benchmark.h"
+#include "dynattn/profile/mac_counter.h"
+#include "dynattn/train/trainer.h"

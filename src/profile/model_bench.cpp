@@ -1,0 +1,79 @@
+#include "dynattn/profile/model_bench.h"
+
+#include "dynattn/core/compat.h"
+#include "dynattn/core/memory_format.h"
+#include "dynattn/profile/mac_counter.h"
+#include "dynattn/train/optimizer.h"
+
+namespace dynattn {
+
+namespace {
+torch::Tensor random_input(int64_t batch, const ModelBenchOptions& o) {
+  std::vector<int64_t> shape{batch};
+  shape.insert(shape.end(), o.input_shape().begin(), o.input_shape().end());
+  auto x = torch::randn(shape, torch::TensorOptions().device(o.device()));
+  return o.channels_last() ? x.contiguous(torch::MemoryFormat::ChannelsLast) : x;
+}
+
+void prepare(Model& model, const ModelBenchOptions& o) {
+  TORCH_CHECK(o.input_shape().size() == 3, "bench: input shape must be [C,H,W]");
+  model.ptr()->to(o.device());
+  if (o.channels_last()) to_memory_format(*model.ptr(), torch::MemoryFormat::ChannelsLast);
+}
+}  // namespace
+
+BatchTiming benchmark_train_step(Model& model, int64_t batch, const ModelBenchOptions& o) {
+  TORCH_CHECK(batch > 0, "bench: training batch must be positive, got ", batch);
+  prepare(model, o);
+  model.ptr()->train();
+  auto x = random_input(batch, o);
+  auto y = torch::randint(0, 10, {batch},
+                          torch::TensorOptions().dtype(torch::kInt64).device(o.device()));
+  auto opt = make_optimizer(*model.ptr(), OptimizerOptions().lr(0.01));
+  BatchTiming t;
+  t.batch = batch;
+  t.stats = time_callable(
+      [&] {
+        auto loss = torch::nn::functional::cross_entropy(model.forward(x), y);
+        opt->zero_grad();
+        loss.backward();
+        opt->step();
+        synchronize(o.device());
+      },
+      std::max(2, o.warmup() / 5), std::max(5, o.min_iters() / 2), o.min_seconds());
+  t.images_per_sec = batch / (t.stats.median_ms / 1000.0);
+  return t;
+}
+
+ModelBenchResult benchmark_model(Model& model, const ModelBenchOptions& o) {
+  TORCH_CHECK(!o.batches().empty(), "bench: no batch sizes given");
+  prepare(model, o);
+  auto& net = *model.ptr();
+  net.eval();
+  auto make_input = [&](int64_t batch) { return random_input(batch, o); };
+  ModelBenchResult r;
+  r.parameters = count_parameters(net);
+  {
+    auto x = make_input(1);
+    r.macs_per_image = count_macs([&] { model.forward(x); }).macs;
+  }
+  InferenceGuard guard;
+  for (int64_t batch : o.batches()) {
+    TORCH_CHECK(batch > 0, "bench: batch sizes must be positive, got ", batch);
+    auto x = make_input(batch);
+    BatchTiming t;
+    t.batch = batch;
+    t.stats = time_callable(
+        [&] {
+          model.forward(x);
+          synchronize(o.device());
+        },
+        o.warmup(), o.min_iters(), o.min_seconds());
+    t.images_per_sec = batch / (t.stats.median_ms / 1000.0);
+    t.gflops = 2.0 * r.macs_per_image * batch / (t.stats.median_ms * 1e6);
+    r.timings.push_back(t);
+  }
+  return r;
+}
+
+}  // namespace dynattn

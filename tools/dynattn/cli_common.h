@@ -1,0 +1,44 @@
+// Shared pieces of the dynattn CLI: global options, runtime set-up, and small printing and
+// JSON helpers used by more than one subcommand.
+#pragma once
+#include <torch/torch.h>
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "dynattn/core/runtime.h"
+#include "dynattn/data/dataset.h"
+
+namespace dynattn::cli {
+
+struct GlobalOptions {
+  int threads = 0;               // 0: OMP_NUM_THREADS, else every core
+  std::string malloc = "tuned";  // allocator policy
+  std::string device = "cpu";
+  bool quiet = false;
+};
+
+// Applies threads and the allocator policy, logs the runtime banner (and the reference-BLAS
+// warning) to stderr. Returns the thread count in effect.
+int setup_runtime(const GlobalOptions& g);
+
+torch::Device parse_device(const std::string& text);
+
+// Fashion-MNIST as train/test datasets, with `val_fraction` of train held out when > 0.
+struct FashionMnistSplits {
+  InMemoryDataset train, val, test;
+};
+FashionMnistSplits load_fashion_mnist_splits(const std::string& root, double val_fraction,
+                                             uint64_t seed);
+
+// Writes `j` to `path` atomically (pretty-printed), creating nothing else.
+void write_json(const std::string& path, const nlohmann::json& j);
+
+// Subcommands: each registers its options and its callback on `app`.
+void add_train_command(CLI::App& app, GlobalOptions& g);
+void add_eval_command(CLI::App& app, GlobalOptions& g);
+void add_bench_command(CLI::App& app, GlobalOptions& g);
+void add_zoo_command(CLI::App& app, GlobalOptions& g);
+void add_demo_command(CLI::App& app, GlobalOptions& g);
+
+}  // namespace dynattn::cli

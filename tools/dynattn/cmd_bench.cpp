@@ -1,0 +1,186 @@
+// `dynattn bench`: parameters, MACs, latency and throughput of a model, next to the machine's
+// measured conv peak; optionally the same run with glibc's default allocator settings.
+#include <unistd.h>
+
+#include <cstdio>
+#include <fstream>
+
+#include "cli_common.h"
+#include "dynattn/io/atomic_file.h"
+#include "dynattn/io/checkpoint.h"
+#include "dynattn/profile/model_bench.h"
+
+namespace dynattn::cli {
+namespace {
+
+struct BenchArgs {
+  std::string model = "resnet20";
+  std::string checkpoint;
+  std::vector<int64_t> batches{1, 64};
+  bool channels_last = false;
+  std::string json;
+  double min_time = 2.0;
+  bool no_peak = false;
+  bool compare_malloc = false;
+  int64_t train_batch = 0;
+  std::vector<std::string> argv;  // for re-running under the other allocator policy
+};
+
+nlohmann::json bench_json(const std::string& spec, int threads, const BenchArgs& a,
+                          const GlobalOptions& g, const ModelBenchResult& r, double peak) {
+  nlohmann::json j{{"model", spec},
+                   {"threads", threads},
+                   {"channels_last", a.channels_last},
+                   {"malloc", g.malloc},
+                   {"device", g.device},
+                   {"parameters", r.parameters},
+                   {"macs_per_image", r.macs_per_image},
+                   {"conv_peak_gflops", peak}};
+  j["batches"] = nlohmann::json::array();
+  for (const auto& t : r.timings) {
+    j["batches"].push_back({{"batch", t.batch},
+                            {"median_ms", t.stats.median_ms},
+                            {"p90_ms", t.stats.p90_ms},
+                            {"mean_ms", t.stats.mean_ms},
+                            {"min_ms", t.stats.min_ms},
+                            {"iterations", t.stats.iterations},
+                            {"images_per_sec", t.images_per_sec},
+                            {"gflops", t.gflops}});
+  }
+  return j;
+}
+
+// Runs this same bench in a child process with the other allocator policy (mallopt settings
+// cannot be undone inside one process) and returns its JSON.
+nlohmann::json run_child_with_malloc(const BenchArgs& a, const std::string& policy) {
+  char tmpl[] = "/tmp/dynattn-bench-XXXXXX";
+  const int fd = mkstemp(tmpl);
+  TORCH_CHECK(fd >= 0, "bench: cannot create a temporary file");
+  close(fd);
+  std::string cmd = "/proc/self/exe --quiet --malloc " + policy + " bench --json " + tmpl;
+  for (const auto& arg : a.argv) cmd += " '" + arg + "'";
+  const int rc = std::system(cmd.c_str());
+  std::ifstream in(tmpl);
+  nlohmann::json j;
+  if (rc == 0 && in) j = nlohmann::json::parse(in, nullptr, false);
+  std::remove(tmpl);
+  TORCH_CHECK(rc == 0 && j.is_object(), "bench: the run with --malloc ", policy, " failed");
+  return j;
+}
+
+void print_result(const nlohmann::json& j) {
+  const double peak = j["conv_peak_gflops"].get<double>();
+  for (const auto& b : j["batches"]) {
+    std::printf("  batch %4lld  median %8.3f ms  p90 %8.3f ms  %9.1f images/s  %6.1f GFLOP/s",
+                static_cast<long long>(b["batch"].get<int64_t>()), b["median_ms"].get<double>(),
+                b["p90_ms"].get<double>(), b["images_per_sec"].get<double>(),
+                b["gflops"].get<double>());
+    if (peak > 0) std::printf(" (%4.1f%% of peak)", 100.0 * b["gflops"].get<double>() / peak);
+    std::printf("\n");
+  }
+}
+
+void run_bench(const BenchArgs& a, const GlobalOptions& g) {
+  const int threads = setup_runtime(g);
+  const torch::Device device = parse_device(g.device);
+  Model model = a.checkpoint.empty() ? create_model(a.model) : load_checkpoint_model(a.checkpoint);
+  auto r = benchmark_model(model, ModelBenchOptions()
+                                      .batches(a.batches)
+                                      .channels_last(a.channels_last)
+                                      .device(device)
+                                      .min_seconds(a.min_time));
+  const double peak = a.no_peak ? 0.0 : measure_conv_peak_gflops();
+  auto j = bench_json(model.spec, threads, a, g, r, peak);
+  BatchTiming train;
+  if (a.train_batch > 0) {
+    // A fresh copy: the timed steps change the weights.
+    Model fresh =
+        a.checkpoint.empty() ? create_model(a.model) : load_checkpoint_model(a.checkpoint);
+    train = benchmark_train_step(
+        fresh, a.train_batch,
+        ModelBenchOptions().channels_last(a.channels_last).device(device).min_seconds(a.min_time));
+    j["train"] = {{"batch", train.batch},
+                  {"median_ms", train.stats.median_ms},
+                  {"p90_ms", train.stats.p90_ms},
+                  {"iterations", train.stats.iterations},
+                  {"images_per_sec", train.images_per_sec}};
+  }
+  std::printf("model %s%s: %lld parameters, %.2f M MACs per image\n", model.spec.c_str(),
+              a.channels_last ? " (channels-last)" : "", static_cast<long long>(r.parameters),
+              r.macs_per_image / 1e6);
+  std::printf("threads %d, malloc %s, device %s", threads, g.malloc.c_str(), g.device.c_str());
+  if (peak > 0) std::printf(", conv peak %.1f GFLOP/s (measured: large 3x3 convolution)", peak);
+  std::printf("\n");
+  print_result(j);
+  if (a.train_batch > 0) {
+    std::printf(
+        "  train step, batch %lld: median %.2f ms, %.1f images/s (forward, backward, SGD)\n",
+        static_cast<long long>(train.batch), train.stats.median_ms, train.images_per_sec);
+  }
+  if (a.compare_malloc) {
+    const std::string other = g.malloc == "tuned" ? "default" : "tuned";
+    auto child = run_child_with_malloc(a, other);
+    std::printf("same run with --malloc %s (separate process):\n", other.c_str());
+    child["conv_peak_gflops"] = peak;
+    print_result(child);
+    if (child.contains("train")) {
+      std::printf("  train step, batch %lld: median %.2f ms, %.1f images/s\n",
+                  static_cast<long long>(child["train"]["batch"].get<int64_t>()),
+                  child["train"]["median_ms"].get<double>(),
+                  child["train"]["images_per_sec"].get<double>());
+    }
+    j["compare_malloc"] = child;
+  }
+  if (!a.json.empty()) write_json(a.json, j);
+}
+
+}  // namespace
+
+void add_bench_command(CLI::App& app, GlobalOptions& g) {
+  auto a = std::make_shared<BenchArgs>();
+  auto* sub = app.add_subcommand("bench", "measure parameters, MACs, latency and throughput");
+  auto* model = sub->add_option("--model", a->model, "model spec")->capture_default_str();
+  sub->add_option("--checkpoint", a->checkpoint, "benchmark a trained checkpoint instead")
+      ->excludes(model);
+  sub->add_option("--batch", a->batches, "batch sizes, comma separated")
+      ->delimiter(',')
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  sub->add_flag("--channels-last", a->channels_last, "channels-last memory format");
+  sub->add_option("--json", a->json, "also write the results as JSON to this file");
+  sub->add_option("--min-time", a->min_time, "seconds of timed runs per batch size")
+      ->capture_default_str();
+  sub->add_flag("--no-peak", a->no_peak, "skip measuring the machine's conv peak");
+  sub->add_option("--train-batch", a->train_batch,
+                  "also time one training step (forward, backward, SGD) at this batch size")
+      ->check(CLI::NonNegativeNumber);
+  sub->add_flag("--compare-malloc", a->compare_malloc,
+                "also run with the other allocator policy, in a child process");
+  sub->add_option("--device", g.device, "cpu or cuda[:N]")->capture_default_str();
+  sub->callback([a, &g, sub] {
+    // The child run repeats this subcommand's arguments (minus --json/--compare-malloc).
+    a->argv.clear();
+    for (const auto* opt : sub->get_options()) {
+      if (opt->count() == 0 || opt->get_name() == "--json" ||
+          opt->get_name() == "--compare-malloc" || opt->get_name() == "--help") {
+        continue;
+      }
+      const auto name = opt->get_name();
+      if (opt->get_expected_min() == 0) {
+        a->argv.push_back(name);
+      } else {
+        a->argv.push_back(name);
+        std::string joined;
+        for (const auto& r : opt->results()) joined += (joined.empty() ? "" : ",") + r;
+        a->argv.push_back(joined);
+      }
+    }
+    if (g.threads > 0) {
+      a->argv.push_back("--threads");
+      a->argv.push_back(std::to_string(g.threads));
+    }
+    run_bench(*a, g);
+  });
+}
+
+}  // namespace dynattn::cli
