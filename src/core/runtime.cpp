@@ -1,5 +1,7 @@
 #include "dynattn/core/runtime.h"
 
+#include <dlfcn.h>
+
 #include <torch/torch.h>
 
 #include <algorithm>
@@ -170,8 +172,35 @@ std::string blas_display_name(const std::string& path) {
   return base;
 }
 
+std::string openblas_core() {
+  using CoreNameFn = char* (*)();
+  auto fn = reinterpret_cast<CoreNameFn>(dlsym(RTLD_DEFAULT, "openblas_get_corename"));
+  if (fn == nullptr) return "";
+  const char* name = fn();
+  return name ? trim(name) : "";
+}
+
+std::string openblas_core_fix() {
+  if (std::getenv("OPENBLAS_CORETYPE") != nullptr) return "";  // the user's choice stands
+  std::string core = openblas_core();
+  std::transform(core.begin(), core.end(), core.begin(), ::tolower);
+  static const char* kGeneric[] = {"prescott", "core2", "penryn", "dunnington", "nehalem",
+                                   "atom", "katmai", "coppermine", "northwood", "banias", "unknown"};
+  if (std::find(std::begin(kGeneric), std::end(kGeneric), core) == std::end(kGeneric)) return "";
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+    return "SkylakeX";
+  }
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "Haswell";
+#endif
+  return "";
+}
+
 BlasInfo detect_blas() {
   BlasInfo info;
+  info.core = openblas_core();
   const auto libraries = mapped_blas_libraries();
   // LibTorch links libblas.so.3 before any libopenblas.so.0, so its sgemm_ is the one that
   // runs when both are mapped.
@@ -215,6 +244,7 @@ std::string runtime_banner(int threads, MallocPolicy policy, const BlasInfo& bla
   out << "dynattn " << version() << " | LibTorch " << torch_version_string() << " | threads "
       << threads << " | BLAS " << blas_display_name(blas.library);
   if (!blas.library.empty()) out << " (" << blas.library << ")";
+  if (!blas.core.empty()) out << " core " << blas.core;
   out << " " << format_gflops(blas.matmul_gflops) << " GFLOP/s (1 thread) | malloc "
       << malloc_policy_name(policy);
   if (blas.reference) {

@@ -160,3 +160,29 @@ TEST(Version, IsTheProjectVersion) {
 
 }  // namespace
 }  // namespace dynattn
+
+TEST(Runtime, OpenBlasCoreFixRespectsTheUsersChoice) {
+  const char* old = std::getenv("OPENBLAS_CORETYPE");
+  const std::string saved = old ? old : "";
+  setenv("OPENBLAS_CORETYPE", "Haswell", 1);
+  EXPECT_EQ(dynattn::openblas_core_fix(), "");
+  if (old) {
+    setenv("OPENBLAS_CORETYPE", saved.c_str(), 1);
+  } else {
+    unsetenv("OPENBLAS_CORETYPE");
+  }
+}
+
+TEST(Runtime, OpenBlasCoreFixOnlyReplacesGenericKernels) {
+  if (std::getenv("OPENBLAS_CORETYPE") != nullptr) GTEST_SKIP() << "OPENBLAS_CORETYPE is set";
+  const std::string core = dynattn::openblas_core();
+  const std::string fix = dynattn::openblas_core_fix();
+  if (core.empty()) {
+    EXPECT_EQ(fix, "") << "no OpenBLAS loaded, nothing to fix";
+  } else if (core == "Prescott" || core == "Core2" || core == "Nehalem") {
+    EXPECT_TRUE(fix == "SkylakeX" || fix == "Haswell" || fix.empty()) << fix;
+  } else {
+    EXPECT_EQ(fix, "") << "OpenBLAS chose " << core << " itself";
+  }
+  EXPECT_EQ(dynattn::detect_blas().core, core);
+}

@@ -1,4 +1,6 @@
 // dynattn: train, evaluate, benchmark and inspect attention and dynamic networks.
+#include <unistd.h>
+
 #include <cstdio>
 
 #include "cli_common.h"
@@ -58,6 +60,13 @@ void write_json(const std::string& path, const nlohmann::json& j) {
 
 int main(int argc, char** argv) {
   using namespace dynattn::cli;
+  // Before anything runs: if OpenBLAS fell back to its generic kernels, restart with the right
+  // ones (OpenBLAS reads OPENBLAS_CORETYPE only when it is loaded). Returns only on failure.
+  const std::string core = dynattn::openblas_core_fix();
+  if (!core.empty()) {
+    setenv("OPENBLAS_CORETYPE", core.c_str(), 1);
+    execv("/proc/self/exe", argv);
+  }
   CLI::App app{"dynattn " + dynattn::version() +
                ": attention mechanisms and dynamic networks on LibTorch"};
   app.require_subcommand(1);

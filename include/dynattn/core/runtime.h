@@ -31,7 +31,20 @@ struct BlasInfo {
   double matmul_gflops = 0;  // one 256x256 float product on one thread, best of a few
   bool reference = false;    // the unoptimised reference BLAS (or something as slow)
   std::string warning;       // multi-line advice when reference, else ""
+  std::string core;          // OpenBLAS's kernel set ("SkylakeX", "Prescott", ...), "" if unknown
 };
+
+// The kernel set OpenBLAS chose for this CPU (openblas_get_corename), "" when OpenBLAS is not
+// loaded.
+std::string openblas_core();
+
+// Debian 12's OpenBLAS 0.3.21 does not recognise recent Xeons and falls back to its generic
+// "Prescott" kernels: sgemm runs ~5x slower (34 vs 168 GFLOP/s measured here). Returns the
+// OPENBLAS_CORETYPE this CPU supports ("SkylakeX" with AVX-512, "Haswell" with AVX2) when
+// OpenBLAS picked a generic core and the user did not set OPENBLAS_CORETYPE; "" otherwise.
+// OpenBLAS reads the variable once, when it is loaded: the CLI re-executes itself with it set;
+// programs embedding dynattn set it in their environment (see README).
+std::string openblas_core_fix();
 
 // Finds the BLAS shared object in /proc/self/maps (libblas.so.3 first: LibTorch's gemm calls
 // bind to it) and measures it with a small matrix product on one thread (a few milliseconds).

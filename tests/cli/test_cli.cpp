@@ -1,0 +1,388 @@
+// End-to-end tests of the dynattn executable: version and usage, the zoo, the start-up banner
+// and thread settings, a short benchmark, and the error paths (exit code, a message that names
+// the culprit and what was expected, never a crash). Each run starts a fresh process.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+#include <torch/version.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <regex>
+#include <sstream>
+
+#include "cli_runner.h"
+#include "dynattn/core/version.h"
+#include "dynattn/io/checkpoint.h"
+#include "dynattn/models/registry.h"
+
+using namespace dynattn::cli_test;
+using ::testing::HasSubstr;
+using ::testing::Not;
+namespace fs = std::filesystem;
+
+namespace {
+
+const std::string kFashionMnist = "/usr/share/datasets/fashion-mnist";
+const std::vector<std::string> kFashionMnistFiles = {
+    "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz"};
+
+bool have_fashion_mnist() {
+  for (const auto& f : kFashionMnistFiles) {
+    if (!fs::exists(kFashionMnist + "/" + f)) return false;
+  }
+  return true;
+}
+
+#define REQUIRE_FASHION_MNIST()                                                       \
+  do {                                                                                \
+    if (!have_fashion_mnist()) {                                                      \
+      GTEST_SKIP() << "Fashion-MNIST not found in " << kFashionMnist                  \
+                   << " (install the Debian package dataset-fashion-mnist)";          \
+    }                                                                                 \
+  } while (0)
+
+// The cheapest real benchmark: one batch size, a few timed runs, no conv-peak measurement.
+std::vector<std::string> quick_bench(std::vector<std::string> extra = {}) {
+  std::vector<std::string> args{"bench", "--model", "resnet20", "--batch", "1", "--min-time",
+                                "0.01",  "--no-peak"};
+  args.insert(args.end(), extra.begin(), extra.end());
+  return args;
+}
+
+// A failed run must exit normally (no signal, no abort) with 1 (a run-time error) or one of
+// CLI11's usage codes, and must not print a C++ backtrace.
+void expect_clean_failure(const CommandResult& r) {
+  ASSERT_TRUE(r.exited) << r.describe();
+  EXPECT_TRUE(r.exit_code == 1 || is_cli11_usage_code(r.exit_code)) << r.describe();
+  EXPECT_THAT(r.err, Not(HasSubstr("Exception raised from"))) << r.describe();
+  EXPECT_THAT(r.err, Not(HasSubstr("terminate called"))) << r.describe();
+}
+
+// A run-time error: exit code 1 and "dynattn: error: ..." on stderr.
+void expect_runtime_error(const CommandResult& r) {
+  expect_clean_failure(r);
+  EXPECT_EQ(r.exit_code, 1) << r.describe();
+  EXPECT_THAT(r.err, HasSubstr("error")) << r.describe();
+}
+
+// A command-line usage error: CLI11's exit code and a message naming the option.
+void expect_usage_error(const CommandResult& r, const std::string& option) {
+  expect_clean_failure(r);
+  EXPECT_TRUE(is_cli11_usage_code(r.exit_code)) << r.describe();
+  EXPECT_THAT(r.err, HasSubstr(option)) << r.describe();
+}
+
+// The message says that a positive value was expected (not only a range of raw doubles).
+void expect_says_positive(const CommandResult& r) {
+  static const std::regex positive("positive|at least 1|>= ?1|greater than 0|> ?0",
+                                   std::regex::icase);
+  EXPECT_TRUE(std::regex_search(r.err, positive))
+      << "the message should say that a positive value is expected\n"
+      << r.describe();
+}
+
+std::string banner_line(const std::string& err) {
+  std::istringstream in(err);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.find("LibTorch") != std::string::npos) return line;
+  }
+  return "";
+}
+
+// An untrained ResNet-20 saved as a checkpoint, the way `dynattn train` saves one.
+void write_untrained_checkpoint(const std::string& dir) {
+  torch::manual_seed(0);
+  auto model = dynattn::create_model("resnet20");
+  dynattn::save_checkpoint(dir, *model.ptr(), R"({"model": "resnet20", "epoch": 1})", {});
+}
+
+std::vector<std::string> list_dir(const std::string& dir) {
+  std::vector<std::string> names;
+  for (const auto& e : fs::directory_iterator(dir)) names.push_back(e.path().filename().string());
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+}  // namespace
+
+// ---- version and usage ----
+
+TEST(CliBasics, VersionPrintsTheVersion) {
+  auto r = run_dynattn({"--version"});
+  ASSERT_TRUE(r.exited) << r.describe();
+  EXPECT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_THAT(r.out, HasSubstr(dynattn::version())) << r.describe();
+  EXPECT_TRUE(std::regex_search(r.out, std::regex(R"(\d+\.\d+\.\d+)"))) << r.describe();
+}
+
+TEST(CliBasics, NoSubcommandIsAUsageError) {
+  auto r = run_dynattn({});
+  expect_clean_failure(r);
+  EXPECT_NE(r.exit_code, 0) << r.describe();
+  EXPECT_THAT(r.err, HasSubstr("subcommand")) << r.describe();
+  EXPECT_THAT(r.err, HasSubstr("--help")) << r.describe();
+}
+
+// ---- zoo ----
+
+// Also: a global option after the subcommand (fallthrough) is accepted.
+TEST(CliZoo, ListsResnet20WithParametersAndMacsAsTextAndJson) {
+  TempDir tmp;
+  const std::string json_path = tmp / "zoo.json";
+  auto r = run_dynattn({"zoo", "--threads", "1", "--json", json_path});
+  ASSERT_TRUE(r.exited) << r.describe();
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_TRUE(std::regex_search(r.out, std::regex(R"(resnet20\s+272186\s+31\.02 M)")))
+      << r.describe();
+  for (const char* name : {"resnet32", "resnet56", "resnet110"}) {
+    EXPECT_THAT(r.out, HasSubstr(name)) << r.describe();
+  }
+
+  const auto j = nlohmann::json::parse(read_file(json_path));
+  ASSERT_TRUE(j.contains("models") && j["models"].is_array()) << j.dump(2);
+  const nlohmann::json* r20 = nullptr;
+  for (const auto& m : j["models"]) {
+    if (m.value("name", "") == "resnet20") r20 = &m;
+  }
+  ASSERT_NE(r20, nullptr) << j.dump(2);
+  EXPECT_EQ((*r20)["parameters"].get<int64_t>(), 272186);
+  EXPECT_EQ((*r20)["macs_per_image"].get<int64_t>(), 31021952);
+  EXPECT_NEAR((*r20)["macs_per_image"].get<int64_t>() / 1e6, 31.02, 0.005);
+}
+
+// ---- start-up banner and threads ----
+
+TEST(CliBanner, NamesLibTorchThreadsAndBlas) {
+  auto r = run_dynattn(quick_bench(), {{"OMP_NUM_THREADS", std::nullopt}});
+  ASSERT_TRUE(r.exited) << r.describe();
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const std::string banner = banner_line(r.err);
+  ASSERT_FALSE(banner.empty()) << "no start-up banner on stderr\n" << r.describe();
+  const std::string libtorch = "LibTorch " + std::to_string(TORCH_VERSION_MAJOR) + "." +
+                               std::to_string(TORCH_VERSION_MINOR);
+  EXPECT_THAT(banner, HasSubstr(libtorch)) << r.describe();
+  EXPECT_THAT(banner, HasSubstr(dynattn::version())) << r.describe();
+  EXPECT_TRUE(std::regex_search(banner, std::regex(R"(threads [1-9][0-9]*)"))) << r.describe();
+  EXPECT_THAT(banner, HasSubstr("BLAS")) << r.describe();
+  EXPECT_THAT(banner, HasSubstr("GFLOP/s")) << r.describe();
+  EXPECT_THAT(r.out, Not(HasSubstr("LibTorch"))) << "the banner belongs on stderr\n"
+                                                 << r.describe();
+}
+
+TEST(CliBanner, ThreadsOptionBeforeTheSubcommand) {
+  std::vector<std::string> args{"--threads", "1"};
+  for (const auto& a : quick_bench()) args.push_back(a);
+  auto r = run_dynattn(args, {{"OMP_NUM_THREADS", "2"}});
+  ASSERT_TRUE(r.exited) << r.describe();
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_THAT(banner_line(r.err), HasSubstr("threads 1 ")) << r.describe();
+  EXPECT_THAT(r.out, HasSubstr("threads 1,")) << r.describe();
+}
+
+TEST(CliBanner, ThreadsOptionAfterTheSubcommand) {
+  auto r = run_dynattn(quick_bench({"--threads", "1"}), {{"OMP_NUM_THREADS", "2"}});
+  ASSERT_TRUE(r.exited) << r.describe();
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_THAT(banner_line(r.err), HasSubstr("threads 1 ")) << r.describe();
+  EXPECT_THAT(r.out, HasSubstr("threads 1,")) << r.describe();
+}
+
+TEST(CliBanner, OmpNumThreadsIsTheDefault) {
+  auto r = run_dynattn(quick_bench(), {{"OMP_NUM_THREADS", "1"}});
+  ASSERT_TRUE(r.exited) << r.describe();
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_THAT(banner_line(r.err), HasSubstr("threads 1 ")) << r.describe();
+}
+
+TEST(CliBanner, InvalidOmpNumThreadsIsAnError) {
+  auto r = run_dynattn({"zoo"}, {{"OMP_NUM_THREADS", "abc"}});
+  expect_runtime_error(r);
+  EXPECT_THAT(r.err, HasSubstr("OMP_NUM_THREADS")) << r.describe();
+  EXPECT_THAT(r.err, HasSubstr("abc")) << r.describe();
+  EXPECT_THAT(r.out, Not(HasSubstr("resnet20"))) << r.describe();
+}
+
+TEST(CliBanner, QuietSuppressesTheBanner) {
+  auto r = run_dynattn(quick_bench({"--quiet", "--threads", "1"}));
+  ASSERT_TRUE(r.exited) << r.describe();
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_EQ(banner_line(r.err), "") << r.describe();
+}
+
+// ---- bench ----
+
+TEST(CliBench, WritesJsonWithParametersMacsAndBatchTimings) {
+  TempDir tmp;
+  const std::string json_path = tmp / "bench.json";
+  auto r = run_dynattn({"bench", "--model", "resnet20", "--batch", "1,2", "--min-time", "0.05",
+                        "--no-peak", "--threads", "1", "--json", json_path});
+  ASSERT_TRUE(r.exited) << r.describe();
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_THAT(r.out, HasSubstr("272186 parameters")) << r.describe();
+  EXPECT_THAT(r.out, HasSubstr("31.02 M MACs per image")) << r.describe();
+
+  const auto j = nlohmann::json::parse(read_file(json_path));
+  EXPECT_EQ(j["model"], "resnet20") << j.dump(2);
+  EXPECT_EQ(j["parameters"].get<int64_t>(), 272186) << j.dump(2);
+  EXPECT_EQ(j["macs_per_image"].get<int64_t>(), 31021952) << j.dump(2);
+  EXPECT_EQ(j["threads"].get<int>(), 1) << j.dump(2);
+  EXPECT_EQ(j["channels_last"].get<bool>(), false) << j.dump(2);
+  ASSERT_TRUE(j["batches"].is_array()) << j.dump(2);
+  ASSERT_EQ(j["batches"].size(), 2u) << j.dump(2);
+  for (size_t i = 0; i < 2; ++i) {
+    const auto& b = j["batches"][i];
+    EXPECT_EQ(b["batch"].get<int64_t>(), static_cast<int64_t>(i + 1)) << b.dump(2);
+    EXPECT_GT(b["median_ms"].get<double>(), 0.0) << b.dump(2);
+    EXPECT_GE(b["p90_ms"].get<double>(), b["median_ms"].get<double>()) << b.dump(2);
+    EXPECT_GT(b["iterations"].get<int64_t>(), 0) << b.dump(2);
+    EXPECT_GT(b["images_per_sec"].get<double>(), 0.0) << b.dump(2);
+  }
+}
+
+TEST(CliBench, ChannelsLastIsAccepted) {
+  TempDir tmp;
+  const std::string json_path = tmp / "bench.json";
+  auto r = run_dynattn(quick_bench({"--channels-last", "--quiet", "--json", json_path}));
+  ASSERT_TRUE(r.exited) << r.describe();
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_THAT(r.out, HasSubstr("(channels-last)")) << r.describe();
+  const auto j = nlohmann::json::parse(read_file(json_path));
+  EXPECT_EQ(j["channels_last"].get<bool>(), true) << j.dump(2);
+  EXPECT_EQ(j["macs_per_image"].get<int64_t>(), 31021952) << j.dump(2);
+}
+
+// ---- error paths ----
+
+TEST(CliErrors, UnknownModelListsTheKnownModels) {
+  auto r = run_dynattn({"--quiet", "train", "--model", "resnet21"});
+  expect_runtime_error(r);
+  EXPECT_THAT(r.err, HasSubstr("resnet21")) << r.describe();
+  for (const char* known : {"resnet20", "resnet32", "resnet56", "resnet110"}) {
+    EXPECT_THAT(r.err, HasSubstr(known)) << r.describe();
+  }
+}
+
+TEST(CliErrors, UnknownModelOptionListsTheKnownOptions) {
+  auto r = run_dynattn({"--quiet", "bench", "--model", "resnet20:widht=8"});
+  expect_runtime_error(r);
+  EXPECT_THAT(r.err, HasSubstr("widht")) << r.describe();
+  EXPECT_THAT(r.err, HasSubstr("width")) << r.describe();
+  EXPECT_THAT(r.err, HasSubstr("resnet20")) << r.describe();
+}
+
+TEST(CliErrors, TrainWithMissingDataNamesTheFileAndHintsAtData) {
+  auto r = run_dynattn({"--quiet", "train", "--data", "/nonexistent", "--epochs", "1"});
+  expect_runtime_error(r);
+  EXPECT_THAT(r.err, HasSubstr("/nonexistent/train-images-idx3-ubyte.gz")) << r.describe();
+  EXPECT_THAT(r.err, HasSubstr("--data")) << r.describe();
+}
+
+TEST(CliErrors, EvalWithMissingDataNamesTheFileAndHintsAtData) {
+  TempDir ckpt;
+  write_untrained_checkpoint(ckpt.path());
+  auto r = run_dynattn({"--quiet", "eval", "--checkpoint", ckpt.path(), "--data", "/nonexistent"});
+  expect_runtime_error(r);
+  EXPECT_TRUE(std::regex_search(
+      r.err, std::regex(R"(/nonexistent/(train|t10k)-(images-idx3|labels-idx1)-ubyte)")))
+      << r.describe();
+  EXPECT_THAT(r.err, HasSubstr("--data")) << r.describe();
+}
+
+// Three real files next to the first 1000 bytes of the training images' gzip.
+TEST(CliErrors, TruncatedGzipNamesTheFile) {
+  REQUIRE_FASHION_MNIST();
+  TempDir data;
+  for (size_t i = 1; i < kFashionMnistFiles.size(); ++i) {
+    fs::create_symlink(kFashionMnist + "/" + kFashionMnistFiles[i], data / kFashionMnistFiles[i]);
+  }
+  const std::string truncated = data / kFashionMnistFiles[0];
+  write_file(truncated, read_file(kFashionMnist + "/" + kFashionMnistFiles[0]).substr(0, 1000));
+  auto r = run_dynattn({"--quiet", "train", "--data", data.path(), "--epochs", "1"});
+  expect_runtime_error(r);
+  EXPECT_THAT(r.err, HasSubstr(truncated)) << r.describe();
+  EXPECT_THAT(r.err, HasSubstr("truncated")) << r.describe();
+}
+
+// The test labels' gzip with garbage in the middle of its compressed stream.
+TEST(CliErrors, CorruptGzipNamesTheFile) {
+  REQUIRE_FASHION_MNIST();
+  TempDir data, ckpt;
+  write_untrained_checkpoint(ckpt.path());
+  for (size_t i = 0; i + 1 < kFashionMnistFiles.size(); ++i) {
+    fs::create_symlink(kFashionMnist + "/" + kFashionMnistFiles[i], data / kFashionMnistFiles[i]);
+  }
+  const std::string corrupt = data / kFashionMnistFiles[3];
+  std::string bytes = read_file(kFashionMnist + "/" + kFashionMnistFiles[3]);
+  ASSERT_GT(bytes.size(), 2000u);
+  for (size_t i = 200; i < 1200; ++i) bytes[i] = static_cast<char>(0xA5 ^ (i * 7));
+  write_file(corrupt, bytes);
+  auto r = run_dynattn({"--quiet", "eval", "--checkpoint", ckpt.path(), "--data", data.path()});
+  expect_runtime_error(r);
+  EXPECT_THAT(r.err, HasSubstr(corrupt)) << r.describe();
+  EXPECT_THAT(r.out, Not(HasSubstr("test accuracy"))) << r.describe();
+}
+
+TEST(CliErrors, EvalOfMissingCheckpointNamesThePath) {
+  auto r = run_dynattn({"--quiet", "eval", "--checkpoint", "/nonexistent/dir"});
+  expect_runtime_error(r);
+  EXPECT_THAT(r.err, HasSubstr("/nonexistent/dir")) << r.describe();
+}
+
+TEST(CliErrors, EvalOfGarbageWeightsNamesTheFile) {
+  TempDir ckpt;
+  write_file(ckpt / "model.safetensors", std::string(4096, '\x5a') + "not a safetensors file");
+  write_file(ckpt / "checkpoint.json", R"({"model": "resnet20", "epoch": 1})");
+  auto r = run_dynattn({"--quiet", "eval", "--checkpoint", ckpt.path()});
+  expect_runtime_error(r);
+  EXPECT_THAT(r.err, HasSubstr(ckpt / "model.safetensors")) << r.describe();
+}
+
+// The results cannot be written: the error names the path and nothing is left behind (no
+// directory created, no temporary file).
+TEST(CliErrors, EvalJsonIntoMissingDirectoryNamesThePath) {
+  TempDir ckpt, data, out;
+  write_untrained_checkpoint(ckpt.path());
+  write_tiny_fashion_mnist(data.path(), 16, 20);
+  const auto ckpt_files = list_dir(ckpt.path());
+  const std::string json_path = out / "missing/eval.json";
+  auto r = run_dynattn({"--quiet", "eval", "--checkpoint", ckpt.path(), "--data", data.path(),
+                        "--json", json_path});
+  expect_runtime_error(r);
+  EXPECT_THAT(r.err, HasSubstr(json_path)) << r.describe();
+  EXPECT_FALSE(fs::exists(out / "missing")) << r.describe();
+  EXPECT_TRUE(list_dir(out.path()).empty()) << r.describe();
+  EXPECT_EQ(list_dir(ckpt.path()), ckpt_files) << r.describe();
+}
+
+TEST(CliErrors, ZeroBatchIsRejected) {
+  TempDir ckpt;  // never read: the option is checked first
+  for (const auto& args : std::vector<std::vector<std::string>>{
+           {"train", "--batch", "0"},
+           {"bench", "--batch", "0"},
+           {"bench", "--batch", "1,0"},
+           {"eval", "--checkpoint", ckpt.path(), "--batch", "0"}}) {
+    auto r = run_dynattn(args);
+    expect_usage_error(r, "--batch");
+    expect_says_positive(r);
+    EXPECT_EQ(banner_line(r.err), "") << "rejected before any work\n" << r.describe();
+  }
+}
+
+TEST(CliErrors, NegativeLearningRateIsRejected) {
+  auto r = run_dynattn({"train", "--lr", "-1"});
+  expect_usage_error(r, "--lr");
+  EXPECT_THAT(r.err, HasSubstr("-1")) << r.describe();
+  expect_says_positive(r);
+}
+
+TEST(CliErrors, UnknownOptimizerIsRejected) {
+  auto r = run_dynattn({"train", "--optimizer", "rmsprop"});
+  expect_usage_error(r, "--optimizer");
+  EXPECT_THAT(r.err, HasSubstr("rmsprop")) << r.describe();
+  EXPECT_THAT(r.err, HasSubstr("sgd")) << r.describe();
+  EXPECT_THAT(r.err, HasSubstr("adamw")) << r.describe();
+}
