@@ -1,7 +1,6 @@
 #include "dynattn/io/checkpoint.h"
 
-#include <sys/stat.h>
-
+#include <filesystem>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -15,8 +14,8 @@ namespace {
 constexpr const char* kMetaKey = "dynattn";
 
 bool is_directory(const std::string& p) {
-  struct stat st {};
-  return ::stat(p.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
+  std::error_code ec;
+  return std::filesystem::is_directory(p, ec);
 }
 
 bool ends_with(const std::string& s, const std::string& suffix) {

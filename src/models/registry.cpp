@@ -1,17 +1,10 @@
 #include "dynattn/models/registry.h"
 
-#include <map>
-#include <mutex>
-
+#include "dynattn/core/named_registry.h"
 #include "dynattn/models/cifar_resnet.h"
 
 namespace dynattn {
 namespace {
-
-std::map<std::string, ModelInfo>& model_table() {
-  static std::map<std::string, ModelInfo> table;
-  return table;
-}
 
 ModelInfo cifar_resnet_info(int64_t depth) {
   ModelInfo info;
@@ -32,47 +25,35 @@ ModelInfo cifar_resnet_info(int64_t depth) {
   return info;
 }
 
-// Built-ins are registered here explicitly (see attention_slot.cpp for why).
-std::map<std::string, ModelInfo>& registered_models() {
-  static std::once_flag once;
-  std::call_once(once, [] {
+NamedRegistry<ModelInfo>& model_registry() {
+  static NamedRegistry<ModelInfo> registry("model", [](std::map<std::string, ModelInfo>& table) {
     for (int64_t depth : {20, 32, 56, 110}) {
       auto info = cifar_resnet_info(depth);
-      model_table()[info.name] = info;
+      table[info.name] = info;
     }
   });
-  return model_table();
+  return registry;
 }
 
 }  // namespace
 
 void register_model(ModelInfo info) {
-  auto& table = registered_models();
-  TORCH_CHECK(!info.name.empty() && info.build, "register_model: name and builder required");
-  table[info.name] = std::move(info);
+  TORCH_CHECK(info.build, "register_model: '", info.name, "' has no builder");
+  model_registry().add(std::move(info));
 }
 
 Model create_model(const std::string& spec) {
   const NamedOptions parsed = parse_named_options(spec, "model");
-  const auto& table = registered_models();
-  auto it = table.find(parsed.name);
-  if (it == table.end()) {
-    std::string known;
-    for (const auto& kv : table) known += (known.empty() ? "" : ", ") + kv.first;
-    TORCH_CHECK(false, "model: unknown model '", parsed.name, "' (known: ", known,
-                "; `dynattn zoo` lists them)");
-  }
-  parsed.options.check_known(it->second.option_keys);
+  const auto& info = model_registry().get(parsed.name, spec, "; `dynattn zoo` lists them");
+  parsed.options.check_known(info.option_keys);
   Model model;
   model.spec = parsed.to_string();
-  model.module = it->second.build(parsed.options);
+  model.module = info.build(parsed.options);
   return model;
 }
 
 std::vector<ModelInfo> list_models() {
-  std::vector<ModelInfo> out;
-  for (const auto& kv : registered_models()) out.push_back(kv.second);
-  return out;
+  return model_registry().list();
 }
 
 }  // namespace dynattn

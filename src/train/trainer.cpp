@@ -1,9 +1,8 @@
 #include "dynattn/train/trainer.h"
 
-#include <sys/stat.h>
-
 #include <chrono>
 #include <cmath>
+#include <filesystem>
 #include <nlohmann/json.hpp>
 
 #include "dynattn/core/compat.h"
@@ -68,23 +67,11 @@ nlohmann::json options_to_json(const TrainOptions& o) {
           {"stddev", o.stddev()}};
 }
 
-bool is_directory(const std::string& p) {
-  struct stat st {};
-  return ::stat(p.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
-}
-
 void make_dirs(const std::string& path) {
-  std::string partial;
-  for (size_t i = 0; i <= path.size(); ++i) {
-    if (i == path.size() || path[i] == '/') {
-      if (!partial.empty() && !is_directory(partial)) {
-        TORCH_CHECK(::mkdir(partial.c_str(), 0755) == 0 || is_directory(partial),
-                    "train: cannot create output directory '", partial,
-                    "': ", std::strerror(errno));
-      }
-    }
-    if (i < path.size()) partial += path[i];
-  }
+  std::error_code ec;
+  std::filesystem::create_directories(path, ec);
+  TORCH_CHECK(!ec && std::filesystem::is_directory(path), "train: cannot create output directory '",
+              path, "': ", ec ? ec.message() : "exists and is not a directory");
 }
 
 StepOutput default_step(Model& model, const torch::Tensor& images, const torch::Tensor& labels,

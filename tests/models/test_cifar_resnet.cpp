@@ -129,7 +129,7 @@ TEST(Registry, ErrorsNameTheProblem) {
   EXPECT_THAT(error_of([] { create_model("resnet20:widht=8"); }),
               ::testing::AllOf(HasSubstr("model resnet20"), HasSubstr("unknown option 'widht'")));
   EXPECT_THAT(error_of([] { create_model("resnet20:attn=sse"); }),
-              ::testing::AllOf(HasSubstr("unknown type 'sse'"), HasSubstr("none")));
+              ::testing::AllOf(HasSubstr("unknown attention 'sse'"), HasSubstr("none")));
   EXPECT_THAT(error_of([] { create_model("resnet20:width=x"); }), HasSubstr("expects an integer"));
 }
 
