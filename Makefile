@@ -5,7 +5,7 @@ JOBS ?= $(shell nproc)
 PREFIX ?= /usr/local
 CMAKE_FLAGS ?= -DCMAKE_BUILD_TYPE=Release
 
-.PHONY: all deps configure build demo test test-fast bench install format clean
+.PHONY: all deps configure build build-cli demo test test-fast bench install format clean
 
 all: build
 
@@ -19,8 +19,12 @@ configure: deps
 build: configure
 	@cmake --build $(BUILD_DIR) -j $(JOBS)
 
+# Only the library and the CLI: what the demo needs, without tests and benchmarks.
+build-cli: configure
+	@cmake --build $(BUILD_DIR) -j $(JOBS) --target dynattn_cli
+
 # The main job: train ResNet-20 on a short schedule, print accuracy, parameters, MACs, speed.
-demo: build
+demo: build-cli
 	@$(BUILD_DIR)/dynattn demo
 
 # Every test (unit, CLI, installed-package consumer).

@@ -80,6 +80,10 @@ void load_state_dict(torch::nn::Module& module, const NamedTensors& tensors,
 }
 
 CheckpointPaths checkpoint_paths(const std::string& path) {
+  std::error_code ec;
+  TORCH_CHECK(std::filesystem::exists(path, ec), "checkpoint: '", path,
+              "' does not exist (expected a run directory, its checkpoint.json or its "
+              "model.safetensors)");
   std::string dir = path;
   if (!is_directory(path)) {
     const auto slash = path.find_last_of('/');

@@ -165,8 +165,7 @@ TrainResult train_model(Model& model, const InMemoryDataset& train, const InMemo
         result.stopped = true;
         result.stop_reason = "loss is " + std::string(std::isnan(loss) ? "NaN" : "infinite") +
                              " at epoch " + std::to_string(epoch) + ", batch " +
-                             std::to_string(b + 1) + " (lr " + std::to_string(optimizer->lr()) +
-                             ")" +
+                             std::to_string(b + 1) + " (lr " + c10::str(optimizer->lr()) + ")" +
                              (checkpoints && epoch > 1
                                   ? "; the last good checkpoint (epoch " +
                                         std::to_string(epoch - 1) + ") is kept in " + o.out_dir()
@@ -183,7 +182,7 @@ TrainResult train_model(Model& model, const InMemoryDataset& train, const InMemo
       seen += n;
       if (o.progress() != 0) {
         char stats[96];
-        std::snprintf(stats, sizeof(stats), "loss %.4f acc %.2f%% lr %.4f", loss_sum / seen,
+        std::snprintf(stats, sizeof(stats), "loss %.4f acc %.2f%% lr %.4g", loss_sum / seen,
                       100.0 * correct / seen, optimizer->lr());
         bar.update(b + 1, seen, stats);
       }

@@ -93,11 +93,18 @@ inline void read_available(int& fd, std::string& into) {
 inline CommandResult run_command(const std::vector<std::string>& argv, const EnvChanges& env = {}) {
   CommandResult r;
   r.command = join_command(argv);
-  for (const auto& kv : env) {
-    r.command = (kv.second ? kv.first + "=" + shell_quote(*kv.second) : "-u " + kv.first) + " " +
-                r.command;
+  if (!env.empty()) {
+    // As `env` takes it: removals (-u) first, then assignments.
+    std::string removals, assignments;
+    for (const auto& kv : env) {
+      if (kv.second) {
+        assignments += kv.first + "=" + shell_quote(*kv.second) + " ";
+      } else {
+        removals += "-u " + kv.first + " ";
+      }
+    }
+    r.command = "env " + removals + assignments + r.command;
   }
-  if (!env.empty()) r.command = "env " + r.command;
 
   // Everything the child needs is built before fork(): the child only calls async-signal-safe
   // functions (dup2, close, open, execve, _exit).
@@ -167,9 +174,16 @@ inline CommandResult run_command(const std::vector<std::string>& argv, const Env
   return r;
 }
 
+// The dynattn executable under test: $DYNATTN_TEST_CLI if set (e.g. an installed copy), else
+// the one this build made.
+inline std::string dynattn_executable() {
+  const char* override_path = std::getenv("DYNATTN_TEST_CLI");
+  return override_path && *override_path ? override_path : DYNATTN_CLI;
+}
+
 // Runs the dynattn executable under test with `args`.
 inline CommandResult run_dynattn(const std::vector<std::string>& args, const EnvChanges& env = {}) {
-  std::vector<std::string> argv{DYNATTN_CLI};
+  std::vector<std::string> argv{dynattn_executable()};
   argv.insert(argv.end(), args.begin(), args.end());
   return run_command(argv, env);
 }
@@ -235,6 +249,8 @@ inline void write_tiny_fashion_mnist(const std::string& dir, int train, int test
 }
 
 // True for the exit codes CLI11 uses for usage errors (ParseError codes 100..115).
-inline bool is_cli11_usage_code(int code) { return code >= 100 && code <= 115; }
+inline bool is_cli11_usage_code(int code) {
+  return code >= 100 && code <= 115;
+}
 
 }  // namespace dynattn::cli_test

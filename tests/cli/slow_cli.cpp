@@ -38,7 +38,9 @@ bool have_fashion_mnist() {
     }                                                                        \
   } while (0)
 
-nlohmann::json read_json(const std::string& path) { return nlohmann::json::parse(read_file(path)); }
+nlohmann::json read_json(const std::string& path) {
+  return nlohmann::json::parse(read_file(path));
+}
 
 std::vector<nlohmann::json> read_jsonl(const std::string& path) {
   std::vector<nlohmann::json> lines;
@@ -53,6 +55,14 @@ std::vector<nlohmann::json> read_jsonl(const std::string& path) {
 void expect_success(const CommandResult& r) {
   ASSERT_TRUE(r.exited) << r.describe();
   ASSERT_EQ(r.exit_code, 0) << r.describe();
+}
+
+int count_lines_starting_with(const std::string& text, const std::string& prefix) {
+  int n = 0;
+  std::istringstream in(text);
+  std::string line;
+  while (std::getline(in, line)) n += line.rfind(prefix, 0) == 0 ? 1 : 0;
+  return n;
 }
 
 const std::regex kNanOrInf("NaN|infinite");
@@ -71,15 +81,14 @@ TEST(SlowCli, TrainResumeAndEvaluateOnFashionMnist) {
   REQUIRE_FASHION_MNIST();
   TempDir tmp;
   const std::string run = tmp / "run";
-  const std::vector<std::string> train{"train", "--model",       "resnet20", "--max-batches",
-                                       "3",     "--batch",       "32",       "--out",
-                                       run};
+  const std::vector<std::string> train{
+      "train", "--model", "resnet20", "--max-batches", "3", "--batch", "32", "--out", run};
 
   // Epoch 1.
   auto args = train;
   args.insert(args.end(), {"--epochs", "1"});
   auto r = run_dynattn(args);
-  expect_success(r);
+  ASSERT_NO_FATAL_FAILURE(expect_success(r));
   for (const char* f : {"model.safetensors", "optimizer.safetensors", "checkpoint.json",
                         "metrics.jsonl", "test.json"}) {
     EXPECT_TRUE(fs::is_regular_file(run + "/" + f)) << f << "\n" << r.describe();
@@ -99,7 +108,7 @@ TEST(SlowCli, TrainResumeAndEvaluateOnFashionMnist) {
   args = train;
   args.insert(args.end(), {"--epochs", "2", "--resume"});
   r = run_dynattn(args);
-  expect_success(r);
+  ASSERT_NO_FATAL_FAILURE(expect_success(r));
   EXPECT_TRUE(std::regex_search(r.err, std::regex("resuming .* from epoch 1")))
       << "expected 'resuming ... from epoch 1' on stderr\n"
       << r.describe();
@@ -115,7 +124,7 @@ TEST(SlowCli, TrainResumeAndEvaluateOnFashionMnist) {
   // Evaluate it.
   const std::string eval_json = tmp / "eval.json";
   r = run_dynattn({"eval", "--checkpoint", run, "--json", eval_json});
-  expect_success(r);
+  ASSERT_NO_FATAL_FAILURE(expect_success(r));
   const auto j = read_json(eval_json);
   EXPECT_EQ(j["epoch"].get<int64_t>(), 2) << j.dump(2);
   EXPECT_EQ(j["count"].get<int64_t>(), 10000) << j.dump(2);
@@ -213,14 +222,13 @@ TEST(SlowCli, NanLossInTheSecondEpochKeepsTheFirstCheckpoint) {
   TempDir data, tmp;
   write_tiny_fashion_mnist(data.path(), 96, 20);
   const std::string run = tmp / "run";
-  const std::vector<std::string> common{"--threads", "1",      "train", "--model",
-                                        "resnet20",  "--data", data.path(), "--batch",
-                                        "32",        "--seed", "0",     "--out",
-                                        run};
+  const std::vector<std::string> common{"--threads", "1",         "train",   "--model", "resnet20",
+                                        "--data",    data.path(), "--batch", "32",      "--seed",
+                                        "0",         "--out",     run};
   auto args = common;
   args.insert(args.end(), {"--epochs", "1"});
   auto r = run_dynattn(args);
-  expect_success(r);
+  ASSERT_NO_FATAL_FAILURE(expect_success(r));
   const std::string weights_before = read_file(run + "/model.safetensors");
 
   args = common;
@@ -239,7 +247,7 @@ TEST(SlowCli, NanLossInTheSecondEpochKeepsTheFirstCheckpoint) {
       << "the epoch-1 weights must stay untouched";
 
   r = run_dynattn({"--quiet", "eval", "--checkpoint", run, "--data", data.path()});
-  expect_success(r);
+  ASSERT_NO_FATAL_FAILURE(expect_success(r));
   EXPECT_THAT(r.out, HasSubstr("epoch 1")) << r.describe();
 }
 
@@ -247,15 +255,18 @@ TEST(SlowCli, BenchComparesAllocatorPolicies) {
   TempDir tmp;
   const std::string json_path = tmp / "bench.json";
   auto r = run_dynattn({"bench", "--model", "resnet20", "--batch", "1", "--min-time", "0.05",
-                        "--no-peak", "--compare-malloc", "--json", json_path});
-  expect_success(r);
-  EXPECT_THAT(r.out, HasSubstr("--malloc default")) << r.describe();
+                        "--no-peak", "--threads", "1", "--compare-malloc", "--json", json_path});
+  ASSERT_NO_FATAL_FAILURE(expect_success(r));
+  EXPECT_THAT(r.out, HasSubstr("same run with --malloc default")) << r.describe();
+  // The child's results are printed once, by the parent, not also by the child itself.
+  EXPECT_EQ(count_lines_starting_with(r.out, "model resnet20:"), 1) << r.describe();
   const auto j = read_json(json_path);
   EXPECT_EQ(j["malloc"], "tuned") << j.dump(2);
   ASSERT_TRUE(j.contains("compare_malloc") && j["compare_malloc"].is_object()) << j.dump(2);
   const auto& other = j["compare_malloc"];
   EXPECT_EQ(other["malloc"], "default") << j.dump(2);
   EXPECT_EQ(other["model"], "resnet20") << j.dump(2);
+  EXPECT_EQ(other["threads"].get<int>(), 1) << "the child gets the same --threads\n" << j.dump(2);
   EXPECT_EQ(other["parameters"].get<int64_t>(), 272186) << j.dump(2);
   ASSERT_TRUE(other["batches"].is_array()) << j.dump(2);
   ASSERT_EQ(other["batches"].size(), 1u) << j.dump(2);
@@ -274,18 +285,18 @@ TEST(SlowCli, BenchOfATrainedCheckpoint) {
   TempDir data, tmp;
   write_tiny_fashion_mnist(data.path(), 64, 20);
   const std::string run = tmp / "run";
-  auto r = run_dynattn({"--quiet", "train", "--model", "resnet20:width=8", "--data", data.path(),
-                        "--epochs", "1", "--batch", "16", "--out", run});
-  expect_success(r);
+  auto r = run_dynattn({"--quiet", "--threads", "1", "train", "--model", "resnet20:width=8",
+                        "--data", data.path(), "--epochs", "1", "--batch", "16", "--out", run});
+  ASSERT_NO_FATAL_FAILURE(expect_success(r));
   const std::string spec = read_json(run + "/checkpoint.json")["model"].get<std::string>();
   EXPECT_THAT(spec, HasSubstr("width=8"));
   const int64_t params = parameter_count(spec);
   ASSERT_NE(params, 272186);
 
   const std::string json_path = tmp / "bench.json";
-  r = run_dynattn({"bench", "--checkpoint", run, "--batch", "1", "--min-time", "0.05",
-                   "--no-peak", "--json", json_path});
-  expect_success(r);
+  r = run_dynattn({"bench", "--checkpoint", run, "--batch", "1", "--min-time", "0.05", "--no-peak",
+                   "--threads", "1", "--json", json_path});
+  ASSERT_NO_FATAL_FAILURE(expect_success(r));
   EXPECT_THAT(r.out, HasSubstr("model " + spec + ":")) << r.describe();
   EXPECT_THAT(r.out, HasSubstr(std::to_string(params) + " parameters")) << r.describe();
   const auto j = read_json(json_path);
@@ -299,4 +310,25 @@ TEST(SlowCli, BenchOfATrainedCheckpoint) {
   ASSERT_TRUE(r.exited) << r.describe();
   EXPECT_TRUE(is_cli11_usage_code(r.exit_code)) << r.describe();
   EXPECT_THAT(r.err, HasSubstr("--checkpoint")) << r.describe();
+}
+
+// --compare-malloc re-runs the bench in a child process: a checkpoint path with a space and a
+// single quote must reach the child intact.
+TEST(SlowCli, BenchCompareMallocPassesAwkwardPathsToTheChild) {
+  TempDir data, tmp;
+  write_tiny_fashion_mnist(data.path(), 32, 20);
+  const std::string run = tmp / "run it's $HOME";
+  auto r = run_dynattn({"--quiet", "--threads", "1", "train", "--model", "resnet20:width=8",
+                        "--data", data.path(), "--epochs", "1", "--batch", "16", "--out", run});
+  ASSERT_NO_FATAL_FAILURE(expect_success(r));
+  const std::string spec = read_json(run + "/checkpoint.json")["model"].get<std::string>();
+
+  const std::string json_path = tmp / "bench.json";
+  r = run_dynattn({"--quiet", "bench", "--checkpoint", run, "--batch", "1", "--min-time", "0.05",
+                   "--no-peak", "--threads", "1", "--compare-malloc", "--json", json_path});
+  ASSERT_NO_FATAL_FAILURE(expect_success(r));
+  const auto j = read_json(json_path);
+  ASSERT_TRUE(j.contains("compare_malloc")) << j.dump(2);
+  EXPECT_EQ(j["compare_malloc"]["model"], spec) << j.dump(2);
+  EXPECT_EQ(j["compare_malloc"]["malloc"], "default") << j.dump(2);
 }

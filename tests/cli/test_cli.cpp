@@ -36,18 +36,18 @@ bool have_fashion_mnist() {
   return true;
 }
 
-#define REQUIRE_FASHION_MNIST()                                                       \
-  do {                                                                                \
-    if (!have_fashion_mnist()) {                                                      \
-      GTEST_SKIP() << "Fashion-MNIST not found in " << kFashionMnist                  \
-                   << " (install the Debian package dataset-fashion-mnist)";          \
-    }                                                                                 \
+#define REQUIRE_FASHION_MNIST()                                              \
+  do {                                                                       \
+    if (!have_fashion_mnist()) {                                             \
+      GTEST_SKIP() << "Fashion-MNIST not found in " << kFashionMnist         \
+                   << " (install the Debian package dataset-fashion-mnist)"; \
+    }                                                                        \
   } while (0)
 
 // The cheapest real benchmark: one batch size, a few timed runs, no conv-peak measurement.
 std::vector<std::string> quick_bench(std::vector<std::string> extra = {}) {
-  std::vector<std::string> args{"bench", "--model", "resnet20", "--batch", "1", "--min-time",
-                                "0.01",  "--no-peak"};
+  std::vector<std::string> args{"bench", "--model",    "resnet20", "--batch",
+                                "1",     "--min-time", "0.01",     "--no-peak"};
   args.insert(args.end(), extra.begin(), extra.end());
   return args;
 }
@@ -99,6 +99,21 @@ void write_untrained_checkpoint(const std::string& dir) {
   auto model = dynattn::create_model("resnet20");
   dynattn::save_checkpoint(dir, *model.ptr(), R"({"model": "resnet20", "epoch": 1})", {});
 }
+
+// An untrained checkpoint and a tiny data directory (16 train, 20 test images): `eval` on
+// them is a complete, cheap run.
+struct TinyRun {
+  TempDir ckpt, data;
+  TinyRun() {
+    write_untrained_checkpoint(ckpt.path());
+    write_tiny_fashion_mnist(data.path(), 16, 20);
+  }
+  std::vector<std::string> eval_args(std::vector<std::string> extra = {}) const {
+    std::vector<std::string> args{"eval", "--checkpoint", ckpt.path(), "--data", data.path()};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return args;
+  }
+};
 
 std::vector<std::string> list_dir(const std::string& dir) {
   std::vector<std::string> names;
@@ -155,47 +170,53 @@ TEST(CliZoo, ListsResnet20WithParametersAndMacsAsTextAndJson) {
 }
 
 // ---- start-up banner and threads ----
+// A cheap successful run: evaluating an untrained checkpoint on 20 synthetic test images.
 
 TEST(CliBanner, NamesLibTorchThreadsAndBlas) {
-  auto r = run_dynattn(quick_bench(), {{"OMP_NUM_THREADS", std::nullopt}});
+  TinyRun tiny;
+  auto r = run_dynattn(tiny.eval_args(), {{"OMP_NUM_THREADS", std::nullopt}});
   ASSERT_TRUE(r.exited) << r.describe();
   ASSERT_EQ(r.exit_code, 0) << r.describe();
   const std::string banner = banner_line(r.err);
   ASSERT_FALSE(banner.empty()) << "no start-up banner on stderr\n" << r.describe();
-  const std::string libtorch = "LibTorch " + std::to_string(TORCH_VERSION_MAJOR) + "." +
-                               std::to_string(TORCH_VERSION_MINOR);
+  const std::string libtorch =
+      "LibTorch " + std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR);
   EXPECT_THAT(banner, HasSubstr(libtorch)) << r.describe();
   EXPECT_THAT(banner, HasSubstr(dynattn::version())) << r.describe();
   EXPECT_TRUE(std::regex_search(banner, std::regex(R"(threads [1-9][0-9]*)"))) << r.describe();
   EXPECT_THAT(banner, HasSubstr("BLAS")) << r.describe();
   EXPECT_THAT(banner, HasSubstr("GFLOP/s")) << r.describe();
+  EXPECT_THAT(banner, HasSubstr("malloc tuned")) << r.describe();
   EXPECT_THAT(r.out, Not(HasSubstr("LibTorch"))) << "the banner belongs on stderr\n"
                                                  << r.describe();
+  EXPECT_THAT(r.out, HasSubstr("on 20 images")) << r.describe();
 }
 
 TEST(CliBanner, ThreadsOptionBeforeTheSubcommand) {
+  TinyRun tiny;
   std::vector<std::string> args{"--threads", "1"};
-  for (const auto& a : quick_bench()) args.push_back(a);
+  for (const auto& a : tiny.eval_args()) args.push_back(a);
   auto r = run_dynattn(args, {{"OMP_NUM_THREADS", "2"}});
   ASSERT_TRUE(r.exited) << r.describe();
   ASSERT_EQ(r.exit_code, 0) << r.describe();
-  EXPECT_THAT(banner_line(r.err), HasSubstr("threads 1 ")) << r.describe();
-  EXPECT_THAT(r.out, HasSubstr("threads 1,")) << r.describe();
+  EXPECT_THAT(banner_line(r.err), HasSubstr("| threads 1 |")) << r.describe();
 }
 
+// The root app uses fallthrough: global options may follow the subcommand.
 TEST(CliBanner, ThreadsOptionAfterTheSubcommand) {
-  auto r = run_dynattn(quick_bench({"--threads", "1"}), {{"OMP_NUM_THREADS", "2"}});
+  TinyRun tiny;
+  auto r = run_dynattn(tiny.eval_args({"--threads", "1"}), {{"OMP_NUM_THREADS", "2"}});
   ASSERT_TRUE(r.exited) << r.describe();
   ASSERT_EQ(r.exit_code, 0) << r.describe();
-  EXPECT_THAT(banner_line(r.err), HasSubstr("threads 1 ")) << r.describe();
-  EXPECT_THAT(r.out, HasSubstr("threads 1,")) << r.describe();
+  EXPECT_THAT(banner_line(r.err), HasSubstr("| threads 1 |")) << r.describe();
 }
 
 TEST(CliBanner, OmpNumThreadsIsTheDefault) {
-  auto r = run_dynattn(quick_bench(), {{"OMP_NUM_THREADS", "1"}});
+  TinyRun tiny;
+  auto r = run_dynattn(tiny.eval_args(), {{"OMP_NUM_THREADS", "1"}});
   ASSERT_TRUE(r.exited) << r.describe();
   ASSERT_EQ(r.exit_code, 0) << r.describe();
-  EXPECT_THAT(banner_line(r.err), HasSubstr("threads 1 ")) << r.describe();
+  EXPECT_THAT(banner_line(r.err), HasSubstr("| threads 1 |")) << r.describe();
 }
 
 TEST(CliBanner, InvalidOmpNumThreadsIsAnError) {
@@ -207,10 +228,12 @@ TEST(CliBanner, InvalidOmpNumThreadsIsAnError) {
 }
 
 TEST(CliBanner, QuietSuppressesTheBanner) {
-  auto r = run_dynattn(quick_bench({"--quiet", "--threads", "1"}));
+  TinyRun tiny;
+  auto r = run_dynattn(tiny.eval_args({"--quiet", "--threads", "1"}));
   ASSERT_TRUE(r.exited) << r.describe();
   ASSERT_EQ(r.exit_code, 0) << r.describe();
   EXPECT_EQ(banner_line(r.err), "") << r.describe();
+  EXPECT_THAT(r.out, HasSubstr("test accuracy")) << r.describe();
 }
 
 // ---- bench ----
@@ -246,13 +269,45 @@ TEST(CliBench, WritesJsonWithParametersMacsAndBatchTimings) {
 TEST(CliBench, ChannelsLastIsAccepted) {
   TempDir tmp;
   const std::string json_path = tmp / "bench.json";
-  auto r = run_dynattn(quick_bench({"--channels-last", "--quiet", "--json", json_path}));
+  auto r = run_dynattn(
+      quick_bench({"--channels-last", "--quiet", "--threads", "1", "--json", json_path}));
   ASSERT_TRUE(r.exited) << r.describe();
   ASSERT_EQ(r.exit_code, 0) << r.describe();
   EXPECT_THAT(r.out, HasSubstr("(channels-last)")) << r.describe();
   const auto j = nlohmann::json::parse(read_file(json_path));
   EXPECT_EQ(j["channels_last"].get<bool>(), true) << j.dump(2);
   EXPECT_EQ(j["macs_per_image"].get<int64_t>(), 31021952) << j.dump(2);
+}
+
+// ---- eval (the full-size run is in slow_cli.cpp) ----
+
+TEST(CliEval, WritesAccuracyPerClassAndConfusionAsJson) {
+  TinyRun tiny;
+  TempDir out;
+  const std::string json_path = out / "eval.json";
+  auto r = run_dynattn(tiny.eval_args({"--quiet", "--threads", "1", "--json", json_path}));
+  ASSERT_TRUE(r.exited) << r.describe();
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_THAT(r.out, HasSubstr("test accuracy")) << r.describe();
+  EXPECT_THAT(r.out, HasSubstr("confusion matrix")) << r.describe();
+  EXPECT_THAT(r.out, HasSubstr(json_path)) << r.describe();
+  const auto j = nlohmann::json::parse(read_file(json_path));
+  EXPECT_EQ(j["model"], "resnet20") << j.dump(2);
+  EXPECT_EQ(j["epoch"].get<int64_t>(), 1) << j.dump(2);
+  EXPECT_EQ(j["count"].get<int64_t>(), 20) << j.dump(2);
+  EXPECT_GE(j["accuracy"].get<double>(), 0.0) << j.dump(2);
+  EXPECT_LE(j["accuracy"].get<double>(), 1.0) << j.dump(2);
+  ASSERT_EQ(j["per_class_accuracy"].size(), 10u) << j.dump(2);
+  ASSERT_EQ(j["confusion"].size(), 10u) << j.dump(2);
+  int64_t total = 0;
+  for (size_t row = 0; row < 10; ++row) {
+    ASSERT_EQ(j["confusion"][row].size(), 10u) << j.dump(2);
+    int64_t row_sum = 0;
+    for (const auto& v : j["confusion"][row]) row_sum += v.get<int64_t>();
+    EXPECT_EQ(row_sum, 2) << "two synthetic images per class; row " << row;
+    total += row_sum;
+  }
+  EXPECT_EQ(total, 20);
 }
 
 // ---- error paths ----
@@ -344,25 +399,22 @@ TEST(CliErrors, EvalOfGarbageWeightsNamesTheFile) {
 // The results cannot be written: the error names the path and nothing is left behind (no
 // directory created, no temporary file).
 TEST(CliErrors, EvalJsonIntoMissingDirectoryNamesThePath) {
-  TempDir ckpt, data, out;
-  write_untrained_checkpoint(ckpt.path());
-  write_tiny_fashion_mnist(data.path(), 16, 20);
-  const auto ckpt_files = list_dir(ckpt.path());
+  TinyRun tiny;
+  TempDir out;
+  const auto ckpt_files = list_dir(tiny.ckpt.path());
   const std::string json_path = out / "missing/eval.json";
-  auto r = run_dynattn({"--quiet", "eval", "--checkpoint", ckpt.path(), "--data", data.path(),
-                        "--json", json_path});
+  auto r = run_dynattn(tiny.eval_args({"--quiet", "--threads", "1", "--json", json_path}));
   expect_runtime_error(r);
   EXPECT_THAT(r.err, HasSubstr(json_path)) << r.describe();
   EXPECT_FALSE(fs::exists(out / "missing")) << r.describe();
   EXPECT_TRUE(list_dir(out.path()).empty()) << r.describe();
-  EXPECT_EQ(list_dir(ckpt.path()), ckpt_files) << r.describe();
+  EXPECT_EQ(list_dir(tiny.ckpt.path()), ckpt_files) << r.describe();
 }
 
 TEST(CliErrors, ZeroBatchIsRejected) {
   TempDir ckpt;  // never read: the option is checked first
   for (const auto& args : std::vector<std::vector<std::string>>{
            {"train", "--batch", "0"},
-           {"bench", "--batch", "0"},
            {"bench", "--batch", "1,0"},
            {"eval", "--checkpoint", ckpt.path(), "--batch", "0"}}) {
     auto r = run_dynattn(args);
@@ -385,4 +437,20 @@ TEST(CliErrors, UnknownOptimizerIsRejected) {
   EXPECT_THAT(r.err, HasSubstr("rmsprop")) << r.describe();
   EXPECT_THAT(r.err, HasSubstr("sgd")) << r.describe();
   EXPECT_THAT(r.err, HasSubstr("adamw")) << r.describe();
+}
+
+TEST(CliErrors, NegativeMinTimeNamesTheOption) {
+  auto r = run_dynattn({"--quiet", "bench", "--batch", "1", "--min-time", "-1", "--no-peak"});
+  expect_clean_failure(r);
+  EXPECT_NE(r.exit_code, 0) << r.describe();
+  EXPECT_THAT(r.err, HasSubstr("--min-time")) << r.describe();
+  EXPECT_THAT(r.err, HasSubstr("-1")) << r.describe();
+}
+
+TEST(CliErrors, UnknownDeviceNamesTheOption) {
+  auto r = run_dynattn({"--quiet", "bench", "--device", "gpu"});
+  expect_runtime_error(r);
+  EXPECT_THAT(r.err, HasSubstr("--device")) << r.describe();
+  EXPECT_THAT(r.err, HasSubstr("gpu")) << r.describe();
+  EXPECT_THAT(r.err, HasSubstr("cuda")) << r.describe();
 }

@@ -2,6 +2,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
@@ -53,10 +54,20 @@ InMemoryDataset synthetic(int64_t n, uint64_t seed) {
   return InMemoryDataset(images.clamp(0, 1), labels);
 }
 
+// Fresh directories, removed when the test program exits.
 std::string temp_dir() {
+  struct Registry {
+    std::vector<std::string> dirs;
+    ~Registry() {
+      for (const auto& d : dirs) std::filesystem::remove_all(d);
+    }
+  };
+  static Registry registry;
   char tmpl[] = "/tmp/dynattn-trainer-XXXXXX";
   const char* d = mkdtemp(tmpl);
-  return d ? d : "";
+  if (d == nullptr) return "";
+  registry.dirs.push_back(d);
+  return d;
 }
 
 TrainOptions quick(const std::string& out, int64_t epochs) {

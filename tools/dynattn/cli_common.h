@@ -31,6 +31,27 @@ struct FashionMnistSplits {
 FashionMnistSplits load_fashion_mnist_splits(const std::string& root, double val_fraction,
                                              uint64_t seed);
 
+// Option checks whose messages say what is expected (CLI11's own print a range from 0 to
+// DBL_MAX, which reads as if 0 were allowed).
+inline const CLI::Validator kPositive(
+    [](std::string& v) -> std::string {
+      try {
+        return std::stod(v) > 0 ? "" : "must be a positive number, got " + v;
+      } catch (const std::exception&) {
+        return "must be a positive number, got '" + v + "'";
+      }
+    },
+    "POSITIVE");
+inline const CLI::Validator kNonNegative(
+    [](std::string& v) -> std::string {
+      try {
+        return std::stod(v) >= 0 ? "" : "must be zero or positive, got " + v;
+      } catch (const std::exception&) {
+        return "must be zero or positive, got '" + v + "'";
+      }
+    },
+    "NON-NEGATIVE");
+
 // Writes `j` to `path` atomically (pretty-printed), creating nothing else.
 void write_json(const std::string& path, const nlohmann::json& j);
 

@@ -50,6 +50,13 @@ nlohmann::json bench_json(const std::string& spec, int threads, const BenchArgs&
   return j;
 }
 
+// 'arg' for sh, with embedded single quotes escaped.
+std::string shell_quote(const std::string& arg) {
+  std::string out = "'";
+  for (char c : arg) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return out + "'";
+}
+
 // Runs this same bench in a child process with the other allocator policy (mallopt settings
 // cannot be undone inside one process) and returns its JSON.
 nlohmann::json run_child_with_malloc(const BenchArgs& a, const std::string& policy) {
@@ -57,8 +64,15 @@ nlohmann::json run_child_with_malloc(const BenchArgs& a, const std::string& poli
   const int fd = mkstemp(tmpl);
   TORCH_CHECK(fd >= 0, "bench: cannot create a temporary file");
   close(fd);
-  std::string cmd = "/proc/self/exe --quiet --malloc " + policy + " bench --json " + tmpl;
-  for (const auto& arg : a.argv) cmd += " '" + arg + "'";
+  // std::system runs a shell, for which /proc/self/exe is the shell itself.
+  char exe[4096];
+  const ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+  TORCH_CHECK(n > 0, "bench: cannot find this executable's path");
+  exe[n] = '\0';
+  std::string cmd =
+      shell_quote(exe) + " --quiet --malloc " + policy + " bench --json " + shell_quote(tmpl);
+  for (const auto& arg : a.argv) cmd += " " + shell_quote(arg);
+  cmd += " > /dev/null";
   const int rc = std::system(cmd.c_str());
   std::ifstream in(tmpl);
   nlohmann::json j;
@@ -145,15 +159,16 @@ void add_bench_command(CLI::App& app, GlobalOptions& g) {
   sub->add_option("--batch", a->batches, "batch sizes, comma separated")
       ->delimiter(',')
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(kPositive);
   sub->add_flag("--channels-last", a->channels_last, "channels-last memory format");
   sub->add_option("--json", a->json, "also write the results as JSON to this file");
   sub->add_option("--min-time", a->min_time, "seconds of timed runs per batch size")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(kNonNegative);
   sub->add_flag("--no-peak", a->no_peak, "skip measuring the machine's conv peak");
   sub->add_option("--train-batch", a->train_batch,
                   "also time one training step (forward, backward, SGD) at this batch size")
-      ->check(CLI::NonNegativeNumber);
+      ->check(kNonNegative);
   sub->add_flag("--compare-malloc", a->compare_malloc,
                 "also run with the other allocator policy, in a child process");
   sub->add_option("--device", g.device, "cpu or cuda[:N]")->capture_default_str();

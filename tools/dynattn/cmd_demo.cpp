@@ -75,9 +75,7 @@ void add_demo_command(CLI::App& app, GlobalOptions& g) {
   auto* sub = app.add_subcommand("demo", "train ResNet-20 briefly and report accuracy and speed");
   sub->add_option("--data", a->data, "Fashion-MNIST directory")->capture_default_str();
   sub->add_option("--out", a->out, "run directory")->capture_default_str();
-  sub->add_option("--epochs", a->epochs, "epochs")
-      ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+  sub->add_option("--epochs", a->epochs, "epochs")->capture_default_str()->check(kPositive);
   sub->callback([a, &g] { run_demo(*a, g); });
 }
 

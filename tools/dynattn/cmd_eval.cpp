@@ -80,9 +80,7 @@ void add_eval_command(CLI::App& app, GlobalOptions& g) {
       ->required();
   sub->add_option("--data", a->data, "Fashion-MNIST directory")->capture_default_str();
   sub->add_option("--json", a->json, "also write the results as JSON to this file");
-  sub->add_option("--batch", a->batch, "batch size")
-      ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+  sub->add_option("--batch", a->batch, "batch size")->capture_default_str()->check(kPositive);
   sub->add_flag("--channels-last", a->channels_last, "channels-last memory format");
   sub->add_option("--device", g.device, "cpu or cuda[:N]")->capture_default_str();
   sub->callback([a, &g] { run_eval(*a, g); });

@@ -98,18 +98,12 @@ void add_train_command(CLI::App& app, GlobalOptions& g) {
   sub->add_option("--data", a->data, "Fashion-MNIST directory (IDX .gz files)")
       ->capture_default_str();
   sub->add_option("--out", a->out, "run directory: checkpoint every epoch, metrics.jsonl");
-  sub->add_option("--epochs", a->epochs, "epochs")
-      ->capture_default_str()
-      ->check(CLI::PositiveNumber);
-  sub->add_option("--batch", a->batch, "batch size")
-      ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+  sub->add_option("--epochs", a->epochs, "epochs")->capture_default_str()->check(kPositive);
+  sub->add_option("--batch", a->batch, "batch size")->capture_default_str()->check(kPositive);
   sub->add_option("--optimizer", a->optimizer, "sgd or adamw")
       ->capture_default_str()
       ->check(CLI::IsMember({"sgd", "adamw"}));
-  sub->add_option("--lr", a->lr, "peak learning rate")
-      ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+  sub->add_option("--lr", a->lr, "peak learning rate")->capture_default_str()->check(kPositive);
   sub->add_option("--momentum", a->momentum, "SGD momentum")->capture_default_str();
   sub->add_flag("--no-nesterov", a->no_nesterov, "plain momentum instead of Nesterov");
   sub->add_option("--wd", a->weight_decay, "weight decay (decoupled for adamw)")
@@ -130,7 +124,8 @@ void add_train_command(CLI::App& app, GlobalOptions& g) {
   sub->add_flag("--resume", a->resume, "continue the run in --out from its last checkpoint");
   sub->add_flag("--channels-last", a->channels_last, "train in channels-last memory format");
   sub->add_option("--device", g.device, "cpu or cuda[:N]")->capture_default_str();
-  sub->add_option("--max-batches", a->max_batches, "cap batches per epoch (smoke runs)");
+  sub->add_option("--max-batches", a->max_batches, "cap batches per epoch, 0: all (smoke runs)")
+      ->check(kNonNegative);
   sub->callback([a, &g] { run_train(*a, g); });
 }
 

@@ -23,18 +23,17 @@ int setup_runtime(const GlobalOptions& g) {
 }
 
 torch::Device parse_device(const std::string& text) {
+  torch::Device d(torch::kCPU);
   try {
-    torch::Device d(text);
-    if (d.is_cuda()) {
-      TORCH_CHECK(torch::cuda::is_available(), "--device ", text,
-                  ": CUDA is not available in this build or on this machine");
-    }
-    return d;
-  } catch (const c10::Error& e) {
-    throw;
-  } catch (const std::exception& e) {
+    d = torch::Device(text);
+  } catch (const std::exception&) {
     TORCH_CHECK(false, "--device: expected cpu, cuda or cuda:N, got '", text, "'");
   }
+  TORCH_CHECK(d.is_cpu() || d.is_cuda(), "--device: expected cpu, cuda or cuda:N, got '", text,
+              "'");
+  TORCH_CHECK(!d.is_cuda() || torch::cuda::is_available(), "--device ", text,
+              ": CUDA is not available in this build or on this machine");
+  return d;
 }
 
 FashionMnistSplits load_fashion_mnist_splits(const std::string& root, double val_fraction,
@@ -75,7 +74,7 @@ int main(int argc, char** argv) {
   GlobalOptions g;
   app.add_option("--threads", g.threads,
                  "intra-op threads (default: OMP_NUM_THREADS if set, else every core)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(kNonNegative);
   app.add_option("--malloc", g.malloc,
                  "allocator policy: tuned (keep large blocks mapped; default) or default")
       ->check(CLI::IsMember({"tuned", "default"}));
