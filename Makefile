@@ -27,7 +27,8 @@ build-cli: configure
 demo: build-cli
 	@$(BUILD_DIR)/dynattn demo
 
-# Every test (unit, CLI, installed-package consumer).
+# Every test (unit, CLI, installed-package consumer). ctest runs tests in parallel, each with
+# OMP_NUM_THREADS=1 (tests/CMakeLists.txt) so they never oversubscribe the cores.
 test: build
 	@cd $(BUILD_DIR) && ctest --output-on-failure -j $(JOBS) --timeout 900
 
