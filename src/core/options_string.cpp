@@ -44,8 +44,7 @@ OptionMap OptionMap::parse(const std::string& text, const std::string& context) 
     TORCH_CHECK(eq != std::string::npos && eq > 0, context, ": option '", item,
                 "' is not of the form key=value (in '", text, "')");
     const std::string key = trim(item.substr(0, eq));
-    TORCH_CHECK(!m.values_.count(key), context, ": option '", key, "' given twice in '", text,
-                "'");
+    TORCH_CHECK(!m.values_.count(key), context, ": option '", key, "' given twice in '", text, "'");
     std::string value = trim(item.substr(eq + 1));
     // "[...]" groups a nested option string: attn=[cbam:r=8,kernel=7].
     if (value.size() >= 2 && value.front() == '[' && value.back() == ']') {
@@ -56,9 +55,13 @@ OptionMap OptionMap::parse(const std::string& text, const std::string& context) 
   return m;
 }
 
-bool OptionMap::has(const std::string& key) const { return values_.count(key) > 0; }
+bool OptionMap::has(const std::string& key) const {
+  return values_.count(key) > 0;
+}
 
-void OptionMap::set(const std::string& key, const std::string& value) { values_[key] = value; }
+void OptionMap::set(const std::string& key, const std::string& value) {
+  values_[key] = value;
+}
 
 std::string OptionMap::get_string(const std::string& key, const std::string& fallback) const {
   auto it = values_.find(key);
@@ -71,8 +74,8 @@ int64_t OptionMap::get_int(const std::string& key, int64_t fallback) const {
   char* end = nullptr;
   errno = 0;
   const long long v = std::strtoll(it->second.c_str(), &end, 10);
-  TORCH_CHECK(errno == 0 && end != it->second.c_str() && *end == '\0', context_, ": option '",
-              key, "' expects an integer, got '", it->second, "'");
+  TORCH_CHECK(errno == 0 && end != it->second.c_str() && *end == '\0', context_, ": option '", key,
+              "' expects an integer, got '", it->second, "'");
   return v;
 }
 
@@ -82,8 +85,8 @@ double OptionMap::get_double(const std::string& key, double fallback) const {
   char* end = nullptr;
   errno = 0;
   const double v = std::strtod(it->second.c_str(), &end);
-  TORCH_CHECK(errno == 0 && end != it->second.c_str() && *end == '\0', context_, ": option '",
-              key, "' expects a number, got '", it->second, "'");
+  TORCH_CHECK(errno == 0 && end != it->second.c_str() && *end == '\0', context_, ": option '", key,
+              "' expects a number, got '", it->second, "'");
   return v;
 }
 
@@ -101,8 +104,8 @@ void OptionMap::check_known(const std::vector<std::string>& known) const {
     if (std::find(known.begin(), known.end(), kv.first) != known.end()) continue;
     std::string list;
     for (const auto& k : known) list += (list.empty() ? "" : ", ") + k;
-    TORCH_CHECK(false, context_, ": unknown option '", kv.first, "' (known: ",
-                list.empty() ? std::string("none") : list, ")");
+    TORCH_CHECK(false, context_, ": unknown option '", kv.first,
+                "' (known: ", list.empty() ? std::string("none") : list, ")");
   }
 }
 
@@ -110,8 +113,7 @@ std::string OptionMap::to_string() const {
   std::string out;
   for (const auto& kv : values_) {
     const bool nested = kv.second.find_first_of(",=") != std::string::npos;
-    out += (out.empty() ? "" : ",") + kv.first + "=" +
-           (nested ? "[" + kv.second + "]" : kv.second);
+    out += (out.empty() ? "" : ",") + kv.first + "=" + (nested ? "[" + kv.second + "]" : kv.second);
   }
   return out;
 }

@@ -184,8 +184,9 @@ std::string openblas_core_fix() {
   if (std::getenv("OPENBLAS_CORETYPE") != nullptr) return "";  // the user's choice stands
   std::string core = openblas_core();
   std::transform(core.begin(), core.end(), core.begin(), ::tolower);
-  static const char* kGeneric[] = {"prescott", "core2", "penryn", "dunnington", "nehalem",
-                                   "atom", "katmai", "coppermine", "northwood", "banias", "unknown"};
+  static const char* kGeneric[] = {"prescott",  "core2",  "penryn", "dunnington",
+                                   "nehalem",   "atom",   "katmai", "coppermine",
+                                   "northwood", "banias", "unknown"};
   if (std::find(std::begin(kGeneric), std::end(kGeneric), core) == std::end(kGeneric)) return "";
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
