@@ -43,35 +43,44 @@ def main():
     cont = load(os.path.join(a.run, "bench_contiguous.json"))
     cl = load(os.path.join(a.run, "bench_channels_last.json"))
     py = load(os.path.join(a.run, "python.json"))
+    py_same = load(os.path.join(a.run, "python_same_blas.json"))
     hist = ckpt["history"]
     train_rate = sum(h["train_images_per_sec"] for h in hist) / len(hist)
     train_minutes = sum(h["seconds"] for h in hist) / 60.0
 
-    rows = []  # (what, dynattn, python, ratio, better_when)
+    rows = []
 
-    def add(what, ours, theirs, higher_is_better):
-        ratio = None
-        if theirs:
-            ratio = ours / theirs if higher_is_better else theirs / ours
-        rows.append({"what": what, "dynattn": ours, "python": theirs, "speedup": ratio})
+    def ratio(ours, theirs, higher_is_better):
+        if not theirs:
+            return None
+        return ours / theirs if higher_is_better else theirs / ours
 
-    def py_get(key, field):
-        return py[key][field] if py else None
+    def add(what, ours, key, field, higher_is_better):
+        def get(p):
+            if not p:
+                return None
+            if key == "b1_best":
+                return min(p["inference_b1_channels_last"]["median_ms"],
+                           p["inference_b1_contiguous"]["median_ms"])
+            return p[key][field]
+        theirs, same = get(py), get(py_same)
+        rows.append({"what": what, "dynattn": ours, "python": theirs,
+                     "speedup": ratio(ours, theirs, higher_is_better),
+                     "python_same_blas": same,
+                     "speedup_same_blas": ratio(ours, same, higher_is_better)})
 
     add("inference batch 64, channels-last (images/s)", batch(cl, 64)["images_per_sec"],
-        py_get("inference_b64_channels_last", "images_per_sec"), True)
+        "inference_b64_channels_last", "images_per_sec", True)
     add("inference batch 64, contiguous (images/s)", batch(cont, 64)["images_per_sec"],
-        py_get("inference_b64_contiguous", "images_per_sec"), True)
+        "inference_b64_contiguous", "images_per_sec", True)
     best_b1 = min(batch(cl, 1)["median_ms"], batch(cont, 1)["median_ms"])
-    py_b1 = min(py_get("inference_b1_channels_last", "median_ms") or 1e9,
-                py_get("inference_b1_contiguous", "median_ms") or 1e9) if py else None
-    add("latency batch 1, best layout (median ms)", best_b1, py_b1, False)
+    add("latency batch 1, best layout (median ms)", best_b1, "b1_best", None, False)
     add("latency batch 1, contiguous (median ms)", batch(cont, 1)["median_ms"],
-        py_get("inference_b1_contiguous", "median_ms"), False)
+        "inference_b1_contiguous", "median_ms", False)
     add("training step batch 128, channels-last (images/s)", cl["train"]["images_per_sec"],
-        py_get("train_b128_channels_last", "images_per_sec"), True)
+        "train_b128_channels_last", "images_per_sec", True)
     add("training step batch 128, contiguous (images/s)", cont["train"]["images_per_sec"],
-        py_get("train_b128_contiguous", "images_per_sec"), True)
+        "train_b128_contiguous", "images_per_sec", True)
 
     result = {
         "command": "experiments/baseline" + ("" if a.epochs == 30 else f" (EPOCHS={a.epochs})"),
@@ -89,6 +98,7 @@ def main():
         "bench_channels_last": cl,
         "bench_contiguous": cont,
         "python": py,
+        "python_same_blas": py_same,
         "comparison": rows,
     }
     with open(a.out + ".json", "w") as f:
@@ -118,11 +128,18 @@ def main():
         f"{c} {100 * v:.1f}%" for c, v in result["per_class_accuracy"].items()) + ".\n")
     L.append("## dynattn vs Python PyTorch, same model, same machine, same run\n")
     if py:
+        core = cl.get("openblas_core") or "?"
         L.append(f"Python: PyTorch {py['torch_version']} (`experiments/python_resnet20.py`), "
-                 f"{py['threads']} threads, same malloc settings. Speed-up > 1 means dynattn is faster.\n")
-        L.append("| measurement | dynattn | Python | speed-up |\n|---|---|---|---|")
+                 f"{py['threads']} threads, same malloc settings. Speed-up > 1 means dynattn is faster. "
+                 "\"Python\" is run as a user runs it: OpenBLAS chooses its own kernels. "
+                 f"\"Python, same BLAS\" runs with OPENBLAS_CORETYPE={core}, the kernels dynattn "
+                 "selected (see README), so that only the framework differs.\n")
+        L.append("| measurement | dynattn | Python | speed-up | Python, same BLAS | speed-up |\n"
+                 "|---|---|---|---|---|---|")
+        fmt = lambda v, suffix="": "n/a" if v is None else f"{v:.2f}{suffix}"
         for r in rows:
-            L.append(f"| {r['what']} | {r['dynattn']:.2f} | {r['python']:.2f} | {r['speedup']:.2f}x |")
+            L.append(f"| {r['what']} | {r['dynattn']:.2f} | {fmt(r['python'])} | {fmt(r['speedup'], 'x')} "
+                     f"| {fmt(r['python_same_blas'])} | {fmt(r['speedup_same_blas'], 'x')} |")
     else:
         L.append("python3-torch was not installed when this ran: no comparison.")
     L.append("")

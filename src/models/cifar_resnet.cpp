@@ -1,6 +1,7 @@
 #include "dynattn/models/cifar_resnet.h"
 
 #include "dynattn/models/attention_slot.h"
+#include "dynattn/ops/conv2d.h"
 
 namespace dynattn {
 namespace {
@@ -62,8 +63,8 @@ void BasicBlockImpl::reset() {
 }
 
 torch::Tensor BasicBlockImpl::residual(const torch::Tensor& x) {
-  auto out = torch::relu(bn1(conv1(x)));
-  out = bn2(conv2(out));
+  auto out = bn1(conv2d_forward(*conv1, x)).relu_();
+  out = bn2(conv2d_forward(*conv2, out));
   if (!attn.is_empty()) out = attn.forward(out);
   return out;
 }
@@ -79,7 +80,10 @@ torch::Tensor BasicBlockImpl::shortcut(const torch::Tensor& x) {
 }
 
 torch::Tensor BasicBlockImpl::forward(const torch::Tensor& x) {
-  return torch::relu(residual(x) + shortcut(x));
+  // In place, as torchvision does: neither BN nor an attention gate saves its output.
+  auto out = residual(x);
+  out += shortcut(x);
+  return torch::relu_(out);
 }
 
 void BasicBlockImpl::pretty_print(std::ostream& stream) const {
@@ -123,7 +127,7 @@ void CifarResNetImpl::reset() {
 torch::Tensor CifarResNetImpl::features(const torch::Tensor& x) {
   TORCH_CHECK(x.dim() == 4 && x.size(1) == options.in_channels(), "CifarResNet: expected input [N,",
               options.in_channels(), ",H,W], got ", x.sizes());
-  auto out = torch::relu(bn1(conv1(x)));
+  auto out = bn1(conv2d_forward(*conv1, x)).relu_();
   out = layer3->forward(layer2->forward(layer1->forward(out)));
   // mean over H, W rather than adaptive pooling: the same maths, a cheaper kernel.
   return out.mean({2, 3});

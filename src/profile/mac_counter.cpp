@@ -39,6 +39,8 @@ const std::unordered_map<std::string_view, OpKind>& counted_ops() {
   static const std::unordered_map<std::string_view, OpKind> ops = {
       {"aten::convolution", OpKind::kConvolution},
       {"aten::_convolution", OpKind::kConvolution},
+      // Called directly by conv2d_forward() (ops/conv2d.h), outside aten::convolution.
+      {"aten::mkldnn_convolution", OpKind::kConvolution},
       {"aten::mm", OpKind::kMm},
       {"aten::addmm", OpKind::kAddmm},
       {"aten::addmm_", OpKind::kAddmm},

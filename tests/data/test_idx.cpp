@@ -11,9 +11,11 @@
 
 #include "dynattn/data/fashion_mnist.h"
 #include "dynattn/data/idx.h"
+#include "test_util.h"
 
 namespace fs = std::filesystem;
 using dynattn::read_idx_gz;
+using dynattn::test_util::error_of;
 
 namespace {
 
@@ -54,17 +56,6 @@ void write_raw(const std::string& path, const Bytes& bytes) {
   std::ofstream out(path, std::ios::binary);
   out.write(reinterpret_cast<const char*>(bytes.data()),
             static_cast<std::streamsize>(bytes.size()));
-}
-
-// The message of the c10::Error thrown by f, or "" if none.
-template <typename F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const c10::Error& e) {
-    return e.what_without_backtrace();
-  }
-  return "";
 }
 
 #define EXPECT_CONTAINS(haystack, needle) \

@@ -12,6 +12,7 @@
 
 #include "dynattn/io/atomic_file.h"
 #include "dynattn/io/safetensors.h"
+#include "test_util.h"
 
 using dynattn::parse_safetensors;
 using dynattn::read_file;
@@ -19,6 +20,7 @@ using dynattn::read_safetensors;
 using dynattn::serialize_safetensors;
 using dynattn::write_file_atomic;
 using dynattn::write_safetensors;
+using dynattn::test_util::error_of;
 using ::testing::HasSubstr;
 using Named = std::vector<std::pair<std::string, torch::Tensor>>;
 namespace fs = std::filesystem;
@@ -50,16 +52,6 @@ class TempDir {
  private:
   std::string path_;
 };
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const c10::Error& e) {
-    return e.what_without_backtrace();
-  }
-  ADD_FAILURE() << "expected a c10::Error";
-  return "";
-}
 
 // A safetensors byte string with the given (unpadded) header text and data buffer.
 std::string raw_file(const std::string& header, const std::string& data = "") {

@@ -6,20 +6,11 @@
 #include "dynattn/models/cifar_resnet.h"
 #include "dynattn/models/registry.h"
 #include "dynattn/profile/mac_counter.h"
+#include "test_util.h"
 
 using namespace dynattn;
+using dynattn::test_util::error_of;
 using ::testing::HasSubstr;
-
-namespace {
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const c10::Error& e) {
-    return e.what_without_backtrace();
-  }
-  return "";
-}
-}  // namespace
 
 TEST(CifarResNet, OutputShapeAndBlockCount) {
   for (int64_t depth : {20, 32, 56}) {

@@ -6,6 +6,8 @@
 #include <fstream>
 
 #include "cli_common.h"
+#include "dynattn/core/compat.h"
+#include "dynattn/core/runtime.h"
 #include "dynattn/io/atomic_file.h"
 #include "dynattn/io/checkpoint.h"
 #include "dynattn/profile/model_bench.h"
@@ -35,7 +37,10 @@ nlohmann::json bench_json(const std::string& spec, int threads, const BenchArgs&
                    {"device", g.device},
                    {"parameters", r.parameters},
                    {"macs_per_image", r.macs_per_image},
-                   {"conv_peak_gflops", peak}};
+                   {"conv_peak_gflops", peak},
+                   {"torch_version", torch_version_string()},
+                   // lets a comparison run another program on the same OpenBLAS kernels
+                   {"openblas_core", openblas_core()}};
   j["batches"] = nlohmann::json::array();
   for (const auto& t : r.timings) {
     j["batches"].push_back({{"batch", t.batch},

@@ -30,4 +30,15 @@ inline void cuda_synchronize(int64_t device_index) {
 #endif
 }
 
+// Alternatives of the variants in LibTorch's options (padding, padding_mode): c10::variant up to
+// 2.0, std::variant from 2.1 on.
+template <class T, class Variant>
+auto variant_get_if(const Variant* v) {
+#if (TORCH_VERSION_MAJOR > 2) || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 1)
+  return std::get_if<T>(v);
+#else
+  return c10::get_if<T>(v);
+#endif
+}
+
 }  // namespace dynattn

@@ -1,0 +1,30 @@
+// Convolution kernel selection for inference.
+//
+// ATen picks its CPU convolution kernel with a fixed heuristic: a single image whose input has
+// at most 20480 elements goes to the im2col + GEMM kernel ("thnn"), everything else to oneDNN.
+// For the 3x3 convolutions of small-image networks at batch 1 that choice is often the slower
+// one; measured here (2 threads, channels-last, OpenBLAS SkylakeX kernels), per call:
+//   16ch 28x28: im2col 64 us, oneDNN 38 us;  64ch 14x14: 88 vs 67 us;  128ch 7x7: 101 vs 89 us;
+//   but 32ch 14x14: 34 vs 40 us and 64ch 7x7: 37 vs 40 us.
+// conv2d_forward() routes the cases where oneDNN wins to at::mkldnn_convolution, computes the
+// same maths, and otherwise calls the module's own forward. It never applies with autograd
+// recording, on non-CPU tensors, without oneDNN, or for non-zero padding modes.
+// bench/bench_conv.cpp measures both kernels side by side.
+#pragma once
+#include <torch/torch.h>
+
+namespace dynattn {
+
+enum class ConvKernel { Aten, OneDnn };
+
+// Which kernel conv2d_forward() uses for this input and convolution.
+ConvKernel select_conv2d_kernel(const torch::Tensor& input, const torch::nn::Conv2dImpl& conv);
+
+// Same result as conv.forward(input), with the kernel chosen by select_conv2d_kernel().
+torch::Tensor conv2d_forward(torch::nn::Conv2dImpl& conv, const torch::Tensor& input);
+
+// Process-wide switch (default on), so that benchmarks and tests can compare with ATen's choice.
+void set_conv2d_kernel_selection(bool enabled);
+bool conv2d_kernel_selection_enabled();
+
+}  // namespace dynattn
