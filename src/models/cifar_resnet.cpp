@@ -62,10 +62,30 @@ void BasicBlockImpl::reset() {
   }
 }
 
+namespace {
+// Runs an attention slot, asking for its maps when it can give them.
+torch::Tensor run_attention(torch::nn::AnyModule& module, const torch::Tensor& x,
+                            AttentionMaps* maps, const std::string& prefix) {
+  if (maps != nullptr) {
+    if (auto* with_maps = dynamic_cast<AttentionWithMaps*>(module.ptr().get())) {
+      auto result = with_maps->forward_with_maps(x);
+      for (auto& kv : result.maps) (*maps)[prefix + kv.first] = kv.second;
+      return result.output;
+    }
+  }
+  return module.forward(x);
+}
+}  // namespace
+
 torch::Tensor BasicBlockImpl::residual(const torch::Tensor& x) {
+  return residual_impl(x, nullptr, "");
+}
+
+torch::Tensor BasicBlockImpl::residual_impl(const torch::Tensor& x, AttentionMaps* maps,
+                                            const std::string& prefix) {
   auto out = bn1(conv2d_forward(*conv1, x)).relu_();
   out = bn2(conv2d_forward(*conv2, out));
-  if (!attn.is_empty()) out = attn.forward(out);
+  if (!attn.is_empty()) out = run_attention(attn, out, maps, prefix + "attn.");
   return out;
 }
 
@@ -77,6 +97,13 @@ torch::Tensor BasicBlockImpl::shortcut(const torch::Tensor& x) {
       x.slice(2, 0, c10::nullopt, options.stride()).slice(3, 0, c10::nullopt, options.stride());
   const int64_t extra = options.out_channels() - options.in_channels();
   return torch::constant_pad_nd(y, {0, 0, 0, 0, extra / 2, extra - extra / 2});
+}
+
+torch::Tensor BasicBlockImpl::forward_with_maps(const torch::Tensor& x, AttentionMaps& maps,
+                                                const std::string& prefix) {
+  auto out = residual_impl(x, &maps, prefix);
+  out += shortcut(x);
+  return torch::relu_(out);
 }
 
 torch::Tensor BasicBlockImpl::forward(const torch::Tensor& x) {
@@ -119,6 +146,20 @@ void CifarResNetImpl::reset() {
   layer1 = register_module("layer1", make_stage(w, w, 1));
   layer2 = register_module("layer2", make_stage(w, 2 * w, 2));
   layer3 = register_module("layer3", make_stage(2 * w, 4 * w, 2));
+  stage_attn.assign(3, torch::nn::AnyModule());
+  if (parse_named_options(o.stage_attention(), "stage attention").name != "none") {
+    TORCH_CHECK(!o.stage_attention_after().empty(), "CifarResNet: stage_attention '",
+                o.stage_attention(), "' needs at least one stage in stage_attention_after");
+    for (int64_t stage : o.stage_attention_after()) {
+      TORCH_CHECK(stage >= 1 && stage <= 3,
+                  "CifarResNet: stage_attention_after must list stages 1..3, got ", stage);
+      auto& slot = stage_attn[stage - 1];
+      TORCH_CHECK(slot.is_empty(), "CifarResNet: stage ", stage,
+                  " listed twice in stage_attention_after");
+      slot = create_attention(o.stage_attention(), w << (stage - 1));
+      register_module("stage_attn" + std::to_string(stage), slot.ptr());
+    }
+  }
   fc = register_module("fc", torch::nn::Linear(4 * w, o.num_classes()));
   torch::NoGradGuard no_grad;
   torch::nn::init::kaiming_normal_(conv1->weight, 0.0, torch::kFanOut, torch::kReLU);
@@ -127,10 +168,36 @@ void CifarResNetImpl::reset() {
 torch::Tensor CifarResNetImpl::features(const torch::Tensor& x) {
   TORCH_CHECK(x.dim() == 4 && x.size(1) == options.in_channels(), "CifarResNet: expected input [N,",
               options.in_channels(), ",H,W], got ", x.sizes());
-  auto out = bn1(conv2d_forward(*conv1, x)).relu_();
-  out = layer3->forward(layer2->forward(layer1->forward(out)));
   // mean over H, W rather than adaptive pooling: the same maths, a cheaper kernel.
-  return out.mean({2, 3});
+  return trunk(x, nullptr).mean({2, 3});
+}
+
+torch::Tensor CifarResNetImpl::trunk(const torch::Tensor& x, AttentionMaps* maps) {
+  auto out = bn1(conv2d_forward(*conv1, x)).relu_();
+  torch::nn::Sequential stages[] = {layer1, layer2, layer3};
+  for (size_t k = 0; k < 3; ++k) {
+    if (maps == nullptr) {
+      out = stages[k]->forward(out);
+    } else {
+      for (size_t i = 0; i < stages[k]->size(); ++i) {
+        out = stages[k]->ptr<BasicBlockImpl>(i)->forward_with_maps(
+            out, *maps, "layer" + std::to_string(k + 1) + "." + std::to_string(i) + ".");
+      }
+    }
+    if (!stage_attn[k].is_empty()) {
+      out = run_attention(stage_attn[k], out, maps,
+                          maps ? "stage_attn" + std::to_string(k + 1) + "." : std::string());
+    }
+  }
+  return out;
+}
+
+AttentionOutput CifarResNetImpl::forward_with_maps(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4 && x.size(1) == options.in_channels(), "CifarResNet: expected input [N,",
+              options.in_channels(), ",H,W], got ", x.sizes());
+  AttentionOutput result;
+  result.output = fc(trunk(x, &result.maps).mean({2, 3}));
+  return result;
 }
 
 torch::Tensor CifarResNetImpl::forward(const torch::Tensor& x) {
@@ -148,7 +215,10 @@ std::vector<BasicBlock> CifarResNetImpl::blocks() const {
 
 void CifarResNetImpl::pretty_print(std::ostream& stream) const {
   stream << "dynattn::CifarResNet(depth=" << options.depth() << ", width=" << options.base_width()
-         << ", attention=" << options.attention() << ", shortcut=" << options.shortcut() << ")";
+         << ", attention=" << options.attention() << ", shortcut=" << options.shortcut();
+  if (options.stage_attention() != "none")
+    stream << ", stage_attention=" << options.stage_attention();
+  stream << ")";
 }
 
 }  // namespace dynattn

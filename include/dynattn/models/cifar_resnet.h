@@ -5,12 +5,17 @@
 // projection (1x1 conv + BN, the paper's option B) rather than zero padding (option A, kept as
 // `shortcut="pad"`); the last BN of each block starts at zero (timm's zero_init_last), so every
 // block starts as the identity. Each block has an attention slot after its last BN, before the
-// residual add (SENet's placement). Parameter names follow timm/torchvision: conv1, bn1,
-// layer1..3, fc; in blocks conv1, bn1, conv2, bn2, downsample.{0,1}, and `attn` for the slot.
+// residual add (SENet's placement); a second slot puts a module after chosen stages (BAM's
+// placement at stage boundaries, non-local blocks). Parameter names follow timm/torchvision:
+// conv1, bn1, layer1..3, fc; in blocks conv1, bn1, conv2, bn2, downsample.{0,1}, and `attn` for
+// the block slot; `stage_attn1`, `stage_attn2`, ... after layer1, layer2, ...
 #pragma once
 #include <torch/torch.h>
 
 #include <string>
+#include <vector>
+
+#include "dynattn/attention/attention_maps.h"
 
 namespace dynattn {
 
@@ -22,6 +27,9 @@ struct CifarResNetOptions {
   TORCH_ARG(std::string, attention) = "none";  // attention slot spec, e.g. "se:r=8"
   TORCH_ARG(std::string, shortcut) = "conv";   // "conv" (option B) or "pad" (option A)
   TORCH_ARG(bool, zero_init_last) = true;
+  // Attention module after whole stages, e.g. "bam" after stages 1 and 2 (BAM's bottlenecks).
+  TORCH_ARG(std::string, stage_attention) = "none";
+  TORCH_ARG(std::vector<int64_t>, stage_attention_after) = std::vector<int64_t>{1, 2};
 };
 
 struct BasicBlockOptions {
@@ -44,6 +52,9 @@ class BasicBlockImpl : public torch::nn::Cloneable<BasicBlockImpl> {
   // The residual branch alone (no shortcut, no final ReLU): what dynamic wrappers gate.
   torch::Tensor residual(const torch::Tensor& x);
   torch::Tensor shortcut(const torch::Tensor& x);
+  // forward(x), also adding the attention module's maps to `maps` as "<prefix>attn.<name>".
+  torch::Tensor forward_with_maps(const torch::Tensor& x, AttentionMaps& maps,
+                                  const std::string& prefix);
   void pretty_print(std::ostream& stream) const override;
 
   BasicBlockOptions options;
@@ -51,6 +62,10 @@ class BasicBlockImpl : public torch::nn::Cloneable<BasicBlockImpl> {
   torch::nn::BatchNorm2d bn1{nullptr}, bn2{nullptr};
   torch::nn::Sequential downsample{nullptr};  // projection shortcut, when shapes change
   torch::nn::AnyModule attn;                  // empty when the slot is "none"
+
+ private:
+  torch::Tensor residual_impl(const torch::Tensor& x, AttentionMaps* maps,
+                              const std::string& prefix);
 };
 TORCH_MODULE(BasicBlock);
 
@@ -61,6 +76,9 @@ class CifarResNetImpl : public torch::nn::Cloneable<CifarResNetImpl> {
   torch::Tensor forward(const torch::Tensor& x);
   // Pooled features before the classifier, [N, 4 * base_width].
   torch::Tensor features(const torch::Tensor& x);
+  // forward(x) and the maps of every attention module, keyed by module path and map name,
+  // e.g. "layer1.0.attn.spatial", "stage_attn2.affinity".
+  AttentionOutput forward_with_maps(const torch::Tensor& x);
   void pretty_print(std::ostream& stream) const override;
 
   // All residual blocks in order (stage by stage): what BlockDrop & co. address.
@@ -70,7 +88,13 @@ class CifarResNetImpl : public torch::nn::Cloneable<CifarResNetImpl> {
   torch::nn::Conv2d conv1{nullptr};
   torch::nn::BatchNorm2d bn1{nullptr};
   torch::nn::Sequential layer1{nullptr}, layer2{nullptr}, layer3{nullptr};
+  // stage_attn[k]: after layer k+1; empty where the stage slot is not used.
+  std::vector<torch::nn::AnyModule> stage_attn;
   torch::nn::Linear fc{nullptr};
+
+ private:
+  // The stem, the stages and the stage modules, collecting maps when `maps` is not null.
+  torch::Tensor trunk(const torch::Tensor& x, AttentionMaps* maps);
 };
 TORCH_MODULE(CifarResNet);
 
