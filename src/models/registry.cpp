@@ -1,6 +1,7 @@
 #include "dynattn/models/registry.h"
 
 #include "dynattn/core/named_registry.h"
+#include "dynattn/models/attention_slot.h"
 #include "dynattn/models/cifar_resnet.h"
 
 namespace dynattn {
@@ -54,6 +55,34 @@ Model create_model(const std::string& spec) {
 
 std::vector<ModelInfo> list_models() {
   return model_registry().list();
+}
+
+Model create_model_or_attention(const std::string& spec) {
+  const NamedOptions parsed = parse_named_options(spec, "model");
+  for (const auto& info : list_models())
+    if (info.name == parsed.name) return create_model(spec);
+  bool is_attention = false;
+  for (const auto& info : list_attention()) is_attention |= info.name == parsed.name;
+  if (!is_attention) {
+    std::string known;
+    for (const auto& info : list_models()) known += (known.empty() ? "" : ", ") + info.name;
+    for (const auto& info : list_attention()) known += ", " + info.name;
+    TORCH_CHECK(false, "model: unknown model or attention module '", parsed.name, "' in '", spec,
+                "' (known: ", known, ")");
+  }
+  TORCH_CHECK(parsed.options.has("channels"), "attention ", parsed.name,
+              ": give the channel count as an option, e.g. '", parsed.name, ":channels=64'");
+  const int64_t channels = parsed.options.get_int("channels", 0);
+  OptionMap rest;
+  for (const auto& kv : parsed.options.values())
+    if (kv.first != "channels") rest.set(kv.first, kv.second);
+  const std::string attention_spec = parsed.name + (rest.empty() ? "" : ":" + rest.to_string());
+  Model model;
+  model.spec = parsed.to_string();
+  model.module = create_attention(attention_spec, channels);
+  TORCH_CHECK(!model.module.is_empty(), "attention ", parsed.name,
+              " is empty: there is nothing to run");
+  return model;
 }
 
 }  // namespace dynattn

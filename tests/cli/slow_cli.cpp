@@ -10,6 +10,7 @@
 #include <regex>
 #include <sstream>
 
+#include "cli_expect.h"
 #include "cli_runner.h"
 #include "dynattn/models/registry.h"
 
@@ -19,43 +20,6 @@ using ::testing::Not;
 namespace fs = std::filesystem;
 
 namespace {
-
-const std::string kFashionMnist = "/usr/share/datasets/fashion-mnist";
-
-bool have_fashion_mnist() {
-  for (const char* f : {"train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-                        "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"}) {
-    if (!fs::exists(kFashionMnist + "/" + f)) return false;
-  }
-  return true;
-}
-
-#define REQUIRE_FASHION_MNIST()                                              \
-  do {                                                                       \
-    if (!have_fashion_mnist()) {                                             \
-      GTEST_SKIP() << "Fashion-MNIST not found in " << kFashionMnist         \
-                   << " (install the Debian package dataset-fashion-mnist)"; \
-    }                                                                        \
-  } while (0)
-
-nlohmann::json read_json(const std::string& path) {
-  return nlohmann::json::parse(read_file(path));
-}
-
-std::vector<nlohmann::json> read_jsonl(const std::string& path) {
-  std::vector<nlohmann::json> lines;
-  std::istringstream in(read_file(path));
-  std::string line;
-  while (std::getline(in, line)) {
-    if (!line.empty()) lines.push_back(nlohmann::json::parse(line));
-  }
-  return lines;
-}
-
-void expect_success(const CommandResult& r) {
-  ASSERT_TRUE(r.exited) << r.describe();
-  ASSERT_EQ(r.exit_code, 0) << r.describe();
-}
 
 int count_lines_starting_with(const std::string& text, const std::string& prefix) {
   int n = 0;

@@ -12,9 +12,11 @@
 #include <regex>
 #include <sstream>
 
+#include "cli_expect.h"
 #include "cli_runner.h"
 #include "dynattn/core/version.h"
 #include "dynattn/io/checkpoint.h"
+#include "dynattn/io/safetensors.h"
 #include "dynattn/models/registry.h"
 
 using namespace dynattn::cli_test;
@@ -24,55 +26,12 @@ namespace fs = std::filesystem;
 
 namespace {
 
-const std::string kFashionMnist = "/usr/share/datasets/fashion-mnist";
-const std::vector<std::string> kFashionMnistFiles = {
-    "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-    "t10k-labels-idx1-ubyte.gz"};
-
-bool have_fashion_mnist() {
-  for (const auto& f : kFashionMnistFiles) {
-    if (!fs::exists(kFashionMnist + "/" + f)) return false;
-  }
-  return true;
-}
-
-#define REQUIRE_FASHION_MNIST()                                              \
-  do {                                                                       \
-    if (!have_fashion_mnist()) {                                             \
-      GTEST_SKIP() << "Fashion-MNIST not found in " << kFashionMnist         \
-                   << " (install the Debian package dataset-fashion-mnist)"; \
-    }                                                                        \
-  } while (0)
-
 // The cheapest real benchmark: one batch size, a few timed runs, no conv-peak measurement.
 std::vector<std::string> quick_bench(std::vector<std::string> extra = {}) {
   std::vector<std::string> args{"bench", "--model",    "resnet20", "--batch",
                                 "1",     "--min-time", "0.01",     "--no-peak"};
   args.insert(args.end(), extra.begin(), extra.end());
   return args;
-}
-
-// A failed run must exit normally (no signal, no abort) with 1 (a run-time error) or one of
-// CLI11's usage codes, and must not print a C++ backtrace.
-void expect_clean_failure(const CommandResult& r) {
-  ASSERT_TRUE(r.exited) << r.describe();
-  EXPECT_TRUE(r.exit_code == 1 || is_cli11_usage_code(r.exit_code)) << r.describe();
-  EXPECT_THAT(r.err, Not(HasSubstr("Exception raised from"))) << r.describe();
-  EXPECT_THAT(r.err, Not(HasSubstr("terminate called"))) << r.describe();
-}
-
-// A run-time error: exit code 1 and "dynattn: error: ..." on stderr.
-void expect_runtime_error(const CommandResult& r) {
-  expect_clean_failure(r);
-  EXPECT_EQ(r.exit_code, 1) << r.describe();
-  EXPECT_THAT(r.err, HasSubstr("error")) << r.describe();
-}
-
-// A command-line usage error: CLI11's exit code and a message naming the option.
-void expect_usage_error(const CommandResult& r, const std::string& option) {
-  expect_clean_failure(r);
-  EXPECT_TRUE(is_cli11_usage_code(r.exit_code)) << r.describe();
-  EXPECT_THAT(r.err, HasSubstr(option)) << r.describe();
 }
 
 // The message says that a positive value was expected (not only a range of raw doubles).
@@ -453,4 +412,64 @@ TEST(CliErrors, UnknownDeviceNamesTheOption) {
   EXPECT_THAT(r.err, HasSubstr("--device")) << r.describe();
   EXPECT_THAT(r.err, HasSubstr("gpu")) << r.describe();
   EXPECT_THAT(r.err, HasSubstr("cuda")) << r.describe();
+}
+
+// `forward` runs a model with given weights on a tensor file: the result equals the library's.
+TEST(Cli, ForwardRunsAModelOnATensorFile) {
+  TempDir dir;
+  torch::manual_seed(3);
+  auto model = dynattn::create_model("resnet20");
+  {
+    torch::NoGradGuard no_grad;  // BN statistics that matter, so eval mode is visible
+    for (auto& b : model.ptr()->named_buffers()) {
+      if (b.key().find("running_var") != std::string::npos) b.value().uniform_(0.5, 1.5);
+    }
+    for (auto& p : model.ptr()->named_parameters()) {
+      if (p.key().find("bn2.weight") != std::string::npos) p.value().fill_(0.5);
+    }
+  }
+  dynattn::write_safetensors(dir / "w.safetensors", dynattn::state_dict(*model.ptr()));
+  const auto x = torch::randn({2, 1, 28, 28});
+  dynattn::write_safetensors(dir / "x.safetensors", {{"img", x}});
+  const auto r = run_dynattn({"--threads", "1", "forward", "--model", "resnet20", "--weights",
+                              dir / "w.safetensors", "--input", dir / "x.safetensors",
+                              "--input-key", "img", "--output", dir / "y.safetensors"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const auto out = dynattn::read_safetensors(dir / "y.safetensors");
+  ASSERT_NE(out.find("y"), nullptr);
+  model.ptr()->eval();
+  torch::NoGradGuard no_grad;
+  const auto expected = model.forward(x);
+  EXPECT_TRUE(torch::allclose(*out.find("y"), expected, 1e-5, 1e-5)) << *out.find("y") << "\n"
+                                                                     << expected;
+  EXPECT_EQ(out.metadata.at("model"), "resnet20");
+}
+
+TEST(Cli, ForwardErrorsNameTheFileTheKeyOrTheModule) {
+  TempDir dir;
+  dynattn::write_safetensors(dir / "x.safetensors", {{"a", torch::zeros({1, 1, 28, 28})},
+                                                     {"labels", torch::zeros({1}, torch::kLong)}});
+  auto forward = [&](std::vector<std::string> extra) {
+    std::vector<std::string> args{"forward", "--input", dir / "x.safetensors", "--output",
+                                  dir / "y.safetensors"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return run_dynattn(args);
+  };
+  auto r = forward({"--model", "resnet20"});
+  expect_runtime_error(r);
+  EXPECT_THAT(r.err, HasSubstr("no tensor 'x' (it holds: a, labels)"));
+  r = forward({"--model", "resnet20", "--input-key", "labels"});
+  expect_runtime_error(r);
+  EXPECT_THAT(r.err, HasSubstr("must be floating point"));
+  r = forward({"--model", "resnet21", "--input-key", "a"});
+  expect_runtime_error(r);
+  EXPECT_THAT(r.err, HasSubstr("unknown model or attention module 'resnet21'"));
+  r = forward({"--model", "resnet20", "--input-key", "a", "--key-map", "timm"});
+  expect_runtime_error(r);
+  EXPECT_THAT(r.err, HasSubstr("--key-map needs --weights"));
+  dynattn::write_safetensors(dir / "w.safetensors", {{"head.weight", torch::zeros({10, 64})}});
+  r = forward({"--model", "resnet20", "--input-key", "a", "--weights", dir / "w.safetensors"});
+  expect_runtime_error(r);
+  EXPECT_THAT(r.err, HasSubstr("head.weight"));
+  EXPECT_FALSE(fs::exists(dir / "y.safetensors")) << "nothing is written after an error";
 }

@@ -35,4 +35,8 @@ Model create_model(const std::string& spec);
 
 std::vector<ModelInfo> list_models();
 
+// A registered model ("resnet20:attn=se"), or a module of the attention slot given its channel
+// count among the options ("se:channels=64,r=8"): what `dynattn forward` runs.
+Model create_model_or_attention(const std::string& spec);
+
 }  // namespace dynattn
