@@ -1,5 +1,7 @@
 #include "dynattn/core/options_string.h"
 
+#include "dynattn/core/strings.h"
+
 #include <torch/torch.h>
 
 #include <cerrno>
@@ -7,13 +9,6 @@
 
 namespace dynattn {
 namespace {
-std::string trim(const std::string& s) {
-  const auto b = s.find_first_not_of(" \t");
-  if (b == std::string::npos) return "";
-  const auto e = s.find_last_not_of(" \t");
-  return s.substr(b, e - b + 1);
-}
-
 // Position of the next ',' outside square brackets, or text.size().
 size_t find_top_level_comma(const std::string& text, size_t pos, const std::string& context) {
   int depth = 0;

@@ -1,5 +1,7 @@
 #include "dynattn/core/runtime.h"
 
+#include "dynattn/core/strings.h"
+
 #include <dlfcn.h>
 
 #include <torch/torch.h>
@@ -28,13 +30,6 @@
 
 namespace dynattn {
 namespace {
-
-std::string trim(const std::string& s) {
-  const auto b = s.find_first_not_of(" \t\n");
-  if (b == std::string::npos) return "";
-  const auto e = s.find_last_not_of(" \t\n");
-  return s.substr(b, e - b + 1);
-}
 
 std::string basename_of(const std::string& path) {
   const auto slash = path.rfind('/');

@@ -1,0 +1,15 @@
+// Small string helpers shared by the option parser, the runtime probes and the registries.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace dynattn {
+
+// `s` without leading and trailing spaces, tabs, carriage returns and newlines.
+std::string trim(const std::string& s);
+
+// "1,2, 3" -> {1, 2, 3}. Fails naming `what` unless every item is an integer.
+std::vector<int64_t> parse_int_list(const std::string& text, const std::string& what);
+
+}  // namespace dynattn

@@ -1,0 +1,36 @@
+#include "dynattn/core/strings.h"
+
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+
+namespace dynattn {
+
+std::string trim(const std::string& s) {
+  const auto b = s.find_first_not_of(" \t\r\n");
+  if (b == std::string::npos) return "";
+  const auto e = s.find_last_not_of(" \t\r\n");
+  return s.substr(b, e - b + 1);
+}
+
+std::vector<int64_t> parse_int_list(const std::string& text, const std::string& what) {
+  std::vector<int64_t> out;
+  size_t start = 0;
+  while (start <= text.size()) {
+    const size_t end = std::min(text.find(',', start), text.size());
+    const std::string item = trim(text.substr(start, end - start));
+    size_t used = 0;
+    bool ok = !item.empty();
+    try {
+      if (ok) out.push_back(std::stoll(item, &used));
+    } catch (const std::exception&) {
+      ok = false;
+    }
+    TORCH_CHECK(ok && used == item.size(), what,
+                ": expected a comma-separated list of integers, got '", text, "'");
+    start = end + 1;
+  }
+  return out;
+}
+
+}  // namespace dynattn
