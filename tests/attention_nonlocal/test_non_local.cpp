@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -224,7 +225,11 @@ TEST(NonLocalBlock, MatchesNaiveReferenceForEveryPairwiseFunction) {
     std::vector<int64_t> shape;
   };
   const std::vector<Case> cases = {
-      {false, true, {1, 4, 3, 3}}, {true, true, {2, 4, 4, 4}}, {true, false, {2, 4, 4, 5}}};
+      {false, true, {1, 4, 3, 3}},
+      {true, true, {2, 4, 4, 4}},
+      {true, false, {2, 4, 4, 5}},
+      {false, true, {1, 4, 12, 12}},  // 144 keys: the affinity laid out [N, q, K]
+      {true, false, {1, 4, 24, 25}}};
   for (const auto& mode : kModes) {
     for (const auto& c : cases) {
       SCOPED_TRACE(mode + (c.subsample ? (c.pool_first ? " pool first" : " pool after") : ""));
@@ -369,37 +374,52 @@ TEST(NonLocalBlock, ScaleSwitchScalesExactlyTheLogits) {
 }
 
 TEST(NonLocalBlock, ChunkedAffinityEqualsUnchunked) {
-  for (const auto& mode : kModes) {
-    SCOPED_TRACE(mode);
-    NonLocalBlock block(NonLocalOptions(4).mode(mode));
-    randomise(*block);
-    auto chunked = clone_of(block);
-    // N * K = 2 * 4 keys: three query rows per chunk, 16 rows in six chunks (the last one short).
-    chunked->options.max_affinity_elements(2 * 4 * 3);
-    const auto x = torch::randn({2, 4, 4, 4});
-    const auto whole = dynattn::count_macs([&] { block->forward(x); });
-    const auto parts = dynattn::count_macs([&] { chunked->forward(x); });
-    EXPECT_EQ(parts.macs, whole.macs);
-    if (mode != "concat") EXPECT_EQ(parts.calls.at("aten::bmm"), whole.calls.at("aten::bmm") + 10);
+  struct Case {
+    bool subsample;
+    std::vector<int64_t> shape;
+    int64_t limit, chunks;
+  };
+  // N * K = 2 * 4: three queries per chunk, 16 in six chunks (the last one short). Without
+  // sub-sampling 144 keys (the [N, q, K] layout): five queries per chunk, 144 in 29 chunks.
+  const std::vector<Case> cases = {{true, {2, 4, 4, 4}, 2 * 4 * 3, 6},
+                                   {false, {1, 4, 12, 12}, 144 * 5 + 7, 29}};
+  for (const auto& c : cases) {
+    for (const auto& mode : kModes) {
+      SCOPED_TRACE(mode + (c.subsample ? " subsampled" : ""));
+      NonLocalBlock block(NonLocalOptions(4).mode(mode).subsample(c.subsample));
+      randomise(*block);
+      // Eval-mode BN: batch statistics would make z's bias gradient a sum of rounding errors.
+      block->eval();
+      auto chunked = clone_of(block);
+      chunked->options.max_affinity_elements(c.limit);
+      const auto x = torch::randn(c.shape);
+      const auto whole = dynattn::count_macs([&] { block->forward(x); });
+      const auto parts = dynattn::count_macs([&] { chunked->forward(x); });
+      EXPECT_EQ(parts.macs, whole.macs);
+      if (mode != "concat") {
+        EXPECT_EQ(whole.calls.at("aten::bmm"), 2);
+        EXPECT_EQ(parts.calls.at("aten::bmm"), 2 * c.chunks);
+      }
 
-    const auto xa = x.clone().requires_grad_();
-    const auto xb = x.clone().requires_grad_();
-    const auto ya = block->forward(xa);
-    const auto yb = chunked->forward(xb);
-    expect_close(yb, ya, 1e-6);
-    const auto w = torch::randn_like(ya);
-    (ya * w).sum().backward();
-    (yb * w).sum().backward();
-    expect_close(xb.grad(), xa.grad(), 1e-5);
-    // Some gradients are zero in exact arithmetic (phi's bias under a softmax): compare them
-    // at the scale of the largest parameter gradient.
-    auto pa = block->named_parameters();
-    double grad_scale = 0;
-    for (auto& kv : pa)
-      grad_scale = std::max(grad_scale, kv.value().grad().abs().max().item<double>());
-    for (auto& kv : chunked->named_parameters()) {
-      SCOPED_TRACE(kv.key());
-      expect_close(kv.value().grad(), pa[kv.key()].grad(), 1e-5, grad_scale);
+      const auto xa = x.clone().requires_grad_();
+      const auto xb = x.clone().requires_grad_();
+      const auto ya = block->forward(xa);
+      const auto yb = chunked->forward(xb);
+      expect_close(yb, ya, 1e-6);
+      const auto w = torch::randn_like(ya);
+      (ya * w).sum().backward();
+      (yb * w).sum().backward();
+      expect_close(xb.grad(), xa.grad(), 1e-5);
+      // Some gradients are zero in exact arithmetic (phi's bias under a softmax): compare them
+      // at the scale of the largest parameter gradient.
+      auto pa = block->named_parameters();
+      double grad_scale = 0;
+      for (auto& kv : pa)
+        grad_scale = std::max(grad_scale, kv.value().grad().abs().max().item<double>());
+      for (auto& kv : chunked->named_parameters()) {
+        SCOPED_TRACE(kv.key());
+        expect_close(kv.value().grad(), pa[kv.key()].grad(), 1e-5, grad_scale);
+      }
     }
   }
 }
@@ -416,6 +436,14 @@ TEST(NonLocalBlock, GradientsMatchFiniteDifferences) {
       EXPECT_GRADCHECK([&] { return block->forward(x); },
                        dynattn::test_util::with_parameters({x}, *block));
     }
+    // 144 keys: the [N, q, K] layout of the affinity.
+    SCOPED_TRACE(mode + " without sub-sampling");
+    NonLocalBlock block(NonLocalOptions(2).mode(mode).subsample(false));
+    block->to(torch::kDouble);
+    randomise(*block);
+    auto x = torch::randn({1, 2, 12, 12}, torch::kDouble).requires_grad_();
+    EXPECT_GRADCHECK([&] { return block->forward(x); },
+                     dynattn::test_util::with_parameters({x}, *block));
   }
 }
 
@@ -542,6 +570,21 @@ TEST(NonLocalBlock, CloneCopiesParametersIntoIndependentModules) {
     copy->named_parameters()["concat_project.weight"].add_(1.0);
   }
   EXPECT_FALSE(torch::equal(copy->forward(x), block->forward(x)));
+}
+
+TEST(NonLocalBlock, AcceptsMmcvModeNamesAndPrintsItsConfiguration) {
+  NonLocalBlock block(NonLocalOptions(8).mode("dot_product").subsample(false));
+  std::ostringstream text;
+  block->pretty_print(text);
+  EXPECT_EQ(text.str(),
+            "dynattn::NonLocalBlock(channels=8, inter=4, dims=2, mode=dot, subsample=false, "
+            "pool_first=true, logit_scale=1)");
+  for (const std::string alias : {"embedded_gaussian", "concatenation"}) {
+    EXPECT_EQ(NonLocalBlock(NonLocalOptions(8).mode(alias))
+                  ->named_parameters()
+                  .contains("concat_project.weight"),
+              alias == "concatenation");
+  }
 }
 
 TEST(NonLocalSlot, CreatesConfiguredBlocks) {

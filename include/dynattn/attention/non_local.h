@@ -78,8 +78,8 @@ class NonLocalBlockImpl : public torch::nn::Cloneable<NonLocalBlockImpl>, public
   enum class Mode { Gaussian, Embedded, Dot, Concat };
   struct Projections;
   Projections project(const torch::Tensor& x);
-  torch::Tensor affinity_rows(const Projections& p, const torch::Tensor& theta_rows,
-                              const torch::Tensor& concat_rows) const;
+  torch::Tensor affinity(const Projections& p, const torch::Tensor& theta_columns,
+                         const torch::Tensor& concat_columns, bool keys_last) const;
   torch::Tensor run(const torch::Tensor& x, AttentionMaps* maps);
 
   Mode mode_ = Mode::Embedded;
