@@ -10,6 +10,7 @@
 #include "dynattn/attention/non_local.h"
 #include "dynattn/io/safetensors.h"
 #include "dynattn/models/attention_slot.h"
+#include "dynattn/models/cifar_resnet.h"
 #include "dynattn/profile/mac_counter.h"
 #include "gradcheck.h"
 #include "test_util.h"
@@ -621,4 +622,15 @@ TEST(NonLocalSlot, CreatesConfiguredBlocks) {
               HasSubstr("inter_channels must be positive"));
   EXPECT_THAT(error_of([] { dynattn::create_attention("nl:mode=fancy", 16); }),
               HasSubstr("got 'fancy'"));
+}
+
+TEST(NonLocalSlot, GivesItsAffinityThroughABackbone) {
+  dynattn::CifarResNet net(dynattn::CifarResNetOptions().depth(8).stage_attention("nl"));
+  net->eval();
+  const auto x = torch::randn({2, 1, 28, 28});
+  const auto result = net->forward_with_maps(x);
+  // Stage 1 at 28x28 (196 keys after 2x2 pooling), stage 2 at 14x14 (49 keys).
+  EXPECT_EQ(result.maps.at("stage_attn1.affinity").sizes(), (std::vector<int64_t>{2, 1, 196}));
+  EXPECT_EQ(result.maps.at("stage_attn2.affinity").sizes(), (std::vector<int64_t>{2, 1, 49}));
+  EXPECT_TRUE(torch::equal(result.output, net->forward(x)));
 }
