@@ -1,5 +1,6 @@
 #include "dynattn/models/attention_slot.h"
 
+#include "dynattn/attention/non_local.h"
 #include "dynattn/core/named_registry.h"
 
 namespace dynattn {
@@ -13,6 +14,7 @@ NamedRegistry<AttentionInfo>& attention_registry() {
                            o.check_known({});
                            return torch::nn::AnyModule();
                          }};
+        table["nl"] = non_local_attention_info();
       });
   return registry;
 }

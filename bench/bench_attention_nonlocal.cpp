@@ -1,0 +1,85 @@
+// The non-local block (embedded gaussian, C/2 inner width) next to the 3x3 conv + BN it is
+// usually compared with, at the shapes of the CIFAR-style ResNet's stages 2 and 3.
+// Run: build/bench/dynattn_bench --benchmark_filter='NonLocal|Conv3x3BN'
+#include <benchmark/benchmark.h>
+#include <torch/torch.h>
+
+#include "dynattn/attention/non_local.h"
+#include "dynattn/core/compat.h"
+
+namespace {
+
+// Args: channels, spatial size, batch, sub-sampling, backward.
+void BM_NonLocal(benchmark::State& state) {
+  const int64_t channels = state.range(0), size = state.range(1), batch = state.range(2);
+  const bool subsample = state.range(3) != 0, backward = state.range(4) != 0;
+  dynattn::NonLocalBlock block(dynattn::NonLocalOptions(channels).subsample(subsample));
+  {
+    torch::NoGradGuard no_grad;
+    block->named_parameters()["bn.weight"].fill_(1.0);  // a real branch, not the init identity
+  }
+  const auto x = torch::randn({batch, channels, size, size});
+  if (backward) {
+    const auto input = x.clone().requires_grad_();
+    for (auto _ : state) {
+      block->zero_grad();
+      block->forward(input).sum().backward();
+    }
+  } else {
+    block->eval();
+    dynattn::InferenceGuard guard;
+    for (int i = 0; i < 3; ++i) block->forward(x);
+    for (auto _ : state) benchmark::DoNotOptimize(block->forward(x));
+  }
+  state.SetItemsProcessed(state.iterations() * batch);
+}
+
+// The same shape through conv3x3 (no bias) + BN: the block's usual point of comparison.
+void BM_Conv3x3BN(benchmark::State& state) {
+  const int64_t channels = state.range(0), size = state.range(1), batch = state.range(2);
+  const bool backward = state.range(4) != 0;
+  torch::nn::Sequential layer(
+      torch::nn::Conv2d(torch::nn::Conv2dOptions(channels, channels, 3).padding(1).bias(false)),
+      torch::nn::BatchNorm2d(channels));
+  const auto x = torch::randn({batch, channels, size, size});
+  if (backward) {
+    const auto input = x.clone().requires_grad_();
+    for (auto _ : state) {
+      layer->zero_grad();
+      layer->forward(input).sum().backward();
+    }
+  } else {
+    layer->eval();
+    dynattn::InferenceGuard guard;
+    for (int i = 0; i < 3; ++i) layer->forward(x);
+    for (auto _ : state) benchmark::DoNotOptimize(layer->forward(x));
+  }
+  state.SetItemsProcessed(state.iterations() * batch);
+}
+
+void shapes(benchmark::internal::Benchmark* b, bool with_subsample_axis) {
+  b->ArgNames({"C", "HW", "N", "sub", "bwd"});
+  for (auto [c, hw] : {std::pair<int64_t, int64_t>{32, 14}, {64, 7}}) {
+    for (int64_t n : {1, 64}) {
+      for (int64_t bwd : {0, 1}) {
+        if (with_subsample_axis) {
+          b->Args({c, hw, n, 1, bwd});
+          b->Args({c, hw, n, 0, bwd});
+        } else {
+          b->Args({c, hw, n, 0, bwd});
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+BENCHMARK(BM_NonLocal)
+    ->Apply([](benchmark::internal::Benchmark* b) { shapes(b, true); })
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
+BENCHMARK(BM_Conv3x3BN)
+    ->Apply([](benchmark::internal::Benchmark* b) { shapes(b, false); })
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
