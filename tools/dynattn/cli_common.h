@@ -62,5 +62,6 @@ void add_bench_command(CLI::App& app, GlobalOptions& g);
 void add_zoo_command(CLI::App& app, GlobalOptions& g);
 void add_demo_command(CLI::App& app, GlobalOptions& g);
 void add_forward_command(CLI::App& app, GlobalOptions& g);
+void add_visualize_command(CLI::App& app, GlobalOptions& g);
 
 }  // namespace dynattn::cli
