@@ -1,8 +1,8 @@
-// The bilinear heads (full, full + Newton-Schulz matrix square root, Tensor Sketch, Random
-// Maclaurin) against the plain global-average-pool + Linear head, on the ResNet-20 last stage's
-// output [64, 64, 7, 7] with 10 classes: inference, and forward + backward to the input (what a
-// training step through the head costs).
-// Run: build/bench/dynattn_bench --benchmark_filter=BilinearHead
+// The bilinear heads (full, full + Newton-Schulz matrix square root, Tensor Sketch in its Gram
+// and per-location FFT forms, Random Maclaurin) against the plain global-average-pool + Linear
+// head, on the ResNet-20 last stage's output [64, 64, 7, 7] with 10 classes: inference, and forward
+// + backward to the input (what a training step through the head costs). Run:
+// build/bench/dynattn_bench --benchmark_filter=BilinearHead
 #include <benchmark/benchmark.h>
 #include <torch/torch.h>
 
@@ -60,5 +60,6 @@ void BM_BilinearHeadForwardBackward(benchmark::State& state, const std::string& 
 DYNATTN_BILINEAR_BENCH(avg_pool, "avg");
 DYNATTN_BILINEAR_BENCH(full, "full");
 DYNATTN_BILINEAR_BENCH(full_matrix_sqrt5, "full:matrix_sqrt=5");
-DYNATTN_BILINEAR_BENCH(tensor_sketch_d2048, "tensor_sketch:d=2048");
+DYNATTN_BILINEAR_BENCH(tensor_sketch_d2048_gram, "tensor_sketch:d=2048,algorithm=gram");
+DYNATTN_BILINEAR_BENCH(tensor_sketch_d2048_fft, "tensor_sketch:d=2048,algorithm=fft");
 DYNATTN_BILINEAR_BENCH(random_maclaurin_d2048, "random_maclaurin:d=2048");

@@ -70,6 +70,27 @@ TEST(BilinearPooling, HandCheckedTinyInput) {
   EXPECT_NEAR(out.norm().item<double>(), 1.0, 1e-15);
 }
 
+TEST(BilinearPooling, MatchesPythonReferenceImplementations) {
+  // Expected values from /usr/bin/python3 (torch 1.13) on x = sin(0..11) as [1,3,2,2]:
+  // "reference": the B-CNN PyTorch reference's head (bmm / (H*W), sign(x)sqrt(|x| + 1e-5),
+  // F.normalize); "msqrt": the textbook coupled Newton-Schulz loop (Frobenius, 5 full
+  // iterations) followed by the stable signed square root and F.normalize.
+  const auto x = torch::arange(12, torch::kDouble).sin().view({1, 3, 2, 2});
+  BilinearPooling reference(
+      BilinearPoolingOptions(3).normalization(BilinearNormalization().sqrt_form("reference")));
+  const auto expected_reference =
+      torch::tensor({0.3627798395, -0.2862891731, -0.1564174768, -0.2862891731, 0.4116557583,
+                     -0.3735965156, -0.1564174768, -0.3735965156, 0.45489095},
+                    torch::kDouble);
+  EXPECT_TRUE(torch::allclose(reference(x)[0], expected_reference, 0, 1e-9));
+  BilinearPooling msqrt(BilinearPoolingOptions(3).matrix_sqrt(5));
+  const auto expected_msqrt =
+      torch::tensor({0.3972506125, -0.2921734791, -0.2133661164, -0.2921734791, 0.3919510991,
+                     -0.3391983165, -0.2133661164, -0.3391983165, 0.4434798845},
+                    torch::kDouble);
+  EXPECT_TRUE(torch::allclose(msqrt(x)[0], expected_msqrt, 0, 1e-9));
+}
+
 TEST(BilinearPooling, EqualsNaiveLoopOverLocations) {
   torch::manual_seed(1);
   const auto x = torch::randn({2, 3, 3, 4}, torch::kDouble);
