@@ -4,8 +4,10 @@
 // Deviations: the projections come from a portable seeded generator (std::mt19937_64, our own
 // integer mapping), so the same seed gives the same sketch under every LibTorch version;
 // pooling averages over H*W by default (the paper sums); default d = 2048 for C = 64 (the paper's
-// 8192 is for C = 512 and would exceed the full C^2 = 4096 here); the signed square root is the
-// eps-stable form of bilinear_pooling.h.
+// 8192 is for C = 512 and would exceed the full C^2 = 4096 here); Tensor Sketch is computed by
+// default from the pooled Gram matrix (the same sketch, exactly; `sketch_algorithm="fft"` runs
+// the paper's per-location FFTs); the signed square root is the eps-stable form of
+// bilinear_pooling.h.
 #pragma once
 #include <torch/torch.h>
 
