@@ -160,7 +160,13 @@ void CifarResNetImpl::reset() {
       register_module("stage_attn" + std::to_string(stage), slot.ptr());
     }
   }
-  fc = register_module("fc", torch::nn::Linear(4 * w, o.num_classes()));
+  fc = nullptr;
+  bilinear_head = nullptr;
+  if (o.head() == "avg") {
+    fc = register_module("fc", torch::nn::Linear(4 * w, o.num_classes()));
+  } else {
+    bilinear_head = register_module("head", create_bilinear_head(o.head(), 4 * w, o.num_classes()));
+  }
   torch::NoGradGuard no_grad;
   torch::nn::init::kaiming_normal_(conv1->weight, 0.0, torch::kFanOut, torch::kReLU);
 }
@@ -168,6 +174,7 @@ void CifarResNetImpl::reset() {
 torch::Tensor CifarResNetImpl::features(const torch::Tensor& x) {
   TORCH_CHECK(x.dim() == 4 && x.size(1) == options.in_channels(), "CifarResNet: expected input [N,",
               options.in_channels(), ",H,W], got ", x.sizes());
+  if (!bilinear_head.is_empty()) return bilinear_head->features(trunk(x, nullptr));
   // mean over H, W rather than adaptive pooling: the same maths, a cheaper kernel.
   return trunk(x, nullptr).mean({2, 3});
 }
@@ -196,11 +203,23 @@ AttentionOutput CifarResNetImpl::forward_with_maps(const torch::Tensor& x) {
   TORCH_CHECK(x.dim() == 4 && x.size(1) == options.in_channels(), "CifarResNet: expected input [N,",
               options.in_channels(), ",H,W], got ", x.sizes());
   AttentionOutput result;
-  result.output = fc(trunk(x, &result.maps).mean({2, 3}));
+  const auto trunk_out = trunk(x, &result.maps);
+  if (bilinear_head.is_empty()) {
+    result.output = fc(trunk_out.mean({2, 3}));
+  } else {
+    auto head = bilinear_head->forward_with_maps(trunk_out);
+    result.output = head.output;
+    for (auto& kv : head.maps) result.maps["head." + kv.first] = kv.second;
+  }
   return result;
 }
 
 torch::Tensor CifarResNetImpl::forward(const torch::Tensor& x) {
+  if (!bilinear_head.is_empty()) {
+    TORCH_CHECK(x.dim() == 4 && x.size(1) == options.in_channels(),
+                "CifarResNet: expected input [N,", options.in_channels(), ",H,W], got ", x.sizes());
+    return bilinear_head->forward(trunk(x, nullptr));
+  }
   return fc(features(x));
 }
 

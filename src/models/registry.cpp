@@ -1,36 +1,62 @@
 #include "dynattn/models/registry.h"
 
 #include "dynattn/core/named_registry.h"
+#include "dynattn/core/strings.h"
 #include "dynattn/models/attention_slot.h"
 #include "dynattn/models/cifar_resnet.h"
 
 namespace dynattn {
 namespace {
 
-ModelInfo cifar_resnet_info(int64_t depth) {
+// A CIFAR ResNet of one depth; `defaults` gives a variant its attention (`se_resnet20` is
+// `resnet20` with attn=se); every default can still be overridden in the spec.
+ModelInfo cifar_resnet_info(const std::string& prefix, int64_t depth, const std::string& what,
+                            const std::map<std::string, std::string>& defaults) {
   ModelInfo info;
-  info.name = "resnet" + std::to_string(depth);
+  info.name = prefix + "resnet" + std::to_string(depth);
   info.description = "CIFAR-style ResNet-" + std::to_string(depth) +
-                     " (basic blocks, widths 16/32/64) for 28x28 inputs";
-  info.option_keys = {"attn", "width", "shortcut", "zero_init_last", "classes", "in_channels"};
-  info.build = [depth](const OptionMap& o) {
-    return torch::nn::AnyModule(CifarResNet(CifarResNetOptions()
-                                                .depth(depth)
-                                                .attention(o.get_string("attn", "none"))
-                                                .base_width(o.get_int("width", 16))
-                                                .shortcut(o.get_string("shortcut", "conv"))
-                                                .zero_init_last(o.get_bool("zero_init_last", true))
-                                                .num_classes(o.get_int("classes", 10))
-                                                .in_channels(o.get_int("in_channels", 1))));
+                     " (basic blocks, widths 16/32/64) for 28x28 inputs" + what;
+  info.option_keys = {"attn",     "stage_attn",     "stage_attn_after", "head",       "width",
+                      "shortcut", "zero_init_last", "classes",          "in_channels"};
+  info.build = [depth, defaults, name = info.name](const OptionMap& given) {
+    OptionMap o = given;
+    for (const auto& kv : defaults)
+      if (!o.has(kv.first)) o.set(kv.first, kv.second);
+    return torch::nn::AnyModule(CifarResNet(
+        CifarResNetOptions()
+            .depth(depth)
+            .attention(o.get_string("attn", "none"))
+            .stage_attention(o.get_string("stage_attn", "none"))
+            .stage_attention_after(parse_int_list(o.get_string("stage_attn_after", "1,2"),
+                                                  "model " + name + " option stage_attn_after"))
+            .head(o.get_string("head", "avg"))
+            .base_width(o.get_int("width", 16))
+            .shortcut(o.get_string("shortcut", "conv"))
+            .zero_init_last(o.get_bool("zero_init_last", true))
+            .num_classes(o.get_int("classes", 10))
+            .in_channels(o.get_int("in_channels", 1))));
   };
   return info;
 }
 
 NamedRegistry<ModelInfo>& model_registry() {
   static NamedRegistry<ModelInfo> registry("model", [](std::map<std::string, ModelInfo>& table) {
-    for (int64_t depth : {20, 32, 56, 110}) {
-      auto info = cifar_resnet_info(depth);
-      table[info.name] = info;
+    auto add = [&table](ModelInfo info) { table[info.name] = std::move(info); };
+    for (int64_t depth : {20, 32, 56, 110}) add(cifar_resnet_info("", depth, "", {}));
+    for (int64_t depth : {20, 32, 56}) {
+      add(cifar_resnet_info("se_", depth, ", squeeze-and-excitation in every block",
+                            {{"attn", "se"}}));
+      add(cifar_resnet_info("eca_", depth, ", efficient channel attention in every block",
+                            {{"attn", "eca"}}));
+      add(cifar_resnet_info("cbam_", depth, ", CBAM in every block", {{"attn", "cbam"}}));
+      add(cifar_resnet_info("bam_", depth, ", BAM after stages 1 and 2",
+                            {{"stage_attn", "bam"}, {"stage_attn_after", "1,2"}}));
+      add(cifar_resnet_info("nl_", depth, ", a non-local block after stage 2 (14x14)",
+                            {{"stage_attn", "nl"}, {"stage_attn_after", "2"}}));
+      add(cifar_resnet_info("bcnn_", depth, ", full bilinear pooling head (B-CNN)",
+                            {{"head", "full"}}));
+      add(cifar_resnet_info("cbp_", depth, ", compact bilinear head (Tensor Sketch, d=2048)",
+                            {{"head", "tensor_sketch"}}));
     }
   });
   return registry;

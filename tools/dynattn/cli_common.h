@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 #include <string>
 
+#include "dynattn/core/options_string.h"
 #include "dynattn/core/runtime.h"
 #include "dynattn/data/dataset.h"
 
@@ -51,6 +52,17 @@ inline const CLI::Validator kNonNegative(
       }
     },
     "NON-NEGATIVE");
+
+// `--attn SPEC` next to `--model`: the model spec with its attention slot set to SPEC
+// ("resnet20" + "cbam:r=8" -> "resnet20:attn=[cbam:r=8]"). An empty SPEC leaves it alone.
+inline std::string model_with_attention(const std::string& model, const std::string& attention) {
+  if (attention.empty()) return model;
+  NamedOptions spec = parse_named_options(model, "model");
+  TORCH_CHECK(!spec.options.has("attn"), "--attn ", attention, ": the model spec '", model,
+              "' already sets attn");
+  spec.options.set("attn", attention);
+  return spec.to_string();
+}
 
 // Writes `j` to `path` atomically (pretty-printed), creating nothing else.
 void write_json(const std::string& path, const nlohmann::json& j);

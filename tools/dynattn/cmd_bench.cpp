@@ -17,6 +17,7 @@ namespace {
 
 struct BenchArgs {
   std::string model = "resnet20";
+  std::string attn;
   std::string checkpoint;
   std::vector<int64_t> batches{1, 64};
   bool channels_last = false;
@@ -102,7 +103,8 @@ void print_result(const nlohmann::json& j) {
 void run_bench(const BenchArgs& a, const GlobalOptions& g) {
   const int threads = setup_runtime(g);
   const torch::Device device = parse_device(g.device);
-  Model model = a.checkpoint.empty() ? create_model(a.model) : load_checkpoint_model(a.checkpoint);
+  Model model = a.checkpoint.empty() ? create_model(model_with_attention(a.model, a.attn))
+                                     : load_checkpoint_model(a.checkpoint);
   auto r = benchmark_model(model, ModelBenchOptions()
                                       .batches(a.batches)
                                       .channels_last(a.channels_last)
@@ -113,8 +115,8 @@ void run_bench(const BenchArgs& a, const GlobalOptions& g) {
   BatchTiming train;
   if (a.train_batch > 0) {
     // A fresh copy: the timed steps change the weights.
-    Model fresh =
-        a.checkpoint.empty() ? create_model(a.model) : load_checkpoint_model(a.checkpoint);
+    Model fresh = a.checkpoint.empty() ? create_model(model_with_attention(a.model, a.attn))
+                                       : load_checkpoint_model(a.checkpoint);
     train = benchmark_train_step(
         fresh, a.train_batch,
         ModelBenchOptions().channels_last(a.channels_last).device(device).min_seconds(a.min_time));
@@ -159,8 +161,10 @@ void add_bench_command(CLI::App& app, GlobalOptions& g) {
   auto a = std::make_shared<BenchArgs>();
   auto* sub = app.add_subcommand("bench", "measure parameters, MACs, latency and throughput");
   auto* model = sub->add_option("--model", a->model, "model spec")->capture_default_str();
+  auto* attn = sub->add_option("--attn", a->attn, "attention in every block (model option attn)");
   sub->add_option("--checkpoint", a->checkpoint, "benchmark a trained checkpoint instead")
-      ->excludes(model);
+      ->excludes(model)
+      ->excludes(attn);
   sub->add_option("--batch", a->batches, "batch sizes, comma separated")
       ->delimiter(',')
       ->capture_default_str()

@@ -13,6 +13,7 @@ namespace {
 
 struct TrainArgs {
   std::string model = "resnet20";
+  std::string attn;
   std::string data = kFashionMnistDefaultRoot;
   std::string out;
   int64_t epochs = 30;
@@ -37,7 +38,7 @@ void run_train(const TrainArgs& a, const GlobalOptions& g) {
   setup_runtime(g);
   torch::manual_seed(a.seed);
   const torch::Device device = parse_device(g.device);
-  Model model = create_model(a.model);
+  Model model = create_model(model_with_attention(a.model, a.attn));
   auto splits = load_fashion_mnist_splits(a.data, a.val_split, a.seed);
   std::fprintf(stderr, "model %s: %lld parameters; data %s: %lld train, %lld val, %lld test\n",
                model.spec.c_str(), static_cast<long long>(count_parameters(*model.ptr())),
@@ -95,6 +96,8 @@ void add_train_command(CLI::App& app, GlobalOptions& g) {
   auto* sub = app.add_subcommand("train", "train a model on Fashion-MNIST");
   sub->add_option("--model", a->model, "model spec, e.g. resnet20 or resnet56:width=32")
       ->capture_default_str();
+  sub->add_option("--attn", a->attn,
+                  "attention in every block, e.g. se or cbam:r=8 (same as the model option attn)");
   sub->add_option("--data", a->data, "Fashion-MNIST directory (IDX .gz files)")
       ->capture_default_str();
   sub->add_option("--out", a->out, "run directory: checkpoint every epoch, metrics.jsonl");

@@ -7,8 +7,9 @@
 // block starts as the identity. Each block has an attention slot after its last BN, before the
 // residual add (SENet's placement); a second slot puts a module after chosen stages (BAM's
 // placement at stage boundaries, non-local blocks). Parameter names follow timm/torchvision:
-// conv1, bn1, layer1..3, fc; in blocks conv1, bn1, conv2, bn2, downsample.{0,1}, and `attn` for
-// the block slot; `stage_attn1`, `stage_attn2`, ... after layer1, layer2, ...
+// conv1, bn1, layer1..3, fc (or `head` for a bilinear head); in blocks conv1, bn1, conv2, bn2,
+// downsample.{0,1}, and `attn` for the block slot; `stage_attn1`, `stage_attn2`, ... after layer1,
+// layer2, ...
 #pragma once
 #include <torch/torch.h>
 
@@ -16,6 +17,7 @@
 #include <vector>
 
 #include "dynattn/attention/attention_maps.h"
+#include "dynattn/attention/bilinear_head.h"
 
 namespace dynattn {
 
@@ -30,6 +32,9 @@ struct CifarResNetOptions {
   // Attention module after whole stages, e.g. "bam" after stages 1 and 2 (BAM's bottlenecks).
   TORCH_ARG(std::string, stage_attention) = "none";
   TORCH_ARG(std::vector<int64_t>, stage_attention_after) = std::vector<int64_t>{1, 2};
+  // "avg" (global average pooling + fc), or a bilinear head spec ("full", "tensor_sketch:d=2048",
+  // see attention/bilinear_head.h) that replaces both.
+  TORCH_ARG(std::string, head) = "avg";
 };
 
 struct BasicBlockOptions {
@@ -74,7 +79,7 @@ class CifarResNetImpl : public torch::nn::Cloneable<CifarResNetImpl> {
   explicit CifarResNetImpl(CifarResNetOptions options = {});
   void reset() override;
   torch::Tensor forward(const torch::Tensor& x);
-  // Pooled features before the classifier, [N, 4 * base_width].
+  // Pooled features before the classifier: [N, 4 * base_width], or the bilinear head's.
   torch::Tensor features(const torch::Tensor& x);
   // forward(x) and the maps of every attention module, keyed by module path and map name,
   // e.g. "layer1.0.attn.spatial", "stage_attn2.affinity".
@@ -90,7 +95,8 @@ class CifarResNetImpl : public torch::nn::Cloneable<CifarResNetImpl> {
   torch::nn::Sequential layer1{nullptr}, layer2{nullptr}, layer3{nullptr};
   // stage_attn[k]: after layer k+1; empty where the stage slot is not used.
   std::vector<torch::nn::AnyModule> stage_attn;
-  torch::nn::Linear fc{nullptr};
+  torch::nn::Linear fc{nullptr};        // with head "avg"
+  BilinearHead bilinear_head{nullptr};  // otherwise, registered as "head"
 
  private:
   // The stem, the stages and the stage modules, collecting maps when `maps` is not null.
