@@ -1,0 +1,154 @@
+#include "dynattn/attention/cbam.h"
+
+#include "dynattn/attention/channel_reduction.h"
+#include "dynattn/models/attention_slot.h"
+
+namespace dynattn {
+
+CBAMOptions CBAMOptions::timm(int64_t channels) {
+  return CBAMOptions(channels)
+      .max_first(false)
+      .mlp_bias(false)
+      .reduction_policy("divisible")
+      .divisor(1)
+      .bn_momentum(0.1)
+      .zero_init_spatial_bn(false);
+}
+
+CBAMChannelGateImpl::CBAMChannelGateImpl(CBAMOptions options_) : options(std::move(options_)) {
+  reset();
+}
+
+void CBAMChannelGateImpl::reset() {
+  const auto& o = options;
+  rd_channels = reduced_channels(o.channels(), o.reduction(), o.reduction_policy(), o.divisor(),
+                                 o.rd_channels(), "CBAM");
+  fc1 = register_module(
+      "fc1",
+      torch::nn::Conv2d(torch::nn::Conv2dOptions(o.channels(), rd_channels, 1).bias(o.mlp_bias())));
+  fc2 = register_module(
+      "fc2",
+      torch::nn::Conv2d(torch::nn::Conv2dOptions(rd_channels, o.channels(), 1).bias(o.mlp_bias())));
+  // The official init zeroes every bias; weights keep the Linear default, which for a 1x1
+  // conv is the same distribution (same fan-in).
+  torch::NoGradGuard no_grad;
+  if (o.mlp_bias()) {
+    fc1->bias.zero_();
+    fc2->bias.zero_();
+  }
+}
+
+torch::Tensor CBAMChannelGateImpl::forward(const torch::Tensor& x) {
+  check_attention_input("CBAM channel gate", x, options.channels());
+  const int64_t n = x.size(0);
+  // One MLP pass over both pooled descriptors, stacked along the batch: [2N, C, 1, 1].
+  auto pooled = torch::cat({x.mean({2, 3}, true), x.amax({2, 3}, true)}, 0);
+  auto logits = fc2(fc1(pooled).relu_());
+  return torch::sigmoid(logits.narrow(0, 0, n) + logits.narrow(0, n, n));
+}
+
+void CBAMChannelGateImpl::pretty_print(std::ostream& stream) const {
+  stream << "dynattn::CBAMChannelGate(channels=" << options.channels()
+         << ", rd_channels=" << rd_channels << ", bias=" << options.mlp_bias() << ")";
+}
+
+CBAMSpatialGateImpl::CBAMSpatialGateImpl(CBAMOptions options_) : options(std::move(options_)) {
+  reset();
+}
+
+void CBAMSpatialGateImpl::reset() {
+  const auto& o = options;
+  const int64_t k = o.kernel_size();
+  TORCH_CHECK(k > 0 && k % 2 == 1, "CBAM: spatial kernel size must be odd and positive, got ", k);
+  // Without BN nothing else shifts the logits, so the conv gets the bias BN would provide.
+  conv = register_module(
+      "conv",
+      torch::nn::Conv2d(torch::nn::Conv2dOptions(2, 1, k).padding(k / 2).bias(!o.spatial_bn())));
+  bn = nullptr;
+  if (o.spatial_bn()) {
+    TORCH_CHECK(o.bn_momentum() >= 0 && o.bn_momentum() <= 1,
+                "CBAM: bn_momentum must be in [0, 1], got ", o.bn_momentum());
+    bn = register_module(
+        "bn", torch::nn::BatchNorm2d(torch::nn::BatchNormOptions(1).momentum(o.bn_momentum())));
+  }
+  torch::NoGradGuard no_grad;
+  torch::nn::init::kaiming_normal_(conv->weight, 0.0, torch::kFanOut, torch::kReLU);
+  if (conv->bias.defined()) conv->bias.zero_();
+  if (bn && o.zero_init_spatial_bn()) bn->weight.zero_();
+}
+
+torch::Tensor CBAMSpatialGateImpl::forward(const torch::Tensor& x) {
+  check_attention_input("CBAM spatial gate", x, -1);
+  auto max_map = x.amax(1, true);
+  auto mean_map = x.mean(1, true);
+  auto pooled =
+      options.max_first() ? torch::cat({max_map, mean_map}, 1) : torch::cat({mean_map, max_map}, 1);
+  auto logits = conv(pooled);
+  if (bn) logits = bn(logits);
+  return torch::sigmoid(logits);
+}
+
+void CBAMSpatialGateImpl::pretty_print(std::ostream& stream) const {
+  stream << "dynattn::CBAMSpatialGate(kernel=" << options.kernel_size()
+         << ", order=" << (options.max_first() ? "max,mean" : "mean,max")
+         << ", bn=" << options.spatial_bn() << ")";
+}
+
+CBAMImpl::CBAMImpl(CBAMOptions options_) : options(std::move(options_)) {
+  reset();
+}
+
+void CBAMImpl::reset() {
+  channel = register_module("channel", CBAMChannelGate(options));
+  spatial = register_module("spatial", CBAMSpatialGate(options));
+}
+
+torch::Tensor CBAMImpl::run(const torch::Tensor& x, AttentionMaps* maps) {
+  check_attention_input("CBAM", x, options.channels());
+  auto mc = channel(x);
+  auto refined = x * mc;
+  auto ms = spatial(refined);
+  if (maps != nullptr) {
+    (*maps)["channel"] = mc;
+    (*maps)["spatial"] = ms;
+  }
+  return refined * ms;
+}
+
+torch::Tensor CBAMImpl::forward(const torch::Tensor& x) {
+  return run(x, nullptr);
+}
+
+AttentionOutput CBAMImpl::forward_with_maps(const torch::Tensor& x) {
+  AttentionOutput out;
+  out.output = run(x, &out.maps);
+  return out;
+}
+
+void CBAMImpl::pretty_print(std::ostream& stream) const {
+  stream << "dynattn::CBAM(channels=" << options.channels()
+         << ", rd_channels=" << channel->rd_channels << ", kernel=" << options.kernel_size()
+         << ", max_first=" << options.max_first() << ", mlp_bias=" << options.mlp_bias()
+         << ", spatial_bn=" << options.spatial_bn() << ")";
+}
+
+AttentionInfo cbam_attention_info() {
+  return {"cbam",
+          "CBAM (Woo et al., ECCV 2018); r, rd, policy, divisor, max_first, mlp_bias, spatial_bn, "
+          "kernel",
+          [](int64_t channels, const OptionMap& o) {
+            o.check_known(
+                {"r", "rd", "policy", "divisor", "max_first", "mlp_bias", "spatial_bn", "kernel"});
+            return torch::nn::AnyModule(CBAM(CBAMOptions(channels)
+                                                 .reduction(o.get_double("r", 16))
+                                                 .rd_channels(o.get_int("rd", 0))
+                                                 .reduction_policy(o.get_string("policy", "floor"))
+                                                 .divisor(o.get_int("divisor", 1))
+                                                 .max_first(o.get_bool("max_first", true))
+                                                 .mlp_bias(o.get_bool("mlp_bias", true))
+                                                 .spatial_bn(o.get_bool("spatial_bn", true))
+                                                 .kernel_size(o.get_int("kernel", 7))));
+          }};
+}
+
+}  // namespace dynattn
