@@ -269,3 +269,40 @@ TEST(CBAM, CloneCopiesNestedGates) {
   EXPECT_TRUE(torch::equal(copy->forward(x), cbam->forward(x)));
   EXPECT_NE(copy->spatial->conv->weight.data_ptr(), cbam->spatial->conv->weight.data_ptr());
 }
+
+// The max poolings take different ATen routes with and without autograd and per layout; all
+// must give the same values and, away from ties, the same gradients as the plain formula.
+TEST(CBAM, EveryMaxPoolingRouteAgrees) {
+  CBAM cbam(CBAMOptions(16).reduction(4));
+  randomize(*cbam, 18);
+  cbam->eval();
+  auto x0 = torch::randn({2, 16, 6, 5});
+  auto plain = [&](const torch::Tensor& x) {  // amax everywhere, module weights
+    auto& ch = *cbam->channel;
+    auto mlp = [&](const torch::Tensor& v) { return ch.fc2(ch.fc1(v).relu()); };
+    auto refined = x * torch::sigmoid(mlp(x.mean({2, 3}, true)) + mlp(x.amax({2, 3}, true)));
+    auto pooled = torch::cat({refined.amax(1, true), refined.mean(1, true)}, 1);
+    auto& sp = *cbam->spatial;
+    return refined * torch::sigmoid(sp.bn(torch::conv2d(pooled, sp.conv->weight, {}, 1, 3)));
+  };
+  auto x_ref = x0.clone().requires_grad_();
+  auto y_ref = plain(x_ref);
+  auto g = torch::randn_like(y_ref);
+  y_ref.backward(g);
+  for (auto format : {torch::MemoryFormat::Contiguous, torch::MemoryFormat::ChannelsLast}) {
+    auto x = x0.contiguous(format).detach().requires_grad_();
+    auto y = cbam->forward(x);
+    EXPECT_TRUE(torch::allclose(y, y_ref, 1e-5, 1e-6));
+    y.backward(g);
+    EXPECT_TRUE(torch::allclose(x.grad(), x_ref.grad(), 1e-5, 1e-6));
+    torch::NoGradGuard no_grad;
+    EXPECT_TRUE(torch::allclose(cbam->forward(x0.contiguous(format)), y_ref, 1e-5, 1e-6));
+  }
+}
+
+TEST(CBAM, PrettyPrintNamesTheSwitches) {
+  std::ostringstream s;
+  s << *CBAM(CBAMOptions::timm(64));
+  EXPECT_THAT(s.str(), HasSubstr("dynattn::CBAM(channels=64, rd_channels=4, kernel=7, "
+                                 "max_first=false, mlp_bias=false, spatial_bn=true)"));
+}
