@@ -178,14 +178,16 @@ TEST(CBAM, BatchNormTrainAndEvalModes) {
 
 TEST(CBAM, GradcheckDouble) {
   for (bool training : {true, false}) {
-    CBAM cbam(CBAMOptions(8).reduction(2).kernel_size(3));
-    cbam->to(torch::kDouble);
-    randomize(*cbam, 8);
-    cbam->train(training);
-    auto x = torch::randn({2, 8, 4, 3}, torch::kDouble).requires_grad_();
-    // Train-mode BN updates its statistics on every call; they do not enter the output.
-    EXPECT_GRADCHECK([&] { return cbam->forward(x); },
-                     dynattn::test_util::with_parameters({x}, *cbam));
+    for (bool spatial_bn : {true, false}) {
+      CBAM cbam(CBAMOptions(8).reduction(2).kernel_size(3).spatial_bn(spatial_bn));
+      cbam->to(torch::kDouble);
+      randomize(*cbam, 8);
+      cbam->train(training);
+      auto x = torch::randn({2, 8, 4, 3}, torch::kDouble).requires_grad_();
+      // Train-mode BN updates its statistics on every call; they do not enter the output.
+      EXPECT_GRADCHECK([&] { return cbam->forward(x); },
+                       dynattn::test_util::with_parameters({x}, *cbam));
+    }
   }
 }
 
@@ -270,33 +272,47 @@ TEST(CBAM, CloneCopiesNestedGates) {
   EXPECT_NE(copy->spatial->conv->weight.data_ptr(), cbam->spatial->conv->weight.data_ptr());
 }
 
-// The max poolings take different ATen routes with and without autograd and per layout; all
-// must give the same values and, away from ties, the same gradients as the plain formula.
-TEST(CBAM, EveryMaxPoolingRouteAgrees) {
-  CBAM cbam(CBAMOptions(16).reduction(4));
-  randomize(*cbam, 18);
-  cbam->eval();
-  auto x0 = torch::randn({2, 16, 6, 5});
-  auto plain = [&](const torch::Tensor& x) {  // amax everywhere, module weights
+// The max poolings and the spatial conv take different ATen routes with and without autograd
+// and per layout (max with indices, a hand-written conv backward); all must give the same values
+// and, away from ties, the same gradients as the plain formula under plain autograd.
+TEST(CBAM, EveryRouteAgreesWithThePlainFormula) {
+  for (bool spatial_bn : {true, false}) {
+    CBAM cbam(CBAMOptions(16).reduction(4).spatial_bn(spatial_bn));
+    randomize(*cbam, 18);
+    cbam->eval();
     auto& ch = *cbam->channel;
-    auto mlp = [&](const torch::Tensor& v) { return ch.fc2(ch.fc1(v).relu()); };
-    auto refined = x * torch::sigmoid(mlp(x.mean({2, 3}, true)) + mlp(x.amax({2, 3}, true)));
-    auto pooled = torch::cat({refined.amax(1, true), refined.mean(1, true)}, 1);
     auto& sp = *cbam->spatial;
-    return refined * torch::sigmoid(sp.bn(torch::conv2d(pooled, sp.conv->weight, {}, 1, 3)));
-  };
-  auto x_ref = x0.clone().requires_grad_();
-  auto y_ref = plain(x_ref);
-  auto g = torch::randn_like(y_ref);
-  y_ref.backward(g);
-  for (auto format : {torch::MemoryFormat::Contiguous, torch::MemoryFormat::ChannelsLast}) {
-    auto x = x0.contiguous(format).detach().requires_grad_();
-    auto y = cbam->forward(x);
-    EXPECT_TRUE(torch::allclose(y, y_ref, 1e-5, 1e-6));
-    y.backward(g);
-    EXPECT_TRUE(torch::allclose(x.grad(), x_ref.grad(), 1e-5, 1e-6));
-    torch::NoGradGuard no_grad;
-    EXPECT_TRUE(torch::allclose(cbam->forward(x0.contiguous(format)), y_ref, 1e-5, 1e-6));
+    auto plain = [&](const torch::Tensor& x) {  // amax, module convs, ATen's conv backward
+      auto mlp = [&](const torch::Tensor& v) { return ch.fc2(ch.fc1(v).relu()); };
+      auto refined = x * torch::sigmoid(mlp(x.mean({2, 3}, true)) + mlp(x.amax({2, 3}, true)));
+      auto pooled = torch::cat({refined.amax(1, true), refined.mean(1, true)}, 1);
+      auto logits = sp.conv->forward(pooled);
+      return refined * torch::sigmoid(spatial_bn ? sp.bn(logits) : logits);
+    };
+    auto x0 = torch::randn({2, 16, 6, 5});
+    std::vector<torch::Tensor> params = {sp.conv->weight, ch.fc1->weight, ch.fc2->bias};
+    if (!spatial_bn) params.push_back(sp.conv->bias);
+    auto x_ref = x0.clone().requires_grad_();
+    auto y_ref = plain(x_ref);
+    auto g = torch::randn_like(y_ref);
+    auto wrt = params;
+    wrt.insert(wrt.begin(), x_ref);
+    auto grads_ref = torch::autograd::grad({y_ref}, wrt, {g});
+    for (auto format : {torch::MemoryFormat::Contiguous, torch::MemoryFormat::ChannelsLast}) {
+      auto x = x0.contiguous(format).detach().requires_grad_();
+      auto y = cbam->forward(x);
+      EXPECT_TRUE(torch::allclose(y, y_ref, 1e-5, 1e-6));
+      auto w = params;
+      w.insert(w.begin(), x);
+      auto grads = torch::autograd::grad({y}, w, {g});
+      for (size_t i = 0; i < grads.size(); ++i) {
+        EXPECT_TRUE(torch::allclose(grads[i], grads_ref[i], 1e-4, 1e-6))
+            << "gradient " << i << " spatial_bn=" << spatial_bn << " max diff "
+            << dynattn::test_util::max_abs_diff(grads[i], grads_ref[i]);
+      }
+      torch::NoGradGuard no_grad;
+      EXPECT_TRUE(torch::allclose(cbam->forward(x0.contiguous(format)), y_ref, 1e-5, 1e-6));
+    }
   }
 }
 
