@@ -1,6 +1,10 @@
 #include "dynattn/models/attention_slot.h"
 
+#include "dynattn/attention/bam.h"
+#include "dynattn/attention/cbam.h"
+#include "dynattn/attention/efficient_channel_attention.h"
 #include "dynattn/attention/non_local.h"
+#include "dynattn/attention/squeeze_excitation.h"
 #include "dynattn/core/named_registry.h"
 
 namespace dynattn {
@@ -14,6 +18,10 @@ NamedRegistry<AttentionInfo>& attention_registry() {
                            o.check_known({});
                            return torch::nn::AnyModule();
                          }};
+        table["se"] = squeeze_excitation_attention_info();
+        table["eca"] = efficient_channel_attention_info();
+        table["cbam"] = cbam_attention_info();
+        table["bam"] = bam_attention_info();
         table["nl"] = non_local_attention_info();
       });
   return registry;

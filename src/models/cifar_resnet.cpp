@@ -53,9 +53,11 @@ void BasicBlockImpl::reset() {
   TORCH_CHECK(o.out_channels() >= o.in_channels() || o.shortcut() == "conv",
               "BasicBlock: the 'pad' shortcut cannot reduce channels (", o.in_channels(), " -> ",
               o.out_channels(), ")");
+  // Before the slot is filled: attention modules keep their own initialisation (CBAM's spatial
+  // BN starts at zero in the official code, the non-local block's BN gamma too).
+  init_conv_bn(*this);
   attn = create_attention(o.attention(), o.out_channels());
   if (!attn.is_empty()) register_module("attn", attn.ptr());
-  init_conv_bn(*this);
   if (o.zero_init_last()) {
     torch::NoGradGuard no_grad;
     bn2->weight.zero_();

@@ -1,0 +1,95 @@
+// Channel attention modules (se, eca, cbam, bam) against the block they sit in: forward
+// (inference) and forward+backward (training) at ResNet-20's stage shapes C=16@28x28, 32@14x14,
+// 64@7x7, batch 1 and 64, contiguous and channels-last. "block" is the plain BasicBlock
+// (conv3x3-BN-ReLU-conv3x3-BN + identity, ReLU) of the same shape, so a module's overhead reads
+// as its time over the block's.
+// Run: build/bench/dynattn_bench --benchmark_filter=Attention
+#include <benchmark/benchmark.h>
+#include <torch/torch.h>
+
+#include <string>
+
+#include "dynattn/core/compat.h"
+#include "dynattn/core/memory_format.h"
+#include "dynattn/models/attention_slot.h"
+#include "dynattn/models/cifar_resnet.h"
+
+namespace {
+
+struct StageShape {
+  int64_t channels, size;
+};
+constexpr StageShape kShapes[] = {{16, 28}, {32, 14}, {64, 7}};
+
+torch::nn::AnyModule make_module(const std::string& kind, int64_t channels) {
+  if (kind == "block")
+    return torch::nn::AnyModule(
+        dynattn::BasicBlock(dynattn::BasicBlockOptions(channels, channels)));
+  return dynattn::create_attention(kind, channels);
+}
+
+// Args: shape index (into kShapes), batch, channels-last.
+struct Setup {
+  torch::nn::AnyModule module;
+  torch::Tensor x;
+};
+
+Setup setup(benchmark::State& state, const std::string& kind, bool training) {
+  const auto shape = kShapes[state.range(0)];
+  const int64_t batch = state.range(1);
+  const bool channels_last = state.range(2) != 0;
+  Setup s{make_module(kind, shape.channels),
+          torch::randn({batch, shape.channels, shape.size, shape.size})};
+  s.module.ptr()->train(training);
+  if (channels_last) {
+    dynattn::to_memory_format(*s.module.ptr(), torch::MemoryFormat::ChannelsLast);
+    s.x = s.x.contiguous(torch::MemoryFormat::ChannelsLast);
+  }
+  state.SetLabel("C=" + std::to_string(shape.channels) + " " + std::to_string(shape.size) + "x" +
+                 std::to_string(shape.size) + (channels_last ? " channels_last" : " contiguous"));
+  return s;
+}
+
+void BM_AttentionForward(benchmark::State& state, const std::string& kind) {
+  auto s = setup(state, kind, /*training=*/false);
+  dynattn::InferenceGuard guard;
+  for (int i = 0; i < 5; ++i) s.module.forward(s.x);
+  for (auto _ : state) benchmark::DoNotOptimize(s.module.forward(s.x));
+  state.SetItemsProcessed(state.iterations() * s.x.size(0));
+}
+
+void BM_AttentionForwardBackward(benchmark::State& state, const std::string& kind) {
+  if (kind == "bam" && state.range(1) == 1) {
+    state.SkipWithError("BAM's BatchNorm1d cannot train on a batch of 1");
+    return;
+  }
+  auto s = setup(state, kind, /*training=*/true);
+  s.x.requires_grad_();  // as inside a network: the input gradient is computed too
+  auto step = [&] {
+    auto y = s.module.forward<torch::Tensor>(s.x);
+    y.backward(torch::ones_like(y));
+  };
+  for (int i = 0; i < 3; ++i) step();
+  for (auto _ : state) step();
+  state.SetItemsProcessed(state.iterations() * s.x.size(0));
+}
+
+void args(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"shape", "N", "cl"})
+      ->ArgsProduct({{0, 1, 2}, {1, 64}, {0, 1}})
+      ->Unit(benchmark::kMicrosecond)
+      ->UseRealTime();
+}
+
+}  // namespace
+
+BENCHMARK_CAPTURE(BM_AttentionForward, block, std::string("block"))->Apply(args);
+BENCHMARK_CAPTURE(BM_AttentionForward, se, std::string("se"))->Apply(args);
+BENCHMARK_CAPTURE(BM_AttentionForward, eca, std::string("eca"))->Apply(args);
+BENCHMARK_CAPTURE(BM_AttentionForward, cbam, std::string("cbam"))->Apply(args);
+BENCHMARK_CAPTURE(BM_AttentionForward, bam, std::string("bam"))->Apply(args);
+BENCHMARK_CAPTURE(BM_AttentionForwardBackward, block, std::string("block"))->Apply(args);
+BENCHMARK_CAPTURE(BM_AttentionForwardBackward, se, std::string("se"))->Apply(args);
+BENCHMARK_CAPTURE(BM_AttentionForwardBackward, eca, std::string("eca"))->Apply(args);
+BENCHMARK_CAPTURE(BM_AttentionForwardBackward, cbam, std::string("cbam"))->Apply(args);
+BENCHMARK_CAPTURE(BM_AttentionForwardBackward, bam, std::string("bam"))->Apply(args);

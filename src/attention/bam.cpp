@@ -1,0 +1,159 @@
+#include "dynattn/attention/bam.h"
+
+#include "dynattn/attention/channel_reduction.h"
+#include "dynattn/models/attention_slot.h"
+
+namespace dynattn {
+namespace {
+int64_t bam_reduced_channels(const BAMOptions& o) {
+  return reduced_channels(o.channels(), o.reduction(), o.reduction_policy(), o.divisor(),
+                          o.rd_channels(), "BAM");
+}
+
+torch::nn::ReLU inplace_relu() {
+  // In place is safe: the BN before it saves its input, not its output.
+  return torch::nn::ReLU(torch::nn::ReLUOptions().inplace(true));
+}
+
+// The official ResNet init: convs Kaiming-normal (fan_out), BN weights 1, every bias 0; Linear
+// weights keep PyTorch's default.
+void init_like_official(torch::nn::Module& m) {
+  torch::NoGradGuard no_grad;
+  for (auto& sub : m.modules(/*include_self=*/false)) {
+    if (auto* conv = sub->as<torch::nn::Conv2d>()) {
+      torch::nn::init::kaiming_normal_(conv->weight, 0.0, torch::kFanOut, torch::kReLU);
+      conv->bias.zero_();
+    } else if (auto* linear = sub->as<torch::nn::Linear>()) {
+      linear->bias.zero_();
+    } else if (auto* bn1d = sub->as<torch::nn::BatchNorm1d>()) {
+      bn1d->weight.fill_(1.0);
+      bn1d->bias.zero_();
+    } else if (auto* bn2d = sub->as<torch::nn::BatchNorm2d>()) {
+      bn2d->weight.fill_(1.0);
+      bn2d->bias.zero_();
+    }
+  }
+}
+}  // namespace
+
+BAMChannelGateImpl::BAMChannelGateImpl(BAMOptions options_) : options(std::move(options_)) {
+  reset();
+}
+
+void BAMChannelGateImpl::reset() {
+  const int64_t c = options.channels();
+  rd_channels = bam_reduced_channels(options);
+  torch::nn::Sequential seq;
+  seq->push_back("gate_c_fc_0", torch::nn::Linear(c, rd_channels));
+  seq->push_back("gate_c_bn_1", torch::nn::BatchNorm1d(rd_channels));
+  seq->push_back("gate_c_relu_1", inplace_relu());
+  seq->push_back("gate_c_fc_final", torch::nn::Linear(rd_channels, c));
+  gate_c = register_module("gate_c", seq);
+  init_like_official(*this);
+}
+
+torch::Tensor BAMChannelGateImpl::forward(const torch::Tensor& x) {
+  check_attention_input("BAM channel gate", x, options.channels());
+  TORCH_CHECK(!is_training() || x.size(0) > 1,
+              "BAM: the channel gate's BatchNorm1d needs a batch of at least 2 in training mode, "
+              "got ",
+              x.sizes(), " (use eval() for single images)");
+  const int64_t n = x.size(0);
+  return gate_c->forward(x.mean({2, 3})).view({n, options.channels(), 1, 1});
+}
+
+void BAMChannelGateImpl::pretty_print(std::ostream& stream) const {
+  stream << "dynattn::BAMChannelGate(channels=" << options.channels()
+         << ", rd_channels=" << rd_channels << ")";
+}
+
+BAMSpatialGateImpl::BAMSpatialGateImpl(BAMOptions options_) : options(std::move(options_)) {
+  reset();
+}
+
+void BAMSpatialGateImpl::reset() {
+  const int64_t c = options.channels(), d = options.dilation();
+  TORCH_CHECK(d > 0, "BAM: dilation must be positive, got ", d);
+  rd_channels = bam_reduced_channels(options);
+  const int64_t rd = rd_channels;
+  torch::nn::Sequential seq;
+  seq->push_back("gate_s_conv_reduce0", torch::nn::Conv2d(torch::nn::Conv2dOptions(c, rd, 1)));
+  seq->push_back("gate_s_bn_reduce0", torch::nn::BatchNorm2d(rd));
+  seq->push_back("gate_s_relu_reduce0", inplace_relu());
+  for (int i = 0; i < 2; ++i) {
+    const std::string k = std::to_string(i);
+    seq->push_back("gate_s_conv_di_" + k,
+                   torch::nn::Conv2d(torch::nn::Conv2dOptions(rd, rd, 3).padding(d).dilation(d)));
+    seq->push_back("gate_s_bn_di_" + k, torch::nn::BatchNorm2d(rd));
+    seq->push_back("gate_s_relu_di_" + k, inplace_relu());
+  }
+  seq->push_back("gate_s_conv_final", torch::nn::Conv2d(torch::nn::Conv2dOptions(rd, 1, 1)));
+  gate_s = register_module("gate_s", seq);
+  init_like_official(*this);
+}
+
+torch::Tensor BAMSpatialGateImpl::forward(const torch::Tensor& x) {
+  check_attention_input("BAM spatial gate", x, options.channels());
+  return gate_s->forward(x);
+}
+
+void BAMSpatialGateImpl::pretty_print(std::ostream& stream) const {
+  stream << "dynattn::BAMSpatialGate(channels=" << options.channels()
+         << ", rd_channels=" << rd_channels << ", dilation=" << options.dilation() << ")";
+}
+
+BAMImpl::BAMImpl(BAMOptions options_) : options(std::move(options_)) {
+  reset();
+}
+
+void BAMImpl::reset() {
+  channel_att = register_module("channel_att", BAMChannelGate(options));
+  spatial_att = register_module("spatial_att", BAMSpatialGate(options));
+}
+
+torch::Tensor BAMImpl::run(const torch::Tensor& x, AttentionMaps* maps) {
+  check_attention_input("BAM", x, options.channels());
+  auto mc = channel_att(x);
+  auto ms = spatial_att(x);
+  // The broadcast sum (product) is a fresh [N,C,H,W] tensor that nothing saves: the sigmoid
+  // can reuse it, and x + x * s is one kernel without materialising 1 + s.
+  auto s = (options.product() ? mc * ms : mc + ms).sigmoid_();
+  if (maps != nullptr) {
+    (*maps)["channel"] = mc;
+    (*maps)["spatial"] = ms;
+    (*maps)["attention"] = s + 1.0;
+  }
+  return torch::addcmul(x, x, s);
+}
+
+torch::Tensor BAMImpl::forward(const torch::Tensor& x) {
+  return run(x, nullptr);
+}
+
+AttentionOutput BAMImpl::forward_with_maps(const torch::Tensor& x) {
+  AttentionOutput out;
+  out.output = run(x, &out.maps);
+  return out;
+}
+
+void BAMImpl::pretty_print(std::ostream& stream) const {
+  stream << "dynattn::BAM(channels=" << options.channels()
+         << ", rd_channels=" << channel_att->rd_channels << ", dilation=" << options.dilation()
+         << ", combine=" << (options.product() ? "product" : "sum") << ")";
+}
+
+AttentionInfo bam_attention_info() {
+  return {"bam", "BAM (Park et al., BMVC 2018); r, rd, policy, divisor, dilation, product",
+          [](int64_t channels, const OptionMap& o) {
+            o.check_known({"r", "rd", "policy", "divisor", "dilation", "product"});
+            return torch::nn::AnyModule(BAM(BAMOptions(channels)
+                                                .reduction(o.get_double("r", 16))
+                                                .rd_channels(o.get_int("rd", 0))
+                                                .reduction_policy(o.get_string("policy", "floor"))
+                                                .divisor(o.get_int("divisor", 8))
+                                                .dilation(o.get_int("dilation", 4))
+                                                .product(o.get_bool("product", false))));
+          }};
+}
+
+}  // namespace dynattn

@@ -1,0 +1,74 @@
+#include "dynattn/attention/squeeze_excitation.h"
+
+#include "dynattn/attention/channel_reduction.h"
+#include "dynattn/models/attention_slot.h"
+
+namespace dynattn {
+namespace {
+void check_gate_name(const std::string& gate, const char* module) {
+  TORCH_CHECK(gate == "sigmoid" || gate == "hard_sigmoid", module,
+              ": gate must be one of sigmoid, hard_sigmoid; got '", gate, "'");
+}
+}  // namespace
+
+torch::Tensor apply_channel_gate(const torch::Tensor& logits, const std::string& gate,
+                                 const char* module) {
+  check_gate_name(gate, module);
+  return gate == "sigmoid" ? torch::sigmoid(logits) : torch::hardsigmoid(logits);
+}
+
+SqueezeExcitationImpl::SqueezeExcitationImpl(SqueezeExcitationOptions options_)
+    : options(std::move(options_)) {
+  reset();
+}
+
+void SqueezeExcitationImpl::reset() {
+  const auto& o = options;
+  check_gate_name(o.gate(), "SE");
+  rd_channels = reduced_channels(o.channels(), o.reduction(), o.reduction_policy(), o.divisor(),
+                                 o.rd_channels(), "SE");
+  fc1 = register_module(
+      "fc1", torch::nn::Conv2d(torch::nn::Conv2dOptions(o.channels(), rd_channels, 1).bias(true)));
+  fc2 = register_module(
+      "fc2", torch::nn::Conv2d(torch::nn::Conv2dOptions(rd_channels, o.channels(), 1).bias(true)));
+}
+
+torch::Tensor SqueezeExcitationImpl::gate(const torch::Tensor& x) {
+  check_attention_input("SE", x, options.channels());
+  // mean rather than adaptive pooling: the same maths, one reduction kernel.
+  auto z = x.mean({2, 3}, /*keepdim=*/true);
+  return apply_channel_gate(fc2(fc1(z).relu_()), options.gate(), "SE");
+}
+
+torch::Tensor SqueezeExcitationImpl::forward(const torch::Tensor& x) {
+  return x * gate(x);
+}
+
+AttentionOutput SqueezeExcitationImpl::forward_with_maps(const torch::Tensor& x) {
+  AttentionOutput out;
+  auto s = gate(x);
+  out.output = x * s;
+  out.maps["gate"] = s;
+  return out;
+}
+
+void SqueezeExcitationImpl::pretty_print(std::ostream& stream) const {
+  stream << "dynattn::SqueezeExcitation(channels=" << options.channels()
+         << ", rd_channels=" << rd_channels << ", gate=" << options.gate() << ")";
+}
+
+AttentionInfo squeeze_excitation_attention_info() {
+  return {"se", "Squeeze-and-Excitation (Hu et al., CVPR 2018); r, rd, policy, divisor, gate",
+          [](int64_t channels, const OptionMap& o) {
+            o.check_known({"r", "rd", "policy", "divisor", "gate"});
+            return torch::nn::AnyModule(
+                SqueezeExcitation(SqueezeExcitationOptions(channels)
+                                      .reduction(o.get_double("r", 16))
+                                      .rd_channels(o.get_int("rd", 0))
+                                      .reduction_policy(o.get_string("policy", "floor"))
+                                      .divisor(o.get_int("divisor", 8))
+                                      .gate(o.get_string("gate", "sigmoid"))));
+          }};
+}
+
+}  // namespace dynattn
