@@ -473,3 +473,27 @@ TEST(Cli, ForwardErrorsNameTheFileTheKeyOrTheModule) {
   EXPECT_THAT(r.err, HasSubstr("head.weight"));
   EXPECT_FALSE(fs::exists(dir / "y.safetensors")) << "nothing is written after an error";
 }
+
+// The README's example: weights of the CBAM authors' code, renamed by --key-map, give the
+// reference output; --maps adds the channel and spatial maps.
+TEST(Cli, ForwardImportsOfficialCbamWeights) {
+  if (std::system("/usr/bin/python3 -c 'import torch' >/dev/null 2>&1") != 0)
+    GTEST_SKIP() << "/usr/bin/python3 has no torch (install python3-torch)";
+  TempDir dir;
+  const std::string make = "/usr/bin/python3 " DYNATTN_SOURCE_DIR
+                           "/tests/interop/reference_attention.py --out " +
+                           dir.path() + " >/dev/null";
+  ASSERT_EQ(std::system(make.c_str()), 0);
+  const auto r = run_dynattn({"forward", "--model", "cbam:channels=64", "--weights",
+                              dir / "official_cbam.weights.safetensors", "--key-map",
+                              "cbam-official", "--input", dir / "official_cbam.io.safetensors",
+                              "--output", dir / "y.safetensors", "--maps"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const auto out = dynattn::read_safetensors(dir / "y.safetensors");
+  const auto ref = dynattn::read_safetensors(dir / "official_cbam.io.safetensors");
+  ASSERT_NE(out.find("y"), nullptr);
+  EXPECT_LE((*out.find("y") - *ref.find("y")).abs().max().item<float>(), 1e-5f);
+  ASSERT_NE(out.find("maps.spatial"), nullptr) << r.out;
+  EXPECT_EQ(out.find("maps.spatial")->sizes(), torch::IntArrayRef({2, 1, 7, 7}));
+  ASSERT_NE(out.find("maps.channel"), nullptr) << r.out;
+}
