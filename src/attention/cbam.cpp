@@ -2,6 +2,7 @@
 
 #include "dynattn/attention/channel_reduction.h"
 #include "dynattn/models/attention_slot.h"
+#include "dynattn/ops/conv2d.h"
 
 namespace dynattn {
 namespace {
@@ -110,7 +111,7 @@ torch::Tensor CBAMChannelGateImpl::forward(const torch::Tensor& x) {
   const int64_t n = x.size(0);
   // One MLP pass over both pooled descriptors, stacked along the batch: [2N, C, 1, 1].
   auto pooled = torch::cat({x.mean({2, 3}, true), spatial_max(x)}, 0);
-  auto logits = fc2(fc1(pooled).relu_());
+  auto logits = conv1x1_on_pooled(*fc2, conv1x1_on_pooled(*fc1, pooled).relu_());
   return torch::sigmoid(logits.narrow(0, 0, n) + logits.narrow(0, n, n));
 }
 

@@ -2,6 +2,7 @@
 
 #include "dynattn/attention/channel_reduction.h"
 #include "dynattn/models/attention_slot.h"
+#include "dynattn/ops/conv2d.h"
 
 namespace dynattn {
 namespace {
@@ -37,7 +38,8 @@ torch::Tensor SqueezeExcitationImpl::gate(const torch::Tensor& x) {
   check_attention_input("SE", x, options.channels());
   // mean rather than adaptive pooling: the same maths, one reduction kernel.
   auto z = x.mean({2, 3}, /*keepdim=*/true);
-  return apply_channel_gate(fc2(fc1(z).relu_()), options.gate(), "SE");
+  auto hidden = conv1x1_on_pooled(*fc1, z).relu_();
+  return apply_channel_gate(conv1x1_on_pooled(*fc2, hidden), options.gate(), "SE");
 }
 
 torch::Tensor SqueezeExcitationImpl::forward(const torch::Tensor& x) {

@@ -59,4 +59,17 @@ torch::Tensor conv2d_forward(torch::nn::Conv2dImpl& conv, const torch::Tensor& i
                                 *padding, *o.stride(), *o.dilation(), o.groups());
 }
 
+torch::Tensor conv1x1_on_pooled(const torch::nn::Conv2dImpl& conv, const torch::Tensor& pooled) {
+  const auto& o = conv.options;
+  TORCH_CHECK(pooled.dim() == 4 && pooled.size(2) == 1 && pooled.size(3) == 1 &&
+                  pooled.size(1) == o.in_channels(),
+              "conv1x1_on_pooled: expected [N,", o.in_channels(), ",1,1], got ", pooled.sizes());
+  TORCH_CHECK(o.kernel_size()->at(0) == 1 && o.kernel_size()->at(1) == 1 && o.groups() == 1,
+              "conv1x1_on_pooled: needs a 1x1 convolution without groups");
+  const auto weight = conv.weight.view({o.out_channels(), o.in_channels()});
+  const auto z = pooled.reshape({pooled.size(0), o.in_channels()});
+  const auto y = conv.bias.defined() ? torch::addmm(conv.bias, z, weight.t()) : z.mm(weight.t());
+  return y.view({pooled.size(0), o.out_channels(), 1, 1});
+}
+
 }  // namespace dynattn

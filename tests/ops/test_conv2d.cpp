@@ -101,3 +101,19 @@ TEST(Conv2dKernel, GradientsFlowThroughTheAtenPath) {
   ASSERT_TRUE(conv->weight.grad().defined());
   EXPECT_GT(conv->weight.grad().abs().sum().item<float>(), 0.0f);
 }
+
+TEST(Conv1x1OnPooled, EqualsTheConvolutionWithAndWithoutBias) {
+  for (bool bias : {true, false}) {
+    torch::nn::Conv2d conv(torch::nn::Conv2dOptions(12, 5, 1).bias(bias));
+    auto z = torch::randn({3, 12, 1, 1}, torch::requires_grad());
+    const auto y = dynattn::conv1x1_on_pooled(*conv, z);
+    EXPECT_TRUE(torch::allclose(y, conv->forward(z), 1e-6, 1e-6));
+    EXPECT_EQ(dynattn::count_macs([&] { dynattn::conv1x1_on_pooled(*conv, z); }).macs, 3 * 12 * 5);
+    y.sum().backward();
+    EXPECT_TRUE(conv->weight.grad().defined());
+  }
+  torch::nn::Conv2d conv3(torch::nn::Conv2dOptions(4, 4, 3));
+  torch::nn::Conv2d conv1(torch::nn::Conv2dOptions(4, 4, 1));
+  EXPECT_THROW(dynattn::conv1x1_on_pooled(*conv3, torch::zeros({1, 4, 1, 1})), c10::Error);
+  EXPECT_THROW(dynattn::conv1x1_on_pooled(*conv1, torch::zeros({1, 4, 2, 2})), c10::Error);
+}

@@ -23,6 +23,11 @@ ConvKernel select_conv2d_kernel(const torch::Tensor& input, const torch::nn::Con
 // Same result as conv.forward(input), with the kernel chosen by select_conv2d_kernel().
 torch::Tensor conv2d_forward(torch::nn::Conv2dImpl& conv, const torch::Tensor& input);
 
+// A 1x1 convolution applied to pooled features [N,C,1,1] (SE, CBAM and BAM gates), computed
+// as one matrix product: same result and the same weights as conv.forward(pooled), without the
+// convolution machinery, which costs ~10x more per call than the product on a 1x1 map.
+torch::Tensor conv1x1_on_pooled(const torch::nn::Conv2dImpl& conv, const torch::Tensor& pooled);
+
 // Process-wide switch (default on), so that benchmarks and tests can compare with ATen's choice.
 void set_conv2d_kernel_selection(bool enabled);
 bool conv2d_kernel_selection_enabled();
