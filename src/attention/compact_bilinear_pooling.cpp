@@ -169,17 +169,23 @@ torch::Tensor TensorSketchPoolingImpl::pool_gram(const torch::Tensor& fa, const 
   return torch::zeros({n, d}, fa.options()).scatter_add(1, bins.expand({n, -1}), phi * signs);
 }
 
+namespace {
+// The normalised sketch as output, the raw pooled sketch as the map "sketch".
+AttentionOutput with_sketch_map(const torch::Tensor& pooled, const BilinearNormalization& norm) {
+  AttentionOutput result;
+  result.maps["sketch"] = pooled;
+  result.output = normalize_bilinear(pooled, norm);
+  return result;
+}
+}  // namespace
+
 torch::Tensor TensorSketchPoolingImpl::forward(const torch::Tensor& a, const torch::Tensor& b) {
   return normalize_bilinear(pool(a, b), options.normalization());
 }
 
 AttentionOutput TensorSketchPoolingImpl::forward_with_maps(const torch::Tensor& a,
                                                            const torch::Tensor& b) {
-  AttentionOutput result;
-  const auto pooled = pool(a, b);
-  result.maps["sketch"] = pooled;
-  result.output = normalize_bilinear(pooled, options.normalization());
-  return result;
+  return with_sketch_map(pool(a, b), options.normalization());
 }
 
 void TensorSketchPoolingImpl::pretty_print(std::ostream& stream) const {
@@ -236,11 +242,7 @@ torch::Tensor RandomMaclaurinPoolingImpl::forward(const torch::Tensor& a, const 
 
 AttentionOutput RandomMaclaurinPoolingImpl::forward_with_maps(const torch::Tensor& a,
                                                               const torch::Tensor& b) {
-  AttentionOutput result;
-  const auto pooled = pool(a, b);
-  result.maps["sketch"] = pooled;
-  result.output = normalize_bilinear(pooled, options.normalization());
-  return result;
+  return with_sketch_map(pool(a, b), options.normalization());
 }
 
 void RandomMaclaurinPoolingImpl::pretty_print(std::ostream& stream) const {
