@@ -16,6 +16,7 @@
 #include "cli_runner.h"
 #include "dynattn/core/version.h"
 #include "dynattn/io/checkpoint.h"
+#include "dynattn/io/png.h"
 #include "dynattn/io/safetensors.h"
 #include "dynattn/models/registry.h"
 
@@ -496,4 +497,34 @@ TEST(Cli, ForwardImportsOfficialCbamWeights) {
   ASSERT_NE(out.find("maps.spatial"), nullptr) << r.out;
   EXPECT_EQ(out.find("maps.spatial")->sizes(), torch::IntArrayRef({2, 1, 7, 7}));
   ASSERT_NE(out.find("maps.channel"), nullptr) << r.out;
+}
+
+// `visualize` draws one row per test image and one column per spatial map (CBAM: one per block).
+TEST(Cli, VisualizeDrawsTheSpatialMapsOfACheckpoint) {
+  TempDir ckpt, data, out;
+  torch::manual_seed(0);
+  auto model = dynattn::create_model("cbam_resnet20");
+  dynattn::save_checkpoint(ckpt.path(), *model.ptr(), R"({"model": "cbam_resnet20", "epoch": 1})",
+                           {});
+  write_tiny_fashion_mnist(data.path(), 10, 20);
+  auto r = run_dynattn({"--threads", "1", "visualize", "--checkpoint", ckpt.path(), "--data",
+                        data.path(), "--out", out.path(), "--count", "4", "--scale", "2"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const auto png = dynattn::read_png(out / "attention.png");
+  // 4 rows and 1 + 9 columns of 56x56 cells with 2-pixel borders.
+  EXPECT_EQ(png.sizes(), torch::IntArrayRef({4 * 58 + 2, 10 * 58 + 2, 3}));
+  const auto j = nlohmann::json::parse(read_file(out / "attention.json"));
+  EXPECT_EQ(j["columns"].size(), 10u);
+  EXPECT_EQ(j["columns"][1], "layer1.0.attn.spatial");
+  EXPECT_EQ(j["rows"].size(), 4u);
+  EXPECT_EQ(j["rows"][1]["label"], "Trouser");
+
+  // A model without spatial maps is refused with a reason, and nothing is written.
+  TempDir plain, out2;
+  write_untrained_checkpoint(plain.path());
+  r = run_dynattn(
+      {"visualize", "--checkpoint", plain.path(), "--data", data.path(), "--out", out2.path()});
+  expect_runtime_error(r);
+  EXPECT_THAT(r.err, HasSubstr("gives no spatial attention maps"));
+  EXPECT_FALSE(fs::exists(out2 / "attention.png"));
 }
