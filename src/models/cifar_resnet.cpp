@@ -2,12 +2,24 @@
 
 #include "dynattn/models/attention_slot.h"
 #include "dynattn/ops/conv2d.h"
+#include "dynattn/reparam/fold_batch_norm.h"
 
 namespace dynattn {
 namespace {
-torch::nn::Conv2d conv3x3(int64_t in, int64_t out, int64_t stride) {
+// Without BN after it (the deployed form) a conv carries the folded bias.
+torch::nn::Conv2d conv3x3(int64_t in, int64_t out, int64_t stride, bool bias = false) {
   return torch::nn::Conv2d(
-      torch::nn::Conv2dOptions(in, out, 3).stride(stride).padding(1).bias(false));
+      torch::nn::Conv2dOptions(in, out, 3).stride(stride).padding(1).bias(bias));
+}
+
+// `conv` followed by `bn` folded into one conv registered under `conv_name` in `owner`; the BN
+// is unregistered. Returns the new conv.
+torch::nn::Conv2d fold_into(torch::nn::Module& owner, const std::string& conv_name,
+                            const torch::nn::Conv2d& conv, const std::string& bn_name,
+                            const torch::nn::BatchNorm2d& bn) {
+  auto fused = fold_conv_bn(*conv, *bn, owner.name() + " " + bn_name);
+  owner.unregister_module(bn_name);
+  return torch::nn::Conv2d(owner.replace_module(conv_name, fused));
 }
 
 // Kaiming-normal (fan_out, ReLU) for convs as torchvision/timm ResNets do; BN to (1, 0).
@@ -35,20 +47,21 @@ void BasicBlockImpl::reset() {
               "BasicBlock: shortcut must be 'conv' or 'pad', got '", o.shortcut(), "'");
   TORCH_CHECK(o.stride() == 1 || o.stride() == 2, "BasicBlock: stride must be 1 or 2, got ",
               o.stride());
-  conv1 = register_module("conv1", conv3x3(o.in_channels(), o.out_channels(), o.stride()));
-  bn1 = register_module("bn1", torch::nn::BatchNorm2d(o.out_channels()));
-  conv2 = register_module("conv2", conv3x3(o.out_channels(), o.out_channels(), 1));
-  bn2 = register_module("bn2", torch::nn::BatchNorm2d(o.out_channels()));
+  const bool bn = !o.deployed();
+  conv1 = register_module("conv1",
+                          conv3x3(o.in_channels(), o.out_channels(), o.stride(), o.deployed()));
+  bn1 = bn ? register_module("bn1", torch::nn::BatchNorm2d(o.out_channels())) : nullptr;
+  conv2 = register_module("conv2", conv3x3(o.out_channels(), o.out_channels(), 1, o.deployed()));
+  bn2 = bn ? register_module("bn2", torch::nn::BatchNorm2d(o.out_channels())) : nullptr;
   const bool reshapes = o.stride() != 1 || o.in_channels() != o.out_channels();
   downsample = nullptr;
   if (reshapes && o.shortcut() == "conv") {
-    downsample = register_module(
-        "downsample",
-        torch::nn::Sequential(
-            torch::nn::Conv2d(torch::nn::Conv2dOptions(o.in_channels(), o.out_channels(), 1)
-                                  .stride(o.stride())
-                                  .bias(false)),
-            torch::nn::BatchNorm2d(o.out_channels())));
+    torch::nn::Sequential projection(
+        torch::nn::Conv2d(torch::nn::Conv2dOptions(o.in_channels(), o.out_channels(), 1)
+                              .stride(o.stride())
+                              .bias(o.deployed())));
+    if (bn) projection->push_back(torch::nn::BatchNorm2d(o.out_channels()));
+    downsample = register_module("downsample", projection);
   }
   TORCH_CHECK(o.out_channels() >= o.in_channels() || o.shortcut() == "conv",
               "BasicBlock: the 'pad' shortcut cannot reduce channels (", o.in_channels(), " -> ",
@@ -58,10 +71,31 @@ void BasicBlockImpl::reset() {
   init_conv_bn(*this);
   attn = create_attention(o.attention(), o.out_channels());
   if (!attn.is_empty()) register_module("attn", attn.ptr());
-  if (o.zero_init_last()) {
+  if (o.zero_init_last() && bn) {
     torch::NoGradGuard no_grad;
     bn2->weight.zero_();
   }
+}
+
+std::vector<std::string> BasicBlockImpl::reparameterize() {
+  std::vector<std::string> merged;
+  if (options.deployed()) return merged;
+  conv1 = fold_into(*this, "conv1", conv1, "bn1", bn1);
+  bn1 = nullptr;
+  conv2 = fold_into(*this, "conv2", conv2, "bn2", bn2);
+  bn2 = nullptr;
+  merged = {"conv1+bn1", "conv2+bn2"};
+  if (!downsample.is_empty()) {
+    const auto conv = std::dynamic_pointer_cast<torch::nn::Conv2dImpl>(downsample->ptr(0));
+    const auto bn = std::dynamic_pointer_cast<torch::nn::BatchNorm2dImpl>(downsample->ptr(1));
+    TORCH_CHECK(conv && bn, "BasicBlock: the projection shortcut is not conv + BN");
+    auto fused = fold_conv_bn(*conv, *bn, "downsample");
+    downsample =
+        torch::nn::Sequential(replace_module("downsample", torch::nn::Sequential(fused).ptr()));
+    merged.push_back("downsample.0+downsample.1");
+  }
+  options.deployed(true);
+  return merged;
 }
 
 namespace {
@@ -85,8 +119,10 @@ torch::Tensor BasicBlockImpl::residual(const torch::Tensor& x) {
 
 torch::Tensor BasicBlockImpl::residual_impl(const torch::Tensor& x, AttentionMaps* maps,
                                             const std::string& prefix) {
-  auto out = bn1(conv2d_forward(*conv1, x)).relu_();
-  out = bn2(conv2d_forward(*conv2, out));
+  auto out = conv2d_forward(*conv1, x);
+  if (!bn1.is_empty()) out = bn1(out);
+  out = conv2d_forward(*conv2, out.relu_());
+  if (!bn2.is_empty()) out = bn2(out);
   if (!attn.is_empty()) out = run_attention(attn, out, maps, prefix + "attn.");
   return out;
 }
@@ -132,8 +168,8 @@ void CifarResNetImpl::reset() {
               "CifarResNet: in_channels, num_classes and base_width must be positive");
   const int64_t n = (o.depth() - 2) / 6;
   const int64_t w = o.base_width();
-  conv1 = register_module("conv1", conv3x3(o.in_channels(), w, 1));
-  bn1 = register_module("bn1", torch::nn::BatchNorm2d(w));
+  conv1 = register_module("conv1", conv3x3(o.in_channels(), w, 1, o.deployed()));
+  bn1 = o.deployed() ? nullptr : register_module("bn1", torch::nn::BatchNorm2d(w));
   auto make_stage = [&](int64_t in, int64_t out, int64_t stride) {
     torch::nn::Sequential stage;
     for (int64_t i = 0; i < n; ++i) {
@@ -141,7 +177,8 @@ void CifarResNetImpl::reset() {
                                       .stride(i == 0 ? stride : 1)
                                       .attention(o.attention())
                                       .shortcut(o.shortcut())
-                                      .zero_init_last(o.zero_init_last())));
+                                      .zero_init_last(o.zero_init_last())
+                                      .deployed(o.deployed())));
     }
     return stage;
   };
@@ -182,7 +219,9 @@ torch::Tensor CifarResNetImpl::features(const torch::Tensor& x) {
 }
 
 torch::Tensor CifarResNetImpl::trunk(const torch::Tensor& x, AttentionMaps* maps) {
-  auto out = bn1(conv2d_forward(*conv1, x)).relu_();
+  auto out = conv2d_forward(*conv1, x);
+  if (!bn1.is_empty()) out = bn1(out);
+  out.relu_();
   torch::nn::Sequential stages[] = {layer1, layer2, layer3};
   for (size_t k = 0; k < 3; ++k) {
     if (maps == nullptr) {
@@ -232,6 +271,14 @@ std::vector<BasicBlock> CifarResNetImpl::blocks() const {
       out.emplace_back(std::dynamic_pointer_cast<BasicBlockImpl>(m.ptr()));
   }
   return out;
+}
+
+std::vector<std::string> CifarResNetImpl::reparameterize() {
+  if (options.deployed()) return {};
+  conv1 = fold_into(*this, "conv1", conv1, "bn1", bn1);
+  bn1 = nullptr;
+  options.deployed(true);
+  return {"conv1+bn1"};
 }
 
 void CifarResNetImpl::pretty_print(std::ostream& stream) const {

@@ -16,8 +16,8 @@ ModelInfo cifar_resnet_info(const std::string& prefix, int64_t depth, const std:
   info.name = prefix + "resnet" + std::to_string(depth);
   info.description = "CIFAR-style ResNet-" + std::to_string(depth) +
                      " (basic blocks, widths 16/32/64) for 28x28 inputs" + what;
-  info.option_keys = {"attn",     "stage_attn",     "stage_attn_after", "head",       "width",
-                      "shortcut", "zero_init_last", "classes",          "in_channels"};
+  info.option_keys = {"attn",     "stage_attn",     "stage_attn_after", "head",        "width",
+                      "shortcut", "zero_init_last", "classes",          "in_channels", "deployed"};
   info.build = [depth, defaults, name = info.name](const OptionMap& given) {
     OptionMap o = given;
     for (const auto& kv : defaults)
@@ -30,6 +30,7 @@ ModelInfo cifar_resnet_info(const std::string& prefix, int64_t depth, const std:
             .stage_attention_after(parse_int_list(o.get_string("stage_attn_after", "1,2"),
                                                   "model " + name + " option stage_attn_after"))
             .head(o.get_string("head", "avg"))
+            .deployed(o.get_bool("deployed", false))
             .base_width(o.get_int("width", 16))
             .shortcut(o.get_string("shortcut", "conv"))
             .zero_init_last(o.get_bool("zero_init_last", true))

@@ -18,6 +18,7 @@
 
 #include "dynattn/attention/attention_maps.h"
 #include "dynattn/attention/bilinear_head.h"
+#include "dynattn/reparam/deploy.h"
 
 namespace dynattn {
 
@@ -35,6 +36,8 @@ struct CifarResNetOptions {
   // "avg" (global average pooling + fc), or a bilinear head spec ("full", "tensor_sketch:d=2048",
   // see attention/bilinear_head.h) that replaces both.
   TORCH_ARG(std::string, head) = "avg";
+  // The deployed form: every conv + BN pair folded into a conv with bias (see deploy()).
+  TORCH_ARG(bool, deployed) = false;
 };
 
 struct BasicBlockOptions {
@@ -46,10 +49,11 @@ struct BasicBlockOptions {
   TORCH_ARG(std::string, attention) = "none";
   TORCH_ARG(std::string, shortcut) = "conv";
   TORCH_ARG(bool, zero_init_last) = true;
+  TORCH_ARG(bool, deployed) = false;  // convs with bias, no BN
 };
 
 // conv3x3-BN-ReLU-conv3x3-BN-[attention] + shortcut, then ReLU.
-class BasicBlockImpl : public torch::nn::Cloneable<BasicBlockImpl> {
+class BasicBlockImpl : public torch::nn::Cloneable<BasicBlockImpl>, public Reparameterizable {
  public:
   explicit BasicBlockImpl(BasicBlockOptions options);
   void reset() override;
@@ -57,6 +61,8 @@ class BasicBlockImpl : public torch::nn::Cloneable<BasicBlockImpl> {
   // The residual branch alone (no shortcut, no final ReLU): what dynamic wrappers gate.
   torch::Tensor residual(const torch::Tensor& x);
   torch::Tensor shortcut(const torch::Tensor& x);
+  // Folds conv1+bn1, conv2+bn2 and the projection's conv+BN; the block is then `deployed`.
+  std::vector<std::string> reparameterize() override;
   // forward(x), also adding the attention module's maps to `maps` as "<prefix>attn.<name>".
   torch::Tensor forward_with_maps(const torch::Tensor& x, AttentionMaps& maps,
                                   const std::string& prefix);
@@ -64,9 +70,9 @@ class BasicBlockImpl : public torch::nn::Cloneable<BasicBlockImpl> {
 
   BasicBlockOptions options;
   torch::nn::Conv2d conv1{nullptr}, conv2{nullptr};
-  torch::nn::BatchNorm2d bn1{nullptr}, bn2{nullptr};
-  torch::nn::Sequential downsample{nullptr};  // projection shortcut, when shapes change
-  torch::nn::AnyModule attn;                  // empty when the slot is "none"
+  torch::nn::BatchNorm2d bn1{nullptr}, bn2{nullptr};  // empty when deployed
+  torch::nn::Sequential downsample{nullptr};          // projection shortcut, when shapes change
+  torch::nn::AnyModule attn;                          // empty when the slot is "none"
 
  private:
   torch::Tensor residual_impl(const torch::Tensor& x, AttentionMaps* maps,
@@ -74,7 +80,7 @@ class BasicBlockImpl : public torch::nn::Cloneable<BasicBlockImpl> {
 };
 TORCH_MODULE(BasicBlock);
 
-class CifarResNetImpl : public torch::nn::Cloneable<CifarResNetImpl> {
+class CifarResNetImpl : public torch::nn::Cloneable<CifarResNetImpl>, public Reparameterizable {
  public:
   explicit CifarResNetImpl(CifarResNetOptions options = {});
   void reset() override;
@@ -85,13 +91,16 @@ class CifarResNetImpl : public torch::nn::Cloneable<CifarResNetImpl> {
   // e.g. "layer1.0.attn.spatial", "stage_attn2.affinity".
   AttentionOutput forward_with_maps(const torch::Tensor& x);
   void pretty_print(std::ostream& stream) const override;
+  // Folds the stem's conv1+bn1 (deploy() reaches the blocks on its own) and marks the options
+  // `deployed`, so that a checkpoint of the result rebuilds the same structure.
+  std::vector<std::string> reparameterize() override;
 
   // All residual blocks in order (stage by stage): what BlockDrop & co. address.
   std::vector<BasicBlock> blocks() const;
 
   CifarResNetOptions options;
   torch::nn::Conv2d conv1{nullptr};
-  torch::nn::BatchNorm2d bn1{nullptr};
+  torch::nn::BatchNorm2d bn1{nullptr};  // empty when deployed
   torch::nn::Sequential layer1{nullptr}, layer2{nullptr}, layer3{nullptr};
   // stage_attn[k]: after layer k+1; empty where the stage slot is not used.
   std::vector<torch::nn::AnyModule> stage_attn;

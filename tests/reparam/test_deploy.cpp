@@ -1,0 +1,81 @@
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include "dynattn/io/checkpoint.h"
+#include "dynattn/models/registry.h"
+#include "dynattn/reparam/deploy.h"
+#include "test_util.h"
+
+using namespace dynattn;
+using dynattn::test_util::error_of;
+using ::testing::HasSubstr;
+
+namespace {
+// A model with BN statistics and affine parameters that matter, in eval mode.
+Model trained_looking(const std::string& spec) {
+  torch::manual_seed(5);
+  Model m = create_model(spec);
+  torch::NoGradGuard no_grad;
+  for (auto& b : m.ptr()->named_buffers()) {
+    if (b.key().find("running_mean") != std::string::npos) b.value().normal_(0.0, 0.2);
+    if (b.key().find("running_var") != std::string::npos) b.value().uniform_(0.5, 2.0);
+  }
+  for (auto& p : m.ptr()->named_parameters()) {
+    if (p.key().find("bn") != std::string::npos && p.value().dim() == 1)
+      p.value().normal_(0.5, 0.3);
+  }
+  m.ptr()->eval();
+  return m;
+}
+}  // namespace
+
+TEST(Deploy, FoldsEveryConvBnPairOfAResNetExactly) {
+  Model m = trained_looking("resnet20");
+  const auto r = deploy(m, {2, 1, 28, 28});
+  // stem + 9 blocks x 2 + 2 projections
+  EXPECT_EQ(r.merged.size(), 21u);
+  EXPECT_EQ(r.merged.front(), "conv1+bn1");
+  EXPECT_EQ(r.merged[1], "layer1.0: conv1+bn1");
+  EXPECT_LE(r.max_abs_diff, 1e-5 * std::max(1.0, r.output_scale));
+  // BN weights and biases (2 x 784) go, conv biases (784) come.
+  EXPECT_EQ(r.parameters_before, 272186);
+  EXPECT_EQ(r.parameters_after, 272186 - 2 * 784 + 784);
+  EXPECT_EQ(r.macs_after, r.macs_before) << "BN costs no MACs; the convs are unchanged";
+  EXPECT_EQ(m.spec, "resnet20:deployed=true");
+  for (const auto& p : m.ptr()->named_parameters())
+    EXPECT_EQ(p.key().find("bn"), std::string::npos);
+}
+
+TEST(Deploy, IsIdempotentAndTheSpecRebuildsTheDeployedModel) {
+  Model m = trained_looking("cbam_resnet20:width=8");
+  const auto first = deploy(m, {1, 1, 28, 28});
+  EXPECT_FALSE(first.merged.empty());
+  const auto second = deploy(m, {1, 1, 28, 28});
+  EXPECT_TRUE(second.merged.empty());
+  EXPECT_EQ(second.max_abs_diff, 0.0);
+  // A checkpoint of the deployed model loads into the structure its spec describes.
+  Model rebuilt = create_model(m.spec);
+  load_state_dict(*rebuilt.ptr(), state_dict(*m.ptr()), "deployed");
+  rebuilt.ptr()->eval();
+  const auto x = torch::randn({2, 1, 28, 28});
+  torch::NoGradGuard no_grad;
+  EXPECT_TRUE(torch::allclose(rebuilt.forward(x), m.forward(x), 1e-6, 1e-6));
+}
+
+TEST(Deploy, NothingToMergeChangesNothing) {
+  Model se = create_model_or_attention("se:channels=16");
+  se.ptr()->eval();
+  const auto r = deploy(se, {2, 16, 5, 5});
+  EXPECT_TRUE(r.merged.empty());
+  EXPECT_EQ(r.max_abs_diff, 0.0);
+  EXPECT_EQ(r.parameters_after, r.parameters_before);
+  EXPECT_EQ(se.spec, "se:channels=16");
+}
+
+TEST(Deploy, RefusesTrainingMode) {
+  Model m = create_model("resnet20");
+  EXPECT_THAT(error_of([&] {
+                deploy(m, {1, 1, 28, 28});
+              }),
+              HasSubstr("deploy resnet20: the model is in training mode"));
+}
