@@ -528,3 +528,31 @@ TEST(Cli, VisualizeDrawsTheSpatialMapsOfACheckpoint) {
   EXPECT_THAT(r.err, HasSubstr("gives no spatial attention maps"));
   EXPECT_FALSE(fs::exists(out2 / "attention.png"));
 }
+
+// `deploy` writes a folded checkpoint that `eval` and `bench` accept, with the same predictions.
+TEST(Cli, DeployWritesACheckpointThatEvalAndBenchAccept) {
+  TinyRun run;
+  TempDir out;
+  const std::string deployed = out / "deployed";
+  auto r = run_dynattn({"--threads", "1", "deploy", "--checkpoint", run.ckpt.path(), "--out",
+                        deployed, "--json", out / "deploy.json"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const auto report = nlohmann::json::parse(read_file(out / "deploy.json"));
+  EXPECT_EQ(report["model"], "resnet20:deployed=true");
+  EXPECT_EQ(report["merged"].size(), 21u);
+  EXPECT_LT(report["max_abs_diff"].get<double>(), 1e-4);
+
+  auto original = run_dynattn(run.eval_args({"--json", out / "a.json"}));
+  auto folded = run_dynattn(
+      {"eval", "--checkpoint", deployed, "--data", run.data.path(), "--json", out / "b.json"});
+  ASSERT_EQ(original.exit_code, 0) << original.describe();
+  ASSERT_EQ(folded.exit_code, 0) << folded.describe();
+  const auto a = nlohmann::json::parse(read_file(out / "a.json"));
+  const auto b = nlohmann::json::parse(read_file(out / "b.json"));
+  EXPECT_EQ(a["confusion"], b["confusion"]);
+  EXPECT_NEAR(a["loss"].get<double>(), b["loss"].get<double>(), 1e-4);
+  r = run_dynattn(
+      {"bench", "--checkpoint", deployed, "--batch", "1", "--min-time", "0.01", "--no-peak"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_THAT(r.out, HasSubstr("resnet20:deployed=true"));
+}

@@ -1,0 +1,73 @@
+// `dynattn deploy`: the deployed form of a trained checkpoint (every conv + BN pair folded, see
+// include/dynattn/reparam/deploy.h), written as a checkpoint that `eval` and `bench` accept.
+#include <cstdio>
+#include <filesystem>
+
+#include "cli_common.h"
+#include "dynattn/io/checkpoint.h"
+#include "dynattn/reparam/deploy.h"
+
+namespace dynattn::cli {
+namespace {
+
+struct DeployArgs {
+  std::string checkpoint;
+  std::string out;
+  std::string json;
+};
+
+void run_deploy(const DeployArgs& a, const GlobalOptions& g) {
+  setup_runtime(g);
+  CheckpointData ckpt;
+  Model model = load_checkpoint_model(a.checkpoint, &ckpt);
+  model.ptr()->eval();
+  const std::string trained_spec = model.spec;
+  const int64_t in_channels = [&] {
+    for (const auto& p : model.ptr()->parameters())
+      if (p.dim() == 4) return p.size(1);  // the first convolution's input channels
+    return int64_t{1};
+  }();
+  const DeployReport r = deploy(model, {2, in_channels, 28, 28});
+
+  nlohmann::json meta = nlohmann::json::parse(ckpt.meta_json);
+  meta["model"] = model.spec;
+  meta["deployed_from"] = {{"checkpoint", ckpt.paths.weights}, {"model", trained_spec}};
+  // The optimizer state belongs to the trained form: a deployed checkpoint has none.
+  std::filesystem::create_directories(a.out);
+  save_checkpoint(a.out, *model.ptr(), meta.dump(), {});
+
+  std::printf("%s -> %s\n", trained_spec.c_str(), model.spec.c_str());
+  std::printf("merged %zu:", r.merged.size());
+  for (const auto& m : r.merged) std::printf("\n  %s", m.c_str());
+  std::printf("\nparameters %lld -> %lld, MACs/image %.2f M -> %.2f M\n",
+              static_cast<long long>(r.parameters_before),
+              static_cast<long long>(r.parameters_after), r.macs_before / 2e6, r.macs_after / 2e6);
+  std::printf("max |output difference| %.3g (output scale %.3g) on random inputs\n", r.max_abs_diff,
+              r.output_scale);
+  std::printf("wrote %s\n", a.out.c_str());
+  if (!a.json.empty()) {
+    write_json(a.json, {{"model", model.spec},
+                        {"trained_model", trained_spec},
+                        {"merged", r.merged},
+                        {"parameters_before", r.parameters_before},
+                        {"parameters_after", r.parameters_after},
+                        {"macs_per_image_before", r.macs_before / 2},
+                        {"macs_per_image_after", r.macs_after / 2},
+                        {"max_abs_diff", r.max_abs_diff},
+                        {"output_scale", r.output_scale}});
+  }
+}
+
+}  // namespace
+
+void add_deploy_command(CLI::App& app, GlobalOptions& g) {
+  auto a = std::make_shared<DeployArgs>();
+  auto* cmd = app.add_subcommand(
+      "deploy", "Fold a trained checkpoint into its inference form (conv + BN pairs merged)");
+  cmd->add_option("--checkpoint", a->checkpoint, "run directory or model.safetensors")->required();
+  cmd->add_option("--out", a->out, "directory for the deployed checkpoint")->required();
+  cmd->add_option("--json", a->json, "also write the report as JSON");
+  cmd->callback([a, &g] { run_deploy(*a, g); });
+}
+
+}  // namespace dynattn::cli
