@@ -4,6 +4,13 @@
 
 namespace dynattn {
 
+AttentionOutput gated_output(const torch::Tensor& x, const torch::Tensor& gate) {
+  AttentionOutput out;
+  out.output = x * gate;
+  out.maps["gate"] = gate;
+  return out;
+}
+
 void check_attention_input(const char* module, const torch::Tensor& x, int64_t channels,
                            int64_t spatial_dims) {
   static const char* const kLayouts[] = {"[N,C,L]", "[N,C,H,W]", "[N,C,T,H,W]"};

@@ -50,11 +50,7 @@ torch::Tensor EfficientChannelAttentionImpl::forward(const torch::Tensor& x) {
 }
 
 AttentionOutput EfficientChannelAttentionImpl::forward_with_maps(const torch::Tensor& x) {
-  AttentionOutput out;
-  auto s = gate(x);
-  out.output = x * s;
-  out.maps["gate"] = s;
-  return out;
+  return gated_output(x, gate(x));
 }
 
 void EfficientChannelAttentionImpl::pretty_print(std::ostream& stream) const {

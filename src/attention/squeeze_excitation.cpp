@@ -47,11 +47,7 @@ torch::Tensor SqueezeExcitationImpl::forward(const torch::Tensor& x) {
 }
 
 AttentionOutput SqueezeExcitationImpl::forward_with_maps(const torch::Tensor& x) {
-  AttentionOutput out;
-  auto s = gate(x);
-  out.output = x * s;
-  out.maps["gate"] = s;
-  return out;
+  return gated_output(x, gate(x));
 }
 
 void SqueezeExcitationImpl::pretty_print(std::ostream& stream) const {

@@ -34,3 +34,12 @@ TEST(CheckAttentionInput, NamesModuleExpectationAndActualShape) {
   EXPECT_THAT(error_of([] { check_attention_input("SE", torch::Tensor(), 4); }),
               HasSubstr("undefined"));
 }
+
+TEST(GatedOutput, MultipliesAndReportsTheGate) {
+  const auto x = torch::randn({2, 3, 4, 4});
+  const auto gate = torch::rand({2, 3, 1, 1});
+  const auto out = dynattn::gated_output(x, gate);
+  EXPECT_TRUE(out.output.equal(x * gate));
+  ASSERT_EQ(out.maps.size(), 1u);
+  EXPECT_TRUE(out.maps.at("gate").equal(gate));
+}

@@ -26,6 +26,9 @@ class AttentionWithMaps {
   virtual AttentionOutput forward_with_maps(const torch::Tensor& x) = 0;
 };
 
+// A channel gate's result: x * gate as output, the gate [N,C,1,1] as the map "gate" (SE, ECA).
+AttentionOutput gated_output(const torch::Tensor& x, const torch::Tensor& gate);
+
 // Checks what every attention module expects of its input and fails with an error that names
 // the module and the expectation, e.g.
 //   "CBAM: expected a 4-D input [N,C,H,W] with C=64, got [8,32,14,14]".
