@@ -17,7 +17,7 @@ std::vector<int64_t> parse_int_list(const std::string& text, const std::string& 
   std::vector<int64_t> out;
   size_t start = 0;
   while (start <= text.size()) {
-    const size_t end = std::min(text.find(',', start), text.size());
+    const size_t end = std::min(text.find_first_of(",/", start), text.size());
     const std::string item = trim(text.substr(start, end - start));
     size_t used = 0;
     bool ok = !item.empty();
@@ -27,7 +27,7 @@ std::vector<int64_t> parse_int_list(const std::string& text, const std::string& 
       ok = false;
     }
     TORCH_CHECK(ok && used == item.size(), what,
-                ": expected a comma-separated list of integers, got '", text, "'");
+                ": expected a list of integers separated by ',' or '/', got '", text, "'");
     start = end + 1;
   }
   return out;

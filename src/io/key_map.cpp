@@ -16,12 +16,29 @@ NamedRegistry<KeyMap>& key_map_registry() {
         "timm",
         "timm layers: SEModule (fc1, fc2: same names), EcaModule (conv: same), CbamModule "
         "(spatial.conv.conv/bn -> spatial.conv/bn; build cbam with max_first=false,"
-        "mlp_bias=false), NonLocalAttn (t/p/g/z/norm -> theta/phi/g/z/bn)",
+        "mlp_bias=false), NonLocalAttn (t/p/g/z/norm -> theta/phi/g/z/bn), ByobNet RepVGG "
+        "(stem -> stage0, stages.N -> stage<N+1>, conv_kxk/conv_1x1/identity/reparam_conv -> "
+        "rbr_dense/rbr_1x1/rbr_identity/rbr_reparam, head.fc -> linear)",
         {{"spatial.conv.conv", "spatial.conv"},
          {"spatial.conv.bn", "spatial.bn"},
          {"t", "theta"},
          {"p", "phi"},
-         {"norm", "bn"}}};
+         {"norm", "bn"},
+         {"stem", "stage0"},
+         {"stages.0", "stage1"},
+         {"stages.1", "stage2"},
+         {"stages.2", "stage3"},
+         {"stages.3", "stage4"},
+         {"conv_kxk", "rbr_dense"},
+         {"conv_1x1", "rbr_1x1"},
+         {"identity", "rbr_identity"},
+         {"reparam_conv", "rbr_reparam"},
+         {"head.fc", "linear"}}};
+    table["repvgg-official"] = {
+        "repvgg-official",
+        "RepVGG of the authors' code (DingXiaoH/RepVGG, repvgg.py): its names are dynattn's own "
+        "(stage0..4, rbr_dense.conv/bn, rbr_1x1.conv/bn, rbr_identity, rbr_reparam, linear)",
+        {}};
     table["cbam-official"] = {
         "cbam-official",
         "CBAM of the authors' code (Jongchan/attention-module, MODELS/cbam.py): "

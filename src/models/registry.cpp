@@ -1,9 +1,12 @@
 #include "dynattn/models/registry.h"
 
+#include <cctype>
+
 #include "dynattn/core/named_registry.h"
 #include "dynattn/core/strings.h"
 #include "dynattn/models/attention_slot.h"
 #include "dynattn/models/cifar_resnet.h"
+#include "dynattn/models/repvgg.h"
 
 namespace dynattn {
 namespace {
@@ -27,7 +30,7 @@ ModelInfo cifar_resnet_info(const std::string& prefix, int64_t depth, const std:
             .depth(depth)
             .attention(o.get_string("attn", "none"))
             .stage_attention(o.get_string("stage_attn", "none"))
-            .stage_attention_after(parse_int_list(o.get_string("stage_attn_after", "1,2"),
+            .stage_attention_after(parse_int_list(o.get_string("stage_attn_after", "1/2"),
                                                   "model " + name + " option stage_attn_after"))
             .head(o.get_string("head", "avg"))
             .deployed(o.get_bool("deployed", false))
@@ -36,6 +39,29 @@ ModelInfo cifar_resnet_info(const std::string& prefix, int64_t depth, const std:
             .zero_init_last(o.get_bool("zero_init_last", true))
             .num_classes(o.get_int("classes", 10))
             .in_channels(o.get_int("in_channels", 1))));
+  };
+  return info;
+}
+
+// RepVGG-<family>[g<groups>] (A0, A1, B0; g2/g4 group the official layers 2, 4, 6, ...).
+ModelInfo repvgg_info(const std::string& family, int64_t groups) {
+  ModelInfo info;
+  std::string upper = family;
+  for (auto& c : upper) c = static_cast<char>(std::toupper(c));
+  const std::string suffix = groups > 1 ? "g" + std::to_string(groups) : "";
+  info.name = "repvgg_" + family + suffix;
+  info.description = "RepVGG-" + upper + suffix +
+                     " (3x3 + 1x1 + identity branches, fused by deploy) for 28x28 inputs";
+  info.option_keys = {"groups", "strides", "classes", "in_channels", "deployed"};
+  info.build = [family, groups, name = info.name](const OptionMap& o) {
+    return torch::nn::AnyModule(RepVGG(
+        RepVGGOptions::family(family)
+            .groups(o.get_int("groups", groups))
+            .strides(parse_int_list(o.get_string("strides", "1/2/2/2/2"),
+                                    "model " + name + " option strides"))
+            .num_classes(o.get_int("classes", 10))
+            .in_channels(o.get_int("in_channels", 1))
+            .deployed(o.get_bool("deployed", false))));
   };
   return info;
 }
@@ -51,7 +77,7 @@ NamedRegistry<ModelInfo>& model_registry() {
                             {{"attn", "eca"}}));
       add(cifar_resnet_info("cbam_", depth, ", CBAM in every block", {{"attn", "cbam"}}));
       add(cifar_resnet_info("bam_", depth, ", BAM after stages 1 and 2",
-                            {{"stage_attn", "bam"}, {"stage_attn_after", "1,2"}}));
+                            {{"stage_attn", "bam"}, {"stage_attn_after", "1/2"}}));
       add(cifar_resnet_info("nl_", depth, ", a non-local block after stage 2 (14x14)",
                             {{"stage_attn", "nl"}, {"stage_attn_after", "2"}}));
       add(cifar_resnet_info("bcnn_", depth, ", full bilinear pooling head (B-CNN)",
@@ -59,6 +85,8 @@ NamedRegistry<ModelInfo>& model_registry() {
       add(cifar_resnet_info("cbp_", depth, ", compact bilinear head (Tensor Sketch, d=2048)",
                             {{"head", "tensor_sketch"}}));
     }
+    for (const char* family : {"a0", "a1", "b0"})
+      for (int64_t groups : {1, 2, 4}) add(repvgg_info(family, groups));
   });
   return registry;
 }

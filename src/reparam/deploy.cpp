@@ -1,5 +1,7 @@
 #include "dynattn/reparam/deploy.h"
 
+#include <functional>
+
 #include "dynattn/core/compat.h"
 #include "dynattn/profile/mac_counter.h"
 
@@ -21,12 +23,18 @@ DeployReport deploy(Model& model, const std::vector<int64_t>& input_shape) {
   report.parameters_before = count_parameters(root);
   report.macs_before = count_macs([&] { before = model.forward(x); }).macs;
 
-  for (const auto& item : root.named_modules(/*name_prefix=*/"", /*include_self=*/true)) {
-    if (auto* r = dynamic_cast<Reparameterizable*>(item.value().get())) {
-      for (const auto& merge : r->reparameterize())
-        report.merged.push_back(item.key().empty() ? merge : item.key() + ": " + merge);
-    }
-  }
+  // Pre-order over the children each module has *after* it simplified itself: a RepVGG block
+  // that merged its branches no longer has them, so they are not visited (and reported) again.
+  std::function<void(torch::nn::Module&, const std::string&)> visit =
+      [&](torch::nn::Module& module, const std::string& path) {
+        if (auto* r = dynamic_cast<Reparameterizable*>(&module)) {
+          for (const auto& merge : r->reparameterize())
+            report.merged.push_back(path.empty() ? merge : path + ": " + merge);
+        }
+        for (const auto& child : module.named_children())
+          visit(*child.value(), path.empty() ? child.key() : path + "." + child.key());
+      };
+  visit(root, "");
   // The spec must rebuild the deployed structure from a checkpoint.
   if (!report.merged.empty()) {
     NamedOptions spec = parse_named_options(model.spec, "model");

@@ -556,3 +556,57 @@ TEST(Cli, DeployWritesACheckpointThatEvalAndBenchAccept) {
   ASSERT_EQ(r.exit_code, 0) << r.describe();
   EXPECT_THAT(r.out, HasSubstr("resnet20:deployed=true"));
 }
+
+// `deploy --model --weights --key-map`: weights of the RepVGG authors' code (Python re-
+// implementation, tests/interop/reference_repvgg.py) become a plain-conv checkpoint.
+TEST(Cli, DeployImportsRepVGGWeightsThroughAKeyMap) {
+  if (std::system("/usr/bin/python3 -c 'import torch' >/dev/null 2>&1") != 0)
+    GTEST_SKIP() << "/usr/bin/python3 has no torch (install python3-torch)";
+  TempDir dir;
+  const std::string cmd = "/usr/bin/python3 " DYNATTN_SOURCE_DIR
+                          "/tests/interop/reference_repvgg.py --out " +
+                          dir.path() + " >/dev/null";
+  ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+  const std::string weights = dir / "timm_repvgg_a0g4.weights.safetensors";
+  auto r = run_dynattn({"--threads", "1", "deploy", "--model", "repvgg_a0g4", "--weights",
+                        weights, "--key-map", "timm", "--out", dir / "plain", "--json",
+                        dir / "deploy.json"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const auto report = nlohmann::json::parse(read_file(dir / "deploy.json"));
+  EXPECT_EQ(report["model"], "repvgg_a0g4:deployed=true");
+  EXPECT_EQ(report["merged"].size(), 22u);
+  // The deployed checkpoint gives the reference output.
+  r = run_dynattn({"forward", "--model", "repvgg_a0g4:deployed=true", "--weights",
+                   dir / "plain/model.safetensors", "--input",
+                   dir / "timm_repvgg_a0g4.io.safetensors", "--output", dir / "y.safetensors"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  const auto expected = *dynattn::read_safetensors(dir / "timm_repvgg_a0g4.io.safetensors").find("y");
+  const auto y = *dynattn::read_safetensors(dir / "y.safetensors").find("y");
+  EXPECT_LE((y - expected).abs().max().item<double>(),
+            1e-5 * std::max(1.0, expected.abs().max().item<double>()));
+  // Wrong combinations are named.
+  r = run_dynattn({"deploy", "--model", "repvgg_a0", "--out", dir / "x"});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.err, HasSubstr("--model needs --weights"));
+  r = run_dynattn({"deploy", "--out", dir / "x"});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.err, HasSubstr("either --checkpoint, or --model"));
+}
+
+TEST(Cli, BenchComparesAModelWithItsDeployedForm) {
+  TempDir dir;
+  auto r = run_dynattn({"--threads", "1", "bench", "--model", "resnet20:width=8", "--batch", "1,2",
+                        "--min-time", "0.03", "--no-peak", "--compare-deployed", "--json",
+                        dir / "b.json"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_THAT(r.out, HasSubstr("deployed speed-up"));
+  const auto j = nlohmann::json::parse(read_file(dir / "b.json"));
+  EXPECT_EQ(j["deployed"]["model"], "resnet20:deployed=true,width=8");
+  ASSERT_EQ(j["deployed_speedup"].size(), 2u);
+  EXPECT_GT(j["deployed_speedup"][1]["speedup"].get<double>(), 0.0);
+  // Nothing to merge is an error, not a meaningless 1.0x.
+  r = run_dynattn({"bench", "--model", "resnet20:deployed=true", "--batch", "1", "--min-time",
+                   "0.01", "--no-peak", "--compare-deployed"});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.err, HasSubstr("nothing to merge"));
+}

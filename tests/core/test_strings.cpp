@@ -18,9 +18,10 @@ TEST(Strings, TrimRemovesSurroundingWhitespaceOnly) {
 TEST(Strings, ParseIntList) {
   EXPECT_EQ(parse_int_list("1,2, 3", "t"), (std::vector<int64_t>{1, 2, 3}));
   EXPECT_EQ(parse_int_list("-4", "t"), (std::vector<int64_t>{-4}));
+  EXPECT_EQ(parse_int_list("1/2/2", "t"), (std::vector<int64_t>{1, 2, 2}));
   for (const char* bad : {"", "1,,2", "1,a", "1.5", "2x", "1,"}) {
     EXPECT_THAT(error_of([&] { parse_int_list(bad, "option stages"); }),
-                HasSubstr("option stages: expected a comma-separated list of integers"))
+                HasSubstr("option stages: expected a list of integers separated by"))
         << bad;
   }
 }

@@ -1,7 +1,8 @@
 // Weights exported from the public Python implementations load into our modules through the key
 // maps, and the outputs match. The Python side (reference_attention.py, Debian's python3-torch)
-// re-implements timm's SEModule, EcaModule, CbamModule, NonLocalAttn and the CBAM authors' code
-// with their own parameter names; nothing here is shared with our C++ except the file format.
+// re-implements timm's SEModule, EcaModule, CbamModule, NonLocalAttn, the CBAM authors' code, and
+// RepVGG (reference_repvgg.py: the authors' repvgg.py and timm's ByobNet) with their own parameter
+// names; nothing here is shared with our C++ except the file format.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -14,6 +15,7 @@
 #include "dynattn/io/key_map.h"
 #include "dynattn/io/safetensors.h"
 #include "dynattn/models/registry.h"
+#include "dynattn/reparam/deploy.h"
 
 namespace fs = std::filesystem;
 
@@ -28,10 +30,11 @@ class ImportTest : public ::testing::Test {
     if (std::system((std::string(kPython) + " -c 'import torch' >/dev/null 2>&1").c_str()) != 0)
       return;
     dir_ = (fs::temp_directory_path() / ("dynattn-import-" + std::to_string(::getpid()))).string();
-    const std::string cmd = std::string(kPython) +
-                            " " DYNATTN_SOURCE_DIR "/tests/interop/reference_attention.py --out " +
-                            dir_ + " >/dev/null";
-    ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+    for (const char* script : {"reference_attention.py", "reference_repvgg.py"}) {
+      const std::string cmd = std::string(kPython) + " " DYNATTN_SOURCE_DIR "/tests/interop/" +
+                              script + " --out " + dir_ + " >/dev/null";
+      ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+    }
   }
   static void TearDownTestSuite() {
     if (!dir_.empty()) fs::remove_all(dir_);
@@ -89,4 +92,32 @@ TEST_F(ImportTest, OfficialCbam) {
 TEST_F(ImportTest, TimmNonLocalAttn) {
   // timm: width make_divisible(C/8, 8), scale 1/sqrt(C), no sub-sampling.
   expect_matches("timm_nl", "nl:channels=32,inter=8,scale=channels,subsample=false", "timm");
+}
+
+TEST_F(ImportTest, OfficialRepVGG) {
+  expect_matches("official_repvgg_a0", "repvgg_a0", "repvgg-official");
+}
+
+TEST_F(ImportTest, OfficialRepVGGDeployedByTheAuthorsCode) {
+  // The authors' switch_to_deploy() output (rbr_reparam) loads into our deployed form.
+  expect_matches("official_repvgg_a0g2_deployed", "repvgg_a0g2:deployed=true", "repvgg-official");
+}
+
+TEST_F(ImportTest, TimmRepVGG) {
+  expect_matches("timm_repvgg_a0g4", "repvgg_a0g4", "timm");
+}
+
+TEST_F(ImportTest, OfficialRepVGGDeploysToTheSameOutput) {
+  // Train-form weights of the authors' code, deployed by our deploy(): same output.
+  auto model = dynattn::create_model("repvgg_a0");
+  const auto weights = dynattn::read_safetensors(dir_ + "/official_repvgg_a0.weights.safetensors");
+  dynattn::load_state_dict(*model.ptr(), weights.tensors, "official_repvgg_a0");
+  model.ptr()->eval();
+  const auto report = dynattn::deploy(model, {2, 1, 28, 28});
+  EXPECT_EQ(report.merged.size(), 22u);  // stage0 + 2 + 4 + 14 + 1 blocks
+  const auto io = dynattn::read_safetensors(dir_ + "/official_repvgg_a0.io.safetensors");
+  dynattn::InferenceGuard guard;
+  const auto& expected = *io.find("y");
+  EXPECT_LE((model.forward(*io.find("x")) - expected).abs().max().item<double>(),
+            1e-5 * std::max(1.0, expected.abs().max().item<double>()));
 }

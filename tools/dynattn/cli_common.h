@@ -9,6 +9,7 @@
 #include "dynattn/core/options_string.h"
 #include "dynattn/core/runtime.h"
 #include "dynattn/data/dataset.h"
+#include "dynattn/models/registry.h"
 
 namespace dynattn::cli {
 
@@ -66,6 +67,14 @@ inline std::string model_with_attention(const std::string& model, const std::str
 
 // Writes `j` to `path` atomically (pretty-printed), creating nothing else.
 void write_json(const std::string& path, const nlohmann::json& j);
+
+// The input channels of the model's first convolution (1 when it has none).
+int64_t model_in_channels(const Model& model);
+
+// create_model_or_attention(spec), with `weights` (safetensors, keys renamed by `key_map`)
+// loaded when given; `command` names the caller in errors.
+Model model_from_weights(const std::string& spec, const std::string& weights,
+                         const std::string& key_map, const std::string& command);
 
 // Subcommands: each registers its options and its callback on `app`.
 void add_train_command(CLI::App& app, GlobalOptions& g);

@@ -2,8 +2,10 @@
 // measured conv peak; optionally the same run with glibc's default allocator settings.
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
+#include <tuple>
 
 #include "cli_common.h"
 #include "dynattn/core/compat.h"
@@ -11,6 +13,7 @@
 #include "dynattn/io/atomic_file.h"
 #include "dynattn/io/checkpoint.h"
 #include "dynattn/profile/model_bench.h"
+#include "dynattn/reparam/deploy.h"
 
 namespace dynattn::cli {
 namespace {
@@ -25,6 +28,7 @@ struct BenchArgs {
   double min_time = 2.0;
   bool no_peak = false;
   bool compare_malloc = false;
+  bool compare_deployed = false;
   int64_t train_batch = 0;
   std::vector<std::string> argv;  // for re-running under the other allocator policy
 };
@@ -100,18 +104,69 @@ void print_result(const nlohmann::json& j) {
   }
 }
 
+// Per batch size, the round whose median is the median of the rounds.
+ModelBenchResult median_round(const std::vector<ModelBenchResult>& rounds) {
+  ModelBenchResult out = rounds.front();
+  for (size_t b = 0; b < out.timings.size(); ++b) {
+    std::vector<BatchTiming> t;
+    for (const auto& r : rounds) t.push_back(r.timings[b]);
+    std::sort(t.begin(), t.end(), [](const BatchTiming& x, const BatchTiming& y) {
+      return x.stats.median_ms < y.stats.median_ms;
+    });
+    out.timings[b] = t[t.size() / 2];
+  }
+  return out;
+}
+
+// The model and its deployed form measured in alternating rounds, so that drift on a shared
+// machine affects both alike.
+std::pair<ModelBenchResult, ModelBenchResult> bench_against_deployed(
+    Model& model, Model& deployed, ModelBenchOptions options, int rounds) {
+  options.min_seconds(options.min_seconds() / rounds);
+  std::vector<ModelBenchResult> base, plain;
+  for (int i = 0; i < rounds; ++i) {
+    base.push_back(benchmark_model(model, options));
+    plain.push_back(benchmark_model(deployed, options));
+  }
+  return {median_round(base), median_round(plain)};
+}
+
 void run_bench(const BenchArgs& a, const GlobalOptions& g) {
   const int threads = setup_runtime(g);
   const torch::Device device = parse_device(g.device);
   Model model = a.checkpoint.empty() ? create_model(model_with_attention(a.model, a.attn))
                                      : load_checkpoint_model(a.checkpoint);
-  auto r = benchmark_model(model, ModelBenchOptions()
-                                      .batches(a.batches)
-                                      .channels_last(a.channels_last)
-                                      .device(device)
-                                      .min_seconds(a.min_time));
+  const auto options = ModelBenchOptions()
+                           .batches(a.batches)
+                           .channels_last(a.channels_last)
+                           .device(device)
+                           .min_seconds(a.min_time);
+  ModelBenchResult r, deployed_result;
+  Model deployed;
+  if (a.compare_deployed) {
+    deployed = a.checkpoint.empty() ? create_model(model_with_attention(a.model, a.attn))
+                                    : load_checkpoint_model(a.checkpoint);
+    // The same weights in both (a fresh model is initialised from the same seed otherwise).
+    load_state_dict(*deployed.ptr(), state_dict(*model.ptr()), "bench --compare-deployed");
+    deployed.ptr()->eval();
+    const auto report = deploy(deployed, {2, model_in_channels(deployed), 28, 28});
+    TORCH_CHECK(!report.merged.empty(), "bench --compare-deployed: ", model.spec,
+                " has nothing to merge");
+    std::tie(r, deployed_result) = bench_against_deployed(model, deployed, options, 3);
+  } else {
+    r = benchmark_model(model, options);
+  }
   const double peak = a.no_peak ? 0.0 : measure_conv_peak_gflops();
   auto j = bench_json(model.spec, threads, a, g, r, peak);
+  if (a.compare_deployed) {
+    j["deployed"] = bench_json(deployed.spec, threads, a, g, deployed_result, peak);
+    j["deployed_speedup"] = nlohmann::json::array();
+    for (size_t b = 0; b < r.timings.size(); ++b) {
+      j["deployed_speedup"].push_back(
+          {{"batch", r.timings[b].batch},
+           {"speedup", r.timings[b].stats.median_ms / deployed_result.timings[b].stats.median_ms}});
+    }
+  }
   BatchTiming train;
   if (a.train_batch > 0) {
     // A fresh copy: the timed steps change the weights.
@@ -137,6 +192,15 @@ void run_bench(const BenchArgs& a, const GlobalOptions& g) {
     std::printf(
         "  train step, batch %lld: median %.2f ms, %.1f images/s (forward, backward, SGD)\n",
         static_cast<long long>(train.batch), train.stats.median_ms, train.images_per_sec);
+  }
+  if (a.compare_deployed) {
+    std::printf("deployed form %s (measured in alternating rounds with the above): %.2f M MACs\n",
+                deployed.spec.c_str(), deployed_result.macs_per_image / 1e6);
+    j["deployed"]["conv_peak_gflops"] = peak;
+    print_result(j["deployed"]);
+    for (const auto& s : j["deployed_speedup"])
+      std::printf("  batch %4lld  deployed speed-up %.2fx\n",
+                  static_cast<long long>(s["batch"].get<int64_t>()), s["speedup"].get<double>());
   }
   if (a.compare_malloc) {
     const std::string other = g.malloc == "tuned" ? "default" : "tuned";
@@ -180,6 +244,9 @@ void add_bench_command(CLI::App& app, GlobalOptions& g) {
       ->check(kNonNegative);
   sub->add_flag("--compare-malloc", a->compare_malloc,
                 "also run with the other allocator policy, in a child process");
+  sub->add_flag("--compare-deployed", a->compare_deployed,
+                "also measure the deployed form (deploy(): conv+BN folded, RepVGG branches "
+                "merged), alternating rounds with the model as given");
   sub->add_option("--device", g.device, "cpu or cuda[:N]")->capture_default_str();
   sub->callback([a, &g, sub] {
     // The child run repeats this subcommand's arguments (minus --json/--compare-malloc).

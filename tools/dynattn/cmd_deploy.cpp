@@ -12,26 +12,36 @@ namespace {
 
 struct DeployArgs {
   std::string checkpoint;
+  std::string model, weights, key_map = "none";  // instead of --checkpoint: imported weights
   std::string out;
   std::string json;
 };
 
 void run_deploy(const DeployArgs& a, const GlobalOptions& g) {
   setup_runtime(g);
+  TORCH_CHECK(a.checkpoint.empty() != a.model.empty(),
+              "deploy: give either --checkpoint, or --model with --weights (and --key-map)");
+  TORCH_CHECK(a.model.empty() || !a.weights.empty(),
+              "deploy: --model needs --weights (deploying fresh random weights is pointless)");
   CheckpointData ckpt;
-  Model model = load_checkpoint_model(a.checkpoint, &ckpt);
+  Model model;
+  std::string source;
+  if (!a.checkpoint.empty()) {
+    model = load_checkpoint_model(a.checkpoint, &ckpt);
+    source = ckpt.paths.weights;
+  } else {
+    model = model_from_weights(a.model, a.weights, a.key_map, "deploy");
+    ckpt.meta_json = nlohmann::json{{"model", model.spec}, {"epoch", 0}}.dump();
+    source = a.weights;
+  }
   model.ptr()->eval();
   const std::string trained_spec = model.spec;
-  const int64_t in_channels = [&] {
-    for (const auto& p : model.ptr()->parameters())
-      if (p.dim() == 4) return p.size(1);  // the first convolution's input channels
-    return int64_t{1};
-  }();
-  const DeployReport r = deploy(model, {2, in_channels, 28, 28});
+  const DeployReport r = deploy(model, {2, model_in_channels(model), 28, 28});
 
   nlohmann::json meta = nlohmann::json::parse(ckpt.meta_json);
   meta["model"] = model.spec;
-  meta["deployed_from"] = {{"checkpoint", ckpt.paths.weights}, {"model", trained_spec}};
+  meta["deployed_from"] = {{"checkpoint", source}, {"model", trained_spec}};
+  if (!a.model.empty()) meta["deployed_from"]["key_map"] = a.key_map;
   // The optimizer state belongs to the trained form: a deployed checkpoint has none.
   std::filesystem::create_directories(a.out);
   save_checkpoint(a.out, *model.ptr(), meta.dump(), {});
@@ -63,8 +73,15 @@ void run_deploy(const DeployArgs& a, const GlobalOptions& g) {
 void add_deploy_command(CLI::App& app, GlobalOptions& g) {
   auto a = std::make_shared<DeployArgs>();
   auto* cmd = app.add_subcommand(
-      "deploy", "Fold a trained checkpoint into its inference form (conv + BN pairs merged)");
-  cmd->add_option("--checkpoint", a->checkpoint, "run directory or model.safetensors")->required();
+      "deploy", "Fold a trained model into its inference form (conv + BN pairs and RepVGG branches merged)");
+  cmd->add_option("--checkpoint", a->checkpoint, "run directory or model.safetensors");
+  cmd->add_option("--model", a->model,
+                  "instead of --checkpoint: model spec of --weights, e.g. repvgg_a0");
+  cmd->add_option("--weights", a->weights, "safetensors weights for --model");
+  cmd->add_option("--key-map", a->key_map,
+                  "rename the weights' keys onto ours (timm, repvgg-official, ...; "
+                  "`dynattn forward --help` lists them)")
+      ->capture_default_str();
   cmd->add_option("--out", a->out, "directory for the deployed checkpoint")->required();
   cmd->add_option("--json", a->json, "also write the report as JSON");
   cmd->callback([a, &g] { run_deploy(*a, g); });

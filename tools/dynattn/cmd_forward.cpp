@@ -50,15 +50,7 @@ NamedTensors run_module(Model& model, const torch::Tensor& x, bool with_maps) {
 void run_forward(const ForwardArgs& a, const GlobalOptions& g) {
   setup_runtime(g);
   const torch::Device device = parse_device(g.device);
-  Model model = create_model_or_attention(a.model);
-  if (!a.weights.empty()) {
-    const SafetensorsFile file = read_safetensors(a.weights);
-    const NamedTensors mapped =
-        apply_key_map(file.tensors, get_key_map(a.key_map), *model.ptr(), a.weights);
-    load_state_dict(*model.ptr(), mapped, a.weights);
-  } else {
-    TORCH_CHECK(a.key_map == "none", "forward: --key-map needs --weights");
-  }
+  Model model = model_from_weights(a.model, a.weights, a.key_map, "forward");
   model.ptr()->eval();
   model.ptr()->to(device);
 

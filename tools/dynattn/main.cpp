@@ -7,6 +7,9 @@
 #include "dynattn/core/version.h"
 #include "dynattn/data/fashion_mnist.h"
 #include "dynattn/io/atomic_file.h"
+#include "dynattn/io/checkpoint.h"
+#include "dynattn/io/key_map.h"
+#include "dynattn/io/safetensors.h"
 
 namespace dynattn::cli {
 
@@ -53,6 +56,26 @@ FashionMnistSplits load_fashion_mnist_splits(const std::string& root, double val
 
 void write_json(const std::string& path, const nlohmann::json& j) {
   write_file_atomic(path, j.dump(2) + "\n");
+}
+
+int64_t model_in_channels(const Model& model) {
+  for (const auto& p : model.ptr()->parameters())
+    if (p.dim() == 4) return p.size(1);
+  return 1;
+}
+
+Model model_from_weights(const std::string& spec, const std::string& weights,
+                         const std::string& key_map, const std::string& command) {
+  Model model = create_model_or_attention(spec);
+  if (!weights.empty()) {
+    const SafetensorsFile file = read_safetensors(weights);
+    const NamedTensors mapped =
+        apply_key_map(file.tensors, get_key_map(key_map), *model.ptr(), weights);
+    load_state_dict(*model.ptr(), mapped, weights);
+  } else {
+    TORCH_CHECK(key_map == "none", command, ": --key-map needs --weights");
+  }
+  return model;
 }
 
 }  // namespace dynattn::cli
