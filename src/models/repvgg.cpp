@@ -1,5 +1,7 @@
 #include "dynattn/models/repvgg.h"
 
+#include <algorithm>
+
 #include "dynattn/ops/conv2d.h"
 #include "dynattn/reparam/fold_batch_norm.h"
 
@@ -50,6 +52,11 @@ torch::Tensor RepVGGBlockImpl::forward(const torch::Tensor& x) {
   y.add_(rbr_1x1(x));
   if (!rbr_identity.is_empty()) y.add_(rbr_identity(x));
   return y.relu_();
+}
+
+torch::Tensor RepVGGBlockImpl::forward_onednn(const torch::Tensor& x) {
+  TORCH_CHECK(!rbr_reparam.is_empty(), "RepVGGBlock: forward_onednn needs the deployed form");
+  return packed_.forward(*rbr_reparam, x).relu_();
 }
 
 std::pair<torch::Tensor, torch::Tensor> RepVGGBlockImpl::equivalent_kernel_bias() const {
@@ -165,6 +172,14 @@ void RepVGGImpl::reset() {
 torch::Tensor RepVGGImpl::forward(const torch::Tensor& x) {
   TORCH_CHECK(x.dim() == 4 && x.size(1) == options.in_channels(), "RepVGG: expected input [N, ",
               options.in_channels(), ", H, W], got ", x.sizes());
+  const auto all = blocks();
+  const bool plain = std::all_of(all.begin(), all.end(),
+                                 [](const RepVGGBlock& b) { return !b->rbr_reparam.is_empty(); });
+  if (plain && onednn_chain_applicable(x)) {
+    auto y = x.contiguous().to_mkldnn();
+    for (auto block : all) y = block->forward_onednn(y);
+    return linear(y.to_dense().mean({2, 3}));
+  }
   auto y = stage0(x);
   for (auto& stage : stages) y = stage->forward(y);
   return linear(y.mean({2, 3}));

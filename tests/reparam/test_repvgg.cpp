@@ -11,6 +11,7 @@
 #include "dynattn/io/key_map.h"
 #include "dynattn/models/registry.h"
 #include "dynattn/models/repvgg.h"
+#include "dynattn/ops/onednn_chain.h"
 #include "dynattn/profile/mac_counter.h"
 #include "dynattn/reparam/deploy.h"
 #include "test_util.h"
@@ -206,4 +207,34 @@ TEST(RepVGG, BadSpecsAreNamed) {
                 m.forward(torch::randn({1, 3, 28, 28}));
               }),
               HasSubstr("RepVGG: expected input [N, 1, H, W]"));
+}
+
+TEST(RepVGG, OneDnnChainGivesTheOrdinaryResult) {
+  // The deployed stack in oneDNN layout (inference) == the same convs on ordinary tensors.
+  torch::manual_seed(11);
+  Model m = create_model("repvgg_a0g2");
+  randomise_batch_norms(*m.ptr());
+  deploy(m, {1, 1, 28, 28});
+  for (int64_t batch : {1, 3}) {
+    const auto x = torch::randn({batch, 1, 28, 28});
+    torch::Tensor chain, ordinary;
+    {
+      torch::NoGradGuard no_grad;
+      ASSERT_TRUE(onednn_chain_applicable(x) || !at::hasMKLDNN());
+      chain = m.forward(x);
+    }
+    ordinary = m.forward(x).detach();  // autograd on: the ordinary path
+    EXPECT_LE(max_diff(chain, ordinary), 1e-5 * std::max(1.0, ordinary.abs().max().item<double>()));
+  }
+  // Loading new weights invalidates the cached oneDNN weights.
+  Model other = create_model("repvgg_a0g2:deployed=true");
+  load_state_dict(*other.ptr(), state_dict(*m.ptr()), "copy");
+  other.ptr()->eval();
+  const auto x = torch::randn({2, 1, 28, 28});
+  torch::NoGradGuard no_grad;
+  const auto before = other.forward(x);
+  {
+    for (auto& p : other.ptr()->parameters()) p.mul_(0.5);
+  }
+  EXPECT_GT(max_diff(other.forward(x), before), 1e-3) << "stale cached weights";
 }

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "dynattn/models/conv_bn.h"
+#include "dynattn/ops/onednn_chain.h"
 #include "dynattn/reparam/deploy.h"
 
 namespace dynattn {
@@ -42,6 +43,8 @@ class RepVGGBlockImpl : public torch::nn::Cloneable<RepVGGBlockImpl>, public Rep
   explicit RepVGGBlockImpl(RepVGGBlockOptions options);
   void reset() override;
   torch::Tensor forward(const torch::Tensor& x);
+  // The deployed block on input in oneDNN layout (see ops/onednn_chain.h); output in that layout.
+  torch::Tensor forward_onednn(const torch::Tensor& x);
   // The 3x3 kernel and bias equal to the three branches in eval mode (the official
   // get_equivalent_kernel_bias), computed in double. Needs the train form.
   std::pair<torch::Tensor, torch::Tensor> equivalent_kernel_bias() const;
@@ -53,6 +56,9 @@ class RepVGGBlockImpl : public torch::nn::Cloneable<RepVGGBlockImpl>, public Rep
   ConvBn rbr_dense{nullptr}, rbr_1x1{nullptr};   // train form
   torch::nn::BatchNorm2d rbr_identity{nullptr};  // train form, when shapes allow
   torch::nn::Conv2d rbr_reparam{nullptr};        // deployed form
+
+ private:
+  PackedConv2d packed_;  // rbr_reparam's weight in oneDNN layout, for forward_onednn
 };
 TORCH_MODULE(RepVGGBlock);
 
@@ -74,6 +80,8 @@ class RepVGGImpl : public torch::nn::Cloneable<RepVGGImpl>, public Reparameteriz
  public:
   explicit RepVGGImpl(RepVGGOptions options = {});
   void reset() override;
+  // Deployed, in CPU float inference, the whole stack runs in oneDNN's blocked layout (see
+  // ops/onednn_chain.h): same maths, fewer memory passes.
   torch::Tensor forward(const torch::Tensor& x);
   // Marks the options deployed (the blocks merge themselves when deploy() reaches them).
   std::vector<std::string> reparameterize() override;
