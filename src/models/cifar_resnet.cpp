@@ -137,6 +137,24 @@ torch::Tensor BasicBlockImpl::shortcut(const torch::Tensor& x) {
   return torch::constant_pad_nd(y, {0, 0, 0, 0, extra / 2, extra - extra / 2});
 }
 
+bool BasicBlockImpl::onednn_ready() const {
+  if (!options.deployed() || !attn.is_empty()) return false;
+  return !downsample.is_empty() ||
+         (options.stride() == 1 && options.in_channels() == options.out_channels());
+}
+
+torch::Tensor BasicBlockImpl::forward_onednn(const torch::Tensor& x) {
+  TORCH_CHECK(onednn_ready(), "BasicBlock: forward_onednn needs the deployed form without attention");
+  auto out = packed_conv1_.forward(*conv1, x).relu_();
+  out = packed_conv2_.forward(*conv2, out);
+  if (downsample.is_empty()) {
+    out.add_(x);
+  } else {
+    out.add_(packed_downsample_.forward(*downsample->ptr<torch::nn::Conv2dImpl>(0), x));
+  }
+  return out.relu_();
+}
+
 torch::Tensor BasicBlockImpl::forward_with_maps(const torch::Tensor& x, AttentionMaps& maps,
                                                 const std::string& prefix) {
   auto out = residual_impl(x, &maps, prefix);
@@ -255,7 +273,23 @@ AttentionOutput CifarResNetImpl::forward_with_maps(const torch::Tensor& x) {
   return result;
 }
 
+bool CifarResNetImpl::onednn_ready() const {
+  if (!options.deployed() || !bilinear_head.is_empty()) return false;
+  for (const auto& slot : stage_attn)
+    if (!slot.is_empty()) return false;
+  for (const auto& block : blocks())
+    if (!block->onednn_ready()) return false;
+  return true;
+}
+
 torch::Tensor CifarResNetImpl::forward(const torch::Tensor& x) {
+  if (onednn_chain_applicable(x) && onednn_ready()) {
+    TORCH_CHECK(x.size(1) == options.in_channels(), "CifarResNet: expected input [N,",
+                options.in_channels(), ",H,W], got ", x.sizes());
+    auto out = packed_conv1_.forward(*conv1, x.contiguous().to_mkldnn()).relu_();
+    for (auto block : blocks()) out = block->forward_onednn(out);
+    return fc(out.to_dense().mean({2, 3}));
+  }
   if (!bilinear_head.is_empty()) {
     TORCH_CHECK(x.dim() == 4 && x.size(1) == options.in_channels(),
                 "CifarResNet: expected input [N,", options.in_channels(), ",H,W], got ", x.sizes());

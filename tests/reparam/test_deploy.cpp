@@ -79,3 +79,24 @@ TEST(Deploy, RefusesTrainingMode) {
               }),
               HasSubstr("deploy resnet20: the model is in training mode"));
 }
+
+TEST(Deploy, DeployedResNetInOneDnnLayoutGivesTheOrdinaryResult) {
+  // Inference of a deployed ResNet runs in oneDNN layout (ops/onednn_chain.h); with autograd on
+  // it takes the ordinary path. Both give the same logits, projection and "pad" shortcuts alike.
+  for (const char* spec : {"resnet20", "resnet20:shortcut=pad,width=8"}) {
+    Model m = trained_looking(spec);
+    deploy(m, {1, 1, 28, 28});
+    for (int64_t batch : {1, 4}) {
+      const auto x = torch::randn({batch, 1, 28, 28});
+      torch::Tensor fast;
+      {
+        torch::NoGradGuard no_grad;
+        fast = m.forward(x);
+      }
+      const auto ordinary = m.forward(x).detach();
+      EXPECT_LE((fast - ordinary).abs().max().item<double>(),
+                1e-5 * std::max(1.0, ordinary.abs().max().item<double>()))
+          << spec << " batch " << batch;
+    }
+  }
+}

@@ -18,6 +18,7 @@
 
 #include "dynattn/attention/attention_maps.h"
 #include "dynattn/attention/bilinear_head.h"
+#include "dynattn/ops/onednn_chain.h"
 #include "dynattn/reparam/deploy.h"
 
 namespace dynattn {
@@ -61,6 +62,10 @@ class BasicBlockImpl : public torch::nn::Cloneable<BasicBlockImpl>, public Repar
   // The residual branch alone (no shortcut, no final ReLU): what dynamic wrappers gate.
   torch::Tensor residual(const torch::Tensor& x);
   torch::Tensor shortcut(const torch::Tensor& x);
+  // The deployed block without attention can run on input in oneDNN layout (see
+  // ops/onednn_chain.h), the output staying in that layout.
+  bool onednn_ready() const;
+  torch::Tensor forward_onednn(const torch::Tensor& x);
   // Folds conv1+bn1, conv2+bn2 and the projection's conv+BN; the block is then `deployed`.
   std::vector<std::string> reparameterize() override;
   // forward(x), also adding the attention module's maps to `maps` as "<prefix>attn.<name>".
@@ -77,6 +82,7 @@ class BasicBlockImpl : public torch::nn::Cloneable<BasicBlockImpl>, public Repar
  private:
   torch::Tensor residual_impl(const torch::Tensor& x, AttentionMaps* maps,
                               const std::string& prefix);
+  PackedConv2d packed_conv1_, packed_conv2_, packed_downsample_;
 };
 TORCH_MODULE(BasicBlock);
 
@@ -84,6 +90,8 @@ class CifarResNetImpl : public torch::nn::Cloneable<CifarResNetImpl>, public Rep
  public:
   explicit CifarResNetImpl(CifarResNetOptions options = {});
   void reset() override;
+  // Deployed, without attention modules and with the average-pooling head, CPU float inference
+  // runs the whole trunk in oneDNN's blocked layout (ops/onednn_chain.h): same maths.
   torch::Tensor forward(const torch::Tensor& x);
   // Pooled features before the classifier: [N, 4 * base_width], or the bilinear head's.
   torch::Tensor features(const torch::Tensor& x);
@@ -110,6 +118,8 @@ class CifarResNetImpl : public torch::nn::Cloneable<CifarResNetImpl>, public Rep
  private:
   // The stem, the stages and the stage modules, collecting maps when `maps` is not null.
   torch::Tensor trunk(const torch::Tensor& x, AttentionMaps* maps);
+  bool onednn_ready() const;
+  PackedConv2d packed_conv1_;
 };
 TORCH_MODULE(CifarResNet);
 
