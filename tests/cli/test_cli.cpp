@@ -610,3 +610,14 @@ TEST(Cli, BenchComparesAModelWithItsDeployedForm) {
   EXPECT_NE(r.exit_code, 0);
   EXPECT_THAT(r.err, HasSubstr("nothing to merge"));
 }
+
+TEST(CliBench, KernelsOptionIsRecordedAndChecked) {
+  TempDir dir;
+  auto r = run_dynattn({"--kernels", "aten", "bench", "--model", "resnet20:width=8", "--batch",
+                        "1", "--min-time", "0.01", "--no-peak", "--json", dir / "b.json"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_EQ(nlohmann::json::parse(read_file(dir / "b.json"))["kernels"], "aten");
+  r = run_dynattn({"--kernels", "fast", "bench", "--batch", "1"});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.err, HasSubstr("--kernels"));
+}

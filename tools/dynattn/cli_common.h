@@ -18,6 +18,7 @@ struct GlobalOptions {
   std::string malloc = "tuned";  // allocator policy
   std::string device = "cpu";
   bool quiet = false;
+  std::string kernels = "dynattn";  // "aten": ATen's own CPU kernel choices (ops/conv2d.h)
 };
 
 // Applies threads and the allocator policy, logs the runtime banner (and the reference-BLAS

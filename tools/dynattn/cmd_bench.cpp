@@ -39,6 +39,7 @@ nlohmann::json bench_json(const std::string& spec, int threads, const BenchArgs&
                    {"threads", threads},
                    {"channels_last", a.channels_last},
                    {"malloc", g.malloc},
+                   {"kernels", g.kernels},
                    {"device", g.device},
                    {"parameters", r.parameters},
                    {"macs_per_image", r.macs_per_image},

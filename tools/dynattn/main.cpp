@@ -10,12 +10,14 @@
 #include "dynattn/io/checkpoint.h"
 #include "dynattn/io/key_map.h"
 #include "dynattn/io/safetensors.h"
+#include "dynattn/ops/conv2d.h"
 
 namespace dynattn::cli {
 
 int setup_runtime(const GlobalOptions& g) {
   apply_malloc_policy(parse_malloc_policy(g.malloc));
   const int threads = configure_threads(g.threads);
+  set_conv2d_kernel_selection(g.kernels == "dynattn");
   if (!g.quiet) {
     const BlasInfo blas = detect_blas();
     std::fprintf(stderr, "%s\n",
@@ -102,6 +104,11 @@ int main(int argc, char** argv) {
                  "allocator policy: tuned (keep large blocks mapped; default) or default")
       ->check(CLI::IsMember({"tuned", "default"}));
   app.add_flag("--quiet", g.quiet, "do not log the runtime banner");
+  app.add_option("--kernels", g.kernels,
+                 "CPU kernel choices for inference: dynattn (oneDNN where measured faster, "
+                 "oneDNN-layout chains for deployed models) or aten (ATen's own)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"dynattn", "aten"}));
   add_train_command(app, g);
   add_eval_command(app, g);
   add_bench_command(app, g);
