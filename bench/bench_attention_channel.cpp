@@ -3,6 +3,17 @@
 // 64@7x7, batch 1 and 64, contiguous and channels-last. "block" is the plain BasicBlock
 // (conv3x3-BN-ReLU-conv3x3-BN + identity, ReLU) of the same shape, so a module's overhead reads
 // as its time over the block's.
+// "pass" is one memory pass over the same map (y = x * 1: read it, write a new one); with it the
+// issue's overhead rule reads off the JSON: a module's time over the block's must stay within
+// 1.5 x (its MACs over the block's + memory_passes x pass time over the block's). Each module
+// reports its counted MACs per image and the number of extra passes it makes over the C x H x W
+// map, each full traversal (a reduction or an elementwise kernel) counted as one, from its
+// forward; traversals of pooled vectors or of 1-2 channel maps are not counted:
+//   se, eca: 2 (spatial mean, gate multiply);
+//   cbam: 6 (spatial mean, spatial max, channel-gate multiply, channel max, channel mean,
+//         spatial-gate multiply);
+//   bam: 4 (spatial mean, broadcast sum of the two maps, sigmoid, addcmul); the spatial
+//        branch's 1x1 reduction reads the map too, but as MACs.
 // Run: build/bench/dynattn_bench --benchmark_filter=Attention
 #include <benchmark/benchmark.h>
 #include <torch/torch.h>
@@ -13,6 +24,7 @@
 #include "dynattn/core/memory_format.h"
 #include "dynattn/models/attention_slot.h"
 #include "dynattn/models/cifar_resnet.h"
+#include "dynattn/profile/mac_counter.h"
 
 namespace {
 
@@ -21,7 +33,22 @@ struct StageShape {
 };
 constexpr StageShape kShapes[] = {{16, 28}, {32, 14}, {64, 7}};
 
+// One memory pass over the map: the unit of the overhead rule.
+struct MemoryPassImpl : torch::nn::Cloneable<MemoryPassImpl> {
+  void reset() override {}
+  torch::Tensor forward(const torch::Tensor& x) { return x.mul(1.0); }
+};
+TORCH_MODULE(MemoryPass);
+
+int memory_passes(const std::string& kind) {
+  if (kind == "se" || kind == "eca") return 2;
+  if (kind == "cbam") return 6;
+  if (kind == "bam") return 4;
+  return 0;
+}
+
 torch::nn::AnyModule make_module(const std::string& kind, int64_t channels) {
+  if (kind == "pass") return torch::nn::AnyModule(MemoryPass());
   if (kind == "block")
     return torch::nn::AnyModule(
         dynattn::BasicBlock(dynattn::BasicBlockOptions(channels, channels)));
@@ -44,6 +71,12 @@ Setup setup(benchmark::State& state, const std::string& kind, bool training) {
   if (channels_last) {
     dynattn::to_memory_format(*s.module.ptr(), torch::MemoryFormat::ChannelsLast);
     s.x = s.x.contiguous(torch::MemoryFormat::ChannelsLast);
+  }
+  {
+    torch::NoGradGuard no_grad;
+    const auto macs = dynattn::count_macs([&] { s.module.forward(s.x); }).macs;
+    state.counters["macs_per_image"] = static_cast<double>(macs) / static_cast<double>(batch);
+    state.counters["memory_passes"] = memory_passes(kind);
   }
   state.SetLabel("C=" + std::to_string(shape.channels) + " " + std::to_string(shape.size) + "x" +
                  std::to_string(shape.size) + (channels_last ? " channels_last" : " contiguous"));
@@ -84,11 +117,13 @@ void args(benchmark::internal::Benchmark* b) {
 }  // namespace
 
 BENCHMARK_CAPTURE(BM_AttentionForward, block, std::string("block"))->Apply(args);
+BENCHMARK_CAPTURE(BM_AttentionForward, pass, std::string("pass"))->Apply(args);
 BENCHMARK_CAPTURE(BM_AttentionForward, se, std::string("se"))->Apply(args);
 BENCHMARK_CAPTURE(BM_AttentionForward, eca, std::string("eca"))->Apply(args);
 BENCHMARK_CAPTURE(BM_AttentionForward, cbam, std::string("cbam"))->Apply(args);
 BENCHMARK_CAPTURE(BM_AttentionForward, bam, std::string("bam"))->Apply(args);
 BENCHMARK_CAPTURE(BM_AttentionForwardBackward, block, std::string("block"))->Apply(args);
+BENCHMARK_CAPTURE(BM_AttentionForwardBackward, pass, std::string("pass"))->Apply(args);
 BENCHMARK_CAPTURE(BM_AttentionForwardBackward, se, std::string("se"))->Apply(args);
 BENCHMARK_CAPTURE(BM_AttentionForwardBackward, eca, std::string("eca"))->Apply(args);
 BENCHMARK_CAPTURE(BM_AttentionForwardBackward, cbam, std::string("cbam"))->Apply(args);

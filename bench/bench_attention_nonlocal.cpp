@@ -1,13 +1,25 @@
 // The non-local block (embedded gaussian, C/2 inner width) next to the 3x3 conv + BN it is
 // usually compared with, at the shapes of the CIFAR-style ResNet's stages 2 and 3.
+// Counters for the overhead rule (see bench_attention_channel.cpp): MACs per image, and the
+// non-local block's memory passes over the C x H x W map beyond its convolutions: 3 (BN, the
+// residual add, and the softmax over the affinity, which at these shapes is as large as the map).
 // Run: build/bench/dynattn_bench --benchmark_filter='NonLocal|Conv3x3BN'
 #include <benchmark/benchmark.h>
 #include <torch/torch.h>
 
 #include "dynattn/attention/non_local.h"
 #include "dynattn/core/compat.h"
+#include "dynattn/profile/mac_counter.h"
 
 namespace {
+
+template <typename M>
+void set_counters(benchmark::State& state, M& module, const torch::Tensor& x, int passes) {
+  torch::NoGradGuard no_grad;
+  const auto macs = dynattn::count_macs([&] { module->forward(x); }).macs;
+  state.counters["macs_per_image"] = static_cast<double>(macs) / static_cast<double>(x.size(0));
+  state.counters["memory_passes"] = passes;
+}
 
 // Args: channels, spatial size, batch, sub-sampling, backward.
 void BM_NonLocal(benchmark::State& state) {
@@ -19,6 +31,7 @@ void BM_NonLocal(benchmark::State& state) {
     block->named_parameters()["bn.weight"].fill_(1.0);  // a real branch, not the init identity
   }
   const auto x = torch::randn({batch, channels, size, size});
+  set_counters(state, block, x, 3);
   if (backward) {
     const auto input = x.clone().requires_grad_();
     for (auto _ : state) {
@@ -42,6 +55,7 @@ void BM_Conv3x3BN(benchmark::State& state) {
       torch::nn::Conv2d(torch::nn::Conv2dOptions(channels, channels, 3).padding(1).bias(false)),
       torch::nn::BatchNorm2d(channels));
   const auto x = torch::randn({batch, channels, size, size});
+  set_counters(state, layer, x, 0);
   if (backward) {
     const auto input = x.clone().requires_grad_();
     for (auto _ : state) {

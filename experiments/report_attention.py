@@ -31,36 +31,57 @@ def batch(bench, b):
 
 
 def micro_table(micro):
-    """Per-module time over the same-shaped reference block, from the Google Benchmark JSON."""
+    """Per-module time over the same-shaped reference block, from the Google Benchmark JSON, with
+    the overhead rule: time / reference <= 1.5 x (MACs / reference MACs + memory passes x one
+    pass's time / reference time), the counters coming from the benchmarks themselves."""
     if not micro:
         return []
-    t = {b["name"]: b["real_time"] for b in micro["benchmarks"] if b.get("run_type", "iteration") == "iteration"}
+    runs = {b["name"]: b for b in micro["benchmarks"] if b.get("run_type", "iteration") == "iteration"}
+    t = {name: b["real_time"] for name, b in runs.items()}
     rows = []
+
+    def rule(row, name, ref_name, pass_name):
+        m, r, p = runs.get(name, {}), runs.get(ref_name, {}), runs.get(pass_name)
+        if "macs_per_image" in m and r.get("macs_per_image") and p:
+            row["mac_ratio"] = m["macs_per_image"] / r["macs_per_image"]
+            row["passes"] = int(m.get("memory_passes", 0))
+            row["pass_ratio"] = p["real_time"] / r["real_time"]
+            row["budget"] = 1.5 * (row["mac_ratio"] + row["passes"] * row["pass_ratio"])
+            row["within"] = row["ratio"] <= row["budget"]
+        return row
+
     shapes = {0: "C=16, 28x28", 1: "C=32, 14x14", 2: "C=64, 7x7"}
     pat = re.compile(r"BM_Attention(Forward|ForwardBackward)/(\w+)/shape:(\d)/N:(\d+)/cl:(\d)/real_time")
     for name, value in t.items():
         m = pat.fullmatch(name)
-        if not m or m.group(2) == "block":
+        if not m or m.group(2) in ("block", "pass"):
             continue
-        ref = t.get(name.replace("/" + m.group(2) + "/", "/block/"))
+        ref_name = name.replace("/" + m.group(2) + "/", "/block/")
+        ref = t.get(ref_name)
         if ref:
-            rows.append({"module": m.group(2), "pass": "forward" if m.group(1) == "Forward" else "forward+backward",
-                         "shape": shapes[int(m.group(3))], "batch": int(m.group(4)),
-                         "channels_last": m.group(5) == "1", "ratio": value / ref,
-                         "reference": "BasicBlock of the same shape"})
+            rows.append(rule({"module": m.group(2), "pass": "forward" if m.group(1) == "Forward" else "forward+backward",
+                              "shape": shapes[int(m.group(3))], "batch": int(m.group(4)),
+                              "channels_last": m.group(5) == "1", "ratio": value / ref,
+                              "reference": "BasicBlock of the same shape"},
+                             name, ref_name, name.replace("/" + m.group(2) + "/", "/pass/")))
     pat = re.compile(r"BM_NonLocal/C:(\d+)/HW:(\d+)/N:(\d+)/sub:(\d)/bwd:(\d)/real_time")
+    shape_index = {("32", "14"): 1, ("64", "7"): 2}
     for name, value in t.items():
         m = pat.fullmatch(name)
         if not m:
             continue
-        ref = t.get(f"BM_Conv3x3BN/C:{m.group(1)}/HW:{m.group(2)}/N:{m.group(3)}/sub:0/bwd:{m.group(5)}/real_time")
+        ref_name = f"BM_Conv3x3BN/C:{m.group(1)}/HW:{m.group(2)}/N:{m.group(3)}/sub:0/bwd:{m.group(5)}/real_time"
+        ref = t.get(ref_name)
+        idx = shape_index.get((m.group(1), m.group(2)))
+        kind = "ForwardBackward" if m.group(5) == "1" else "Forward"
+        pass_name = f"BM_Attention{kind}/pass/shape:{idx}/N:{m.group(3)}/cl:0/real_time"
         if ref:
-            rows.append({"module": "nl" + ("" if m.group(4) == "1" else " (no sub-sampling)"),
-                         "pass": "forward+backward" if m.group(5) == "1" else "forward",
-                         "shape": f"C={m.group(1)}, {m.group(2)}x{m.group(2)}", "batch": int(m.group(3)),
-                         "channels_last": False, "ratio": value / ref,
-                         "reference": "one 3x3 conv + BN of the same shape"})
-    ref = t.get("BM_BilinearHeadForward/avg_pool/real_time")
+            rows.append(rule({"module": "nl" + ("" if m.group(4) == "1" else " (no sub-sampling)"),
+                              "pass": "forward+backward" if m.group(5) == "1" else "forward",
+                              "shape": f"C={m.group(1)}, {m.group(2)}x{m.group(2)}", "batch": int(m.group(3)),
+                              "channels_last": False, "ratio": value / ref,
+                              "reference": "one 3x3 conv + BN of the same shape"},
+                             name, ref_name, pass_name))
     for name, value in t.items():
         m = re.fullmatch(r"BM_BilinearHead(Forward|ForwardBackward)/(\w+)/real_time", name)
         if not m or m.group(2) == "avg_pool":
@@ -162,10 +183,28 @@ def main():
         L += ["## Per-module time (Google Benchmark, one thread)\n",
               "`OMP_NUM_THREADS=1 build/bench/dynattn_bench --benchmark_filter='Attention|NonLocal|Conv3x3BN|BilinearHead'`: "
               "each module's time as a multiple of a reference of the same shape measured in the same process.\n",
-              "| module | pass | shape | batch | layout | time / reference | reference |", "|---|---|---|---|---|---|---|"]
+              "The overhead rule of the issue: a module's time over its reference must stay within "
+              "1.5 x (its MACs over the reference's + its memory passes over the C x H x W map x the time "
+              "of one pass over the reference's). MACs are counted by the benchmarks; the passes of each "
+              "module are listed in bench/bench_attention_channel.cpp and bench_attention_nonlocal.cpp; "
+              "one pass is timed there as y = x * 1 on the same map.\n",
+              "| module | pass | shape | batch | layout | time / reference | MACs / ref. | passes | budget | within | reference |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
         for m in micro:
-            L.append(f"| {m['module']} | {m['pass']} | {m['shape']} | {m['batch']} | "
-                     f"{'channels-last' if m['channels_last'] else 'contiguous'} | {m['ratio']:.2f} | {m['reference']} |")
+            layout = "channels-last" if m["channels_last"] else "contiguous"
+            rule = (f"{m['mac_ratio']:.3f} | {m['passes']} | {m['budget']:.2f} | {'yes' if m['within'] else '**no**'}"
+                    if "budget" in m else " | | | ")
+            L.append(f"| {m['module']} | {m['pass']} | {m['shape']} | {m['batch']} | {layout} | "
+                     f"{m['ratio']:.2f} | {rule} | {m['reference']} |")
+        ruled = [m for m in micro if "within" in m]
+        if ruled:
+            bad = [m for m in ruled if not m["within"]]
+            L.append("")
+            L.append(f"{len(ruled) - len(bad)} of {len(ruled)} measured cases are within the budget" +
+                     ("." if not bad else "; outside it: " + "; ".join(
+                         f"{m['module']} {m['pass']} {m['shape']} N={m['batch']} "
+                         f"{'channels-last' if m['channels_last'] else 'contiguous'} ({m['ratio']:.2f} vs {m['budget']:.2f})"
+                         for m in bad) + "."))
         L.append("")
     pngs = [p for p in ("cbam", "bam", "nl") if os.path.exists(os.path.join(os.path.dirname(a.out), f"attention_{p}.png"))]
     if pngs:
