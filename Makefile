@@ -12,8 +12,14 @@ all: build
 deps:
 	@bash scripts/install-deps.sh
 
+# Ninja for new build directories: with a precompiled header, CMake's Makefile generator lists
+# every source's PCH flags in one flags.make, so adding a source file recompiled every object
+# (~13 s each here); Ninja rebuilds only what changed. An existing build directory keeps the
+# generator it was made with.
+GENERATOR = $(if $(wildcard $(BUILD_DIR)/CMakeCache.txt),,-G Ninja)
+
 configure: deps
-	@cmake -S . -B $(BUILD_DIR) $(CMAKE_FLAGS) > $(BUILD_DIR).configure.log 2>&1 || \
+	@cmake -S . -B $(BUILD_DIR) $(GENERATOR) $(CMAKE_FLAGS) > $(BUILD_DIR).configure.log 2>&1 || \
 	  { cat $(BUILD_DIR).configure.log; exit 1; }
 
 build: configure

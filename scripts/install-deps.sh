@@ -6,6 +6,7 @@ set -euo pipefail
 
 packages=(
   build-essential cmake pkg-config
+  ninja-build             # the build generator: adding a source rebuilds only that source
   libtorch-dev            # LibTorch 1.13 with oneDNN
   libopenblas0-openmp     # fast BLAS; without it matrix products use reference BLAS
   libcli11-dev libfmt-dev libspdlog-dev nlohmann-json3-dev
