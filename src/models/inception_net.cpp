@@ -48,18 +48,19 @@ void InceptionImpl::reset() {
   branch2_seq = branch3_seq = branch4_seq = nullptr;
   const int64_t s = o.stride(), in = o.in_channels();
   const bool d = o.deployed();
-  // A branch's last conv absorbs the pool that followed the module: 3x3 with the stride.
-  const int64_t last_1x1 = s == 1 ? 1 : 3;
+  // A branch's last conv absorbs the 3x3/2 pool that followed the module: stride 2 and a kernel
+  // that covers the receptive field of conv + pool (k + 2: 1x1 -> 3x3, 3x3 -> 5x5).
+  const int64_t k1 = s == 1 ? 1 : 3, k3 = s == 1 ? 3 : 5;
   if (!o.merge_branches()) {
-    branch1 = register_module("branch1", conv_bn(in, o.ch1x1(), last_1x1, s, d));
-    branch2_seq = register_module("branch2",
-                                  torch::nn::Sequential(conv_bn(in, o.ch3x3red(), 1, 1, d),
-                                                        conv_bn(o.ch3x3red(), o.ch3x3(), 3, s, d)));
-    branch3_seq = register_module("branch3",
-                                  torch::nn::Sequential(conv_bn(in, o.ch5x5red(), 1, 1, d),
-                                                        conv_bn(o.ch5x5red(), o.ch5x5(), 3, s, d)));
+    branch1 = register_module("branch1", conv_bn(in, o.ch1x1(), k1, s, d));
+    branch2_seq = register_module(
+        "branch2", torch::nn::Sequential(conv_bn(in, o.ch3x3red(), 1, 1, d),
+                                         conv_bn(o.ch3x3red(), o.ch3x3(), k3, s, d)));
+    branch3_seq = register_module(
+        "branch3", torch::nn::Sequential(conv_bn(in, o.ch5x5red(), 1, 1, d),
+                                         conv_bn(o.ch5x5red(), o.ch5x5(), k3, s, d)));
     branch4_seq = register_module(
-        "branch4", torch::nn::Sequential(max_pool(1), conv_bn(in, o.pool_proj(), last_1x1, s, d)));
+        "branch4", torch::nn::Sequential(max_pool(1), conv_bn(in, o.pool_proj(), k1, s, d)));
   } else if (s == 1) {
     reduce = register_module(
         "reduce", conv_bn(in, o.ch1x1() + o.ch3x3red() + o.ch5x5red() + o.pool_proj(), 1, 1, d));
@@ -67,9 +68,9 @@ void InceptionImpl::reset() {
     branch3 = register_module("branch3", conv_bn(o.ch5x5red(), o.ch5x5(), 3, 1, d));
   } else {
     reduce = register_module("reduce", conv_bn(in, o.ch3x3red() + o.ch5x5red(), 1, 1, d));
-    downsample = register_module("downsample", conv_bn(in, o.ch1x1() + o.pool_proj(), 3, 2, d));
-    branch2 = register_module("branch2", conv_bn(o.ch3x3red(), o.ch3x3(), 3, 2, d));
-    branch3 = register_module("branch3", conv_bn(o.ch5x5red(), o.ch5x5(), 3, 2, d));
+    downsample = register_module("downsample", conv_bn(in, o.ch1x1() + o.pool_proj(), k1, 2, d));
+    branch2 = register_module("branch2", conv_bn(o.ch3x3red(), o.ch3x3(), k3, 2, d));
+    branch3 = register_module("branch3", conv_bn(o.ch5x5red(), o.ch5x5(), k3, 2, d));
   }
 }
 
@@ -148,7 +149,8 @@ void InceptionNetImpl::reset() {
   };
   const bool d = o.deployed(), s = o.streamline(), m = o.merge_branches();
   maxpool1 = maxpool3 = nullptr;
-  conv1 = register_module("conv1", conv_bn(o.in_channels(), w(192), 3, s ? 2 : 1, d));
+  // Streamlined, conv1 absorbs maxpool1: 5x5 stride 2 covers the receptive field of both.
+  conv1 = register_module("conv1", conv_bn(o.in_channels(), w(192), s ? 5 : 3, s ? 2 : 1, d));
   if (!s) maxpool1 = register_module("maxpool1", max_pool(2));
   auto module = [&](const std::string& name, int64_t in, std::vector<int64_t> c, int64_t stride) {
     return register_module(

@@ -80,8 +80,8 @@ std::vector<MergeStep> transfer_module(const InceptionImpl& s, InceptionImpl& t,
     copy_conv_bn(unit(b4, 1), unit(t.branch4_seq, 1), 0, where("branch4.1"));
     if (to.stride() == 2) {
       steps.push_back({name,
-                       "branch1 (1x1), branch2.1, branch3.1 (3x3), branch4.1 (1x1) + maxpool3 -> "
-                       "3x3 stride-2 convs (1x1 kernels at the centre)",
+                       "branch1, branch4.1 (1x1) + maxpool3 -> 3x3 stride 2; branch2.1, branch3.1 "
+                       "(3x3) + maxpool3 -> 5x5 stride 2 (original kernels at the centre)",
                        false});
     }
     return steps;
@@ -114,7 +114,7 @@ std::vector<MergeStep> transfer_module(const InceptionImpl& s, InceptionImpl& t,
                    "(one 3x3 stride-2 conv, 1x1 kernels at the centre)",
                    false});
   steps.push_back(
-      {name, "branch2.1, branch3.1 + maxpool3 -> branch2, branch3 (3x3 stride 2)", false});
+      {name, "branch2.1, branch3.1 (3x3) + maxpool3 -> branch2, branch3 (5x5 stride 2)", false});
   return steps;
 }
 
@@ -153,7 +153,7 @@ std::vector<MergeStep> transfer_rebirth_weights(const InceptionNetImpl& source,
   std::vector<MergeStep> steps;
   copy_conv_bn(*source.conv1, *target.conv1, 0, "conv1");
   if (to.streamline())
-    steps.push_back({"conv1", "conv1 + maxpool1 -> conv1 (3x3 stride 2)", false});
+    steps.push_back({"conv1", "conv1 (3x3) + maxpool1 -> conv1 (5x5 stride 2)", false});
   const auto s = source.modules_in_order();
   auto t = target.modules_in_order();
   for (size_t i = 0; i < s.size(); ++i) {

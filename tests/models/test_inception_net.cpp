@@ -76,14 +76,14 @@ TEST(InceptionNet, OutputShapeAndTorchvisionNames) {
 //   inception3b 14*14*(128*(64+64+16+32) + 9*(64*96 + 16*48)) = 16,608,256
 //   inception4a 7*7*(240*(96+48+8+32) + 9*(48*104 + 8*24)) = 4,449,696
 //   inception4b 7*7*(256*(80+56+12+32) + 9*(56*112 + 12*32)) = 5,193,312;  fc 2,560.
-// Streamlined: conv1 at 14x14 (169,344); inception3b's 1x1 reductions at 14x14, its 3x3 convs
-// and the 3x3/2 convs of branch1 and branch4 at 7x7. Branch merging changes no MAC.
+// Streamlined: conv1 5x5 at 14x14 (470,400); inception3b's 1x1 reductions at 14x14, its 5x5/2
+// convs and the 3x3/2 convs of branch1 and branch4 at 7x7. Branch merging changes no MAC.
 TEST(InceptionNet, MacsMatchHandCount) {
   const int64_t original = 677376 + 7601856 + 16608256 + 4449696 + 5193312 + 2560;
   EXPECT_EQ(original, 34533056);
-  const int64_t stem = 14 * 14 * 96 * 9;
+  const int64_t stem = 14 * 14 * 96 * 25;
   const int64_t b3 =
-      14 * 14 * 128 * (64 + 16) + 7 * 7 * 9 * (64 * 96 + 16 * 48) + 7 * 7 * 9 * 128 * (64 + 32);
+      14 * 14 * 128 * (64 + 16) + 7 * 7 * 25 * (64 * 96 + 16 * 48) + 7 * 7 * 9 * 128 * (64 + 32);
   const int64_t streamlined = original - 677376 + stem - 16608256 + b3;
   for (const auto& [merge, expected] :
        std::vector<std::pair<std::string, int64_t>>{{"none", original},
@@ -116,6 +116,7 @@ TEST(InceptionNet, MergedStructuresKeepStageShapesAndDropLayers) {
     EXPECT_EQ(net.maxpool1.is_empty(), streamline);
     EXPECT_EQ(net.maxpool3.is_empty(), streamline);
     EXPECT_EQ(net.conv1->options.stride(), streamline ? 2 : 1);
+    EXPECT_EQ(net.conv1->options.kernel_size(), streamline ? 5 : 3);
     EXPECT_EQ(net.inception3b->options.stride(), streamline ? 2 : 1);
     EXPECT_EQ(count_max_pools(*net.inception3a), branches ? 0 : 1) << merge;
     const auto names = parameter_names(net);

@@ -119,6 +119,27 @@ TEST(DeepRebirth, BranchMergeIsExactWithBatchNormKept) {
   expect_close(b.forward(x).narrow(1, 0, n), a.forward(x).narrow(1, 0, n), "inception3a");
 }
 
+// Before re-learning, a conv that absorbed the 3x3/2 pool after it is the original conv read at
+// the pool windows' centres: its kernel sits at the centre of the larger strided one.
+TEST(DeepRebirth, StridedMergeStartsAsTheOriginalConvAtTheWindowCentres) {
+  auto original = trained_like(kSpec, 11);
+  auto r = rebirth_merge(original, "streamline");
+  auto& folded = as_inception_net(r.folded, "test");
+  auto& merged = as_inception_net(r.merged, "test");
+  EXPECT_EQ(merged.conv1->options.kernel_size(), 5);
+  torch::NoGradGuard no_grad;
+  const auto x = torch::randn({2, 1, 28, 28});
+  const auto full = folded.conv1(x);  // stride 1, before maxpool1
+  const auto sampled = full.index({torch::indexing::Slice(), torch::indexing::Slice(),
+                                   torch::indexing::Slice(0, torch::indexing::None, 2),
+                                   torch::indexing::Slice(0, torch::indexing::None, 2)});
+  expect_close(merged.conv1(x), sampled, "conv1");
+  const auto y = merged.stage(0, x);
+  EXPECT_EQ(y.sizes(), folded.stage(0, x).sizes());
+  EXPECT_TRUE((y <= folded.stage(0, x) + 1e-5).all().item<bool>())
+      << "a sample of the window never exceeds its max";
+}
+
 TEST(DeepRebirth, RelearningLowersTheErrorOfTheMergedStages) {
   auto original = trained_like(kSpec, 7);
   auto r = rebirth_merge(original, "all");

@@ -15,13 +15,15 @@
 // Kaiming-normal (fan_out) instead of truncated normal.
 //
 // Merged forms (see reparam/deep_rebirth.h for how weights get there):
-//  - `streamline`: conv1 + maxpool1 become conv1 with stride 2; inception3b + maxpool3 become a
-//    stride-2 module (stride = 2 below). No max-pool is left between the stages.
+//  - `streamline`: conv1 + maxpool1 become conv1 (5x5, stride 2); inception3b + maxpool3 become
+//    a stride-2 module (stride = 2 below). No max-pool is left between the stages. A merged
+//    conv's kernel covers the receptive field of the conv and the 3x3/2 pool (k + 2).
 //  - `merge_branches`: in every module, the convs that read the module input are one wide conv
 //    whose output is sliced (`reduce`: 1x1 for [branch1 | branch2.0 | branch3.0 | branch4.1]
 //    with the pooling of branch4 dropped), followed by the two 3x3 convs `branch2`, `branch3`.
 //  - both: the stride-2 module keeps the reductions in `reduce` (1x1, [branch2.0 | branch3.0])
-//    and puts branch1 and branch4 into one 3x3 stride-2 conv `downsample` ([branch1 | branch4]).
+//    and puts branch1 and branch4 into one 3x3 stride-2 conv `downsample` ([branch1 | branch4]);
+//    `branch2`, `branch3` are 5x5 stride 2.
 #pragma once
 #include <torch/torch.h>
 
@@ -53,7 +55,8 @@ struct InceptionOptions {
   TORCH_ARG(int64_t, ch5x5);
   TORCH_ARG(int64_t, pool_proj);  // branch4: 1x1 after the 3x3 max-pool
   // 2: the 3x3/2 max-pool that followed the module is merged into it (each branch's last conv
-  // becomes a 3x3 conv with stride 2); output [N, C, ceil(H/2), ceil(W/2)].
+  // gets stride 2 and a kernel 2 larger: 1x1 -> 3x3, 3x3 -> 5x5); output [N, C, ceil(H/2),
+  // ceil(W/2)].
   TORCH_ARG(int64_t, stride) = 1;
   TORCH_ARG(bool, merge_branches) = false;  // the wide-conv form (see the header comment)
   TORCH_ARG(bool, deployed) = false;        // convs with bias, no BN

@@ -5,14 +5,16 @@
 // Here, for InceptionNet (models/inception_net.h):
 //  1. conv + BN: folded exactly by deploy() (reparam/deploy.h) on a copy of the original.
 //  2. streamline merging: conv1 + maxpool1 -> conv1 with stride 2; inception3b + maxpool3 ->
-//     inception3b whose branches end in 3x3 stride-2 convs. Not exact (a 3x3/2 max over a conv
-//     output is no conv): the strided convs start from the original kernels (a 1x1 kernel at the
-//     centre of the 3x3) and are re-learned.
+//     inception3b whose branches end in stride-2 convs. The merged kernel covers the receptive
+//     field of conv + pool (3x3 -> 5x5, 1x1 -> 3x3). Not exact (a 3x3/2 max over a conv output
+//     is no conv): the strided convs start from the original kernels (at the centre of the
+//     larger one, zero around) and are re-learned.
 //  3. branch merging: in each module the ConvBn units that read the module input become one wide
 //     conv, sliced on output channels. Exact for branch1, branch2.0, branch3.0 (same input, conv
 //     + bias + ReLU per output channel: concatenating the weights changes nothing). branch4
 //     (3x3 max-pool, then 1x1) loses its pooling and joins the wide 1x1: not exact, re-learned.
 //     In the stride-2 module (streamline + branch) branch1 and branch4 become one 3x3/2 conv.
+// Exactness is per output channel: the report (MergeStep) says which merges are exact.
 // Re-learning is stage-wise (a stage of InceptionNet holds every merge that touches it): the
 // merged stage gets the original network's input to that stage and is trained to reproduce the
 // original stage's output (MSE), the rest of the merged net untouched. Fine-tuning afterwards is
