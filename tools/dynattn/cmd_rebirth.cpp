@@ -28,7 +28,7 @@ struct RebirthArgs {
   int64_t relearn_batch = 64;
   double relearn_lr = 1e-3;
   int64_t finetune_epochs = 1;
-  double finetune_lr = 0.01;
+  double finetune_lr = 1e-3;  // the merged net has no BN: larger rates diverge
   int64_t batch = 128;
   double weight_decay = 5e-4;
   double label_smoothing = 0.0;
