@@ -2,12 +2,12 @@
 // reports every allocation and free to the c10::MemoryReportingInfoBase installed in the
 // thread-local debug info (DebugInfoKind::PROFILER_STATE); measure_peak_memory() installs one
 // that keeps a running sum of the sizes and its maximum.
-// Limits: counts what goes through c10's CPU allocator on the calling thread (tensors, oneDNN
-// scratch buffers that ATen allocates), not memory that a library mallocs itself, not
-// allocations on other threads (at::parallel_for workers do not inherit the debug info in
-// LibTorch 1.13), and not the allocator's own overhead. Frees of blocks allocated before fn
-// started are not reported by c10 (it only knows the sizes of blocks it saw allocated while
-// memory profiling was on): keep the tensors that fn frees inside fn.
+// Limits: counts what goes through c10's CPU allocator on the calling thread (tensors and the
+// buffers ATen allocates as tensors), not memory that a library mallocs itself, not allocations
+// on other threads (the debug info is thread-local), and not the allocator's own overhead. Frees
+// of blocks allocated before fn started are not reported by c10 (it only knows the sizes of
+// blocks it saw allocated while memory profiling was on): keep the tensors that fn frees inside
+// fn.
 #pragma once
 #include <cstdint>
 #include <functional>
