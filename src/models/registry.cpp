@@ -6,6 +6,7 @@
 #include "dynattn/core/strings.h"
 #include "dynattn/models/attention_slot.h"
 #include "dynattn/models/cifar_resnet.h"
+#include "dynattn/models/inception_net.h"
 #include "dynattn/models/repvgg.h"
 
 namespace dynattn {
@@ -66,6 +67,26 @@ ModelInfo repvgg_info(const std::string& family, int64_t groups) {
   return info;
 }
 
+// The GoogLeNet-style network of DeepRebirth (models/inception_net.h); `merge` selects a merged
+// structure, so that a checkpoint of a merged model rebuilds it.
+ModelInfo inception_net_info() {
+  ModelInfo info;
+  info.name = "inception_net";
+  info.description =
+      "GoogLeNet-style net (3x3 stem, inception 3a/3b/4a/4b) for 28x28 inputs; "
+      "merge=streamline|branch|all gives DeepRebirth's merged forms";
+  info.option_keys = {"width", "merge", "classes", "in_channels", "deployed"};
+  info.build = [](const OptionMap& o) {
+    return torch::nn::AnyModule(InceptionNet(InceptionNetOptions()
+                                                 .width(o.get_double("width", 0.5))
+                                                 .merge(o.get_string("merge", "none"))
+                                                 .num_classes(o.get_int("classes", 10))
+                                                 .in_channels(o.get_int("in_channels", 1))
+                                                 .deployed(o.get_bool("deployed", false))));
+  };
+  return info;
+}
+
 NamedRegistry<ModelInfo>& model_registry() {
   static NamedRegistry<ModelInfo> registry("model", [](std::map<std::string, ModelInfo>& table) {
     auto add = [&table](ModelInfo info) { table[info.name] = std::move(info); };
@@ -87,6 +108,7 @@ NamedRegistry<ModelInfo>& model_registry() {
     }
     for (const char* family : {"a0", "a1", "b0"})
       for (int64_t groups : {1, 2, 4}) add(repvgg_info(family, groups));
+    add(inception_net_info());
   });
   return registry;
 }

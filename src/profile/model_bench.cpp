@@ -1,5 +1,7 @@
 #include "dynattn/profile/model_bench.h"
 
+#include <algorithm>
+
 #include "dynattn/core/compat.h"
 #include "dynattn/core/memory_format.h"
 #include "dynattn/profile/mac_counter.h"
@@ -74,6 +76,32 @@ ModelBenchResult benchmark_model(Model& model, const ModelBenchOptions& o) {
     r.timings.push_back(t);
   }
   return r;
+}
+
+std::vector<ModelBenchResult> benchmark_models_alternating(const std::vector<Model*>& models,
+                                                           const ModelBenchOptions& options,
+                                                           int rounds) {
+  TORCH_CHECK(rounds >= 1, "bench: rounds must be >= 1, got ", rounds);
+  ModelBenchOptions per_round = options;
+  per_round.min_seconds(options.min_seconds() / rounds);
+  std::vector<std::vector<ModelBenchResult>> all(models.size());
+  for (int i = 0; i < rounds; ++i)
+    for (size_t m = 0; m < models.size(); ++m)
+      all[m].push_back(benchmark_model(*models[m], per_round));
+  std::vector<ModelBenchResult> out;
+  for (const auto& results : all) {
+    ModelBenchResult r = results.front();
+    for (size_t b = 0; b < r.timings.size(); ++b) {
+      std::vector<BatchTiming> t;
+      for (const auto& x : results) t.push_back(x.timings[b]);
+      std::sort(t.begin(), t.end(), [](const BatchTiming& x, const BatchTiming& y) {
+        return x.stats.median_ms < y.stats.median_ms;
+      });
+      r.timings[b] = t[t.size() / 2];
+    }
+    out.push_back(r);
+  }
+  return out;
 }
 
 }  // namespace dynattn

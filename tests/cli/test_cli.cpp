@@ -621,3 +621,71 @@ TEST(CliBench, KernelsOptionIsRecordedAndChecked) {
   EXPECT_NE(r.exit_code, 0);
   EXPECT_THAT(r.err, HasSubstr("--kernels"));
 }
+
+// `rebirth` on an untrained inception_net and tiny data: the whole pipeline (fold, merge,
+// re-learn, fine-tune, measure) runs, reports every step, and writes a checkpoint that `eval`
+// and `bench` accept.
+TEST(Cli, RebirthMergesReportsAndWritesACheckpointThatEvalAndBenchAccept) {
+  TempDir dir, data;
+  write_tiny_fashion_mnist(data.path(), 16, 20);
+  torch::manual_seed(0);
+  auto model = dynattn::create_model("inception_net:width=0.25");
+  fs::create_directories(dir / "trained");
+  dynattn::save_checkpoint(dir / "trained", *model.ptr(),
+                           R"({"model": "inception_net:width=0.25", "epoch": 1})", {});
+  const std::string merged = dir / "merged";
+  // Tiny settings: two re-learning steps, one fine-tuning epoch of two batches, one timed run.
+  // clang-format off
+  std::vector<std::string> args = {"--threads", "1", "rebirth", "--merge", "all",
+      "--relearn-steps", "2", "--relearn-batch", "4", "--finetune-epochs", "1", "--batch", "8",
+      "--bench-time", "0.01", "--bench-iters", "1"};
+  // clang-format on
+  for (const std::string& a :
+       std::vector<std::string>{"--checkpoint", dir / "trained", "--out", merged, "--data",
+                                data.path(), "--json", dir / "rebirth.json"})
+    args.push_back(a);
+  auto r = run_dynattn(args);
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_THAT(r.out, HasSubstr("re-learned"));
+  const auto j = nlohmann::json::parse(read_file(dir / "rebirth.json"));
+  EXPECT_EQ(j["model"], "inception_net:deployed=true,merge=all,width=0.25");
+  for (const char* step : {"original", "folded", "merged", "relearned", "finetuned"})
+    EXPECT_TRUE(j["accuracy"].contains(step)) << step;
+  EXPECT_EQ(j["accuracy"]["folded"], j["accuracy"]["original"]) << "folding BN is exact";
+  EXPECT_EQ(j["cost"]["original"]["layers"]["max_pool"], 6);
+  EXPECT_EQ(j["cost"]["merged"]["layers"]["max_pool"], 0);
+  EXPECT_EQ(j["cost"]["merged"]["layers"]["batch_norm"], 0);
+  for (const char* form : {"original", "folded", "merged"}) {
+    const auto& c = j["cost"][form];
+    EXPECT_GT(c["peak_bytes_batch1"].get<int64_t>(), 0) << form;
+    EXPECT_GT(c["peak_bytes_batch64"].get<int64_t>(), c["peak_bytes_batch1"].get<int64_t>())
+        << form;
+    EXPECT_GT(c["images_per_sec_batch64"].get<double>(), 0.0) << form;
+  }
+  int exact = 0, relearned = 0;
+  for (const auto& s : j["steps"]) (s["exact"].get<bool>() ? exact : relearned)++;
+  EXPECT_GT(exact, 0);
+  EXPECT_GT(relearned, 0);
+  ASSERT_EQ(j["relearn"]["stages"].size(), 5u);
+
+  r = run_dynattn({"--threads", "1", "eval", "--checkpoint", merged, "--data", data.path()});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+  EXPECT_THAT(r.out, HasSubstr("inception_net:deployed=true,merge=all,width=0.25"));
+  r = run_dynattn({"--threads", "1", "bench", "--checkpoint", merged, "--batch", "1", "--min-time",
+                   "0.01", "--no-peak"});
+  ASSERT_EQ(r.exit_code, 0) << r.describe();
+}
+
+TEST(CliErrors, RebirthNamesAnUnknownMergeAndACheckpointOfAnotherModel) {
+  TinyRun tiny;  // a ResNet-20 checkpoint
+  TempDir out;
+  auto r = run_dynattn({"rebirth", "--checkpoint", tiny.ckpt.path(), "--out", out / "x", "--merge",
+                        "pool", "--data", tiny.data.path()});
+  expect_usage_error(r, "--merge");
+  r = run_dynattn({"--quiet", "rebirth", "--checkpoint", tiny.ckpt.path(), "--out", out / "x",
+                   "--merge", "all", "--data", tiny.data.path()});
+  expect_runtime_error(r);
+  EXPECT_THAT(r.err, HasSubstr("rebirth --checkpoint")) << r.describe();
+  EXPECT_THAT(r.err, HasSubstr("is not an inception_net")) << r.describe();
+  EXPECT_FALSE(fs::exists(out / "x")) << "nothing is written on failure";
+}

@@ -86,5 +86,6 @@ void add_demo_command(CLI::App& app, GlobalOptions& g);
 void add_forward_command(CLI::App& app, GlobalOptions& g);
 void add_visualize_command(CLI::App& app, GlobalOptions& g);
 void add_deploy_command(CLI::App& app, GlobalOptions& g);
+void add_rebirth_command(CLI::App& app, GlobalOptions& g);
 
 }  // namespace dynattn::cli

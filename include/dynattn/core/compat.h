@@ -41,4 +41,12 @@ auto variant_get_if(const Variant* v) {
 #endif
 }
 
+// The integer type of the running totals that c10::MemoryReportingInfoBase::reportMemoryUsage
+// receives (total_allocated, total_reserved): int64_t up to 1.13, size_t from 2.0 on.
+#if TORCH_VERSION_MAJOR >= 2
+using MemoryReportTotal = size_t;
+#else
+using MemoryReportTotal = int64_t;
+#endif
+
 }  // namespace dynattn

@@ -41,4 +41,11 @@ BatchTiming benchmark_train_step(Model& model, int64_t batch, const ModelBenchOp
 // Puts the model in eval mode (and channels-last if asked) on the options' device.
 ModelBenchResult benchmark_model(Model& model, const ModelBenchOptions& options);
 
+// Several models measured in `rounds` alternating rounds (model 1, model 2, ..., model 1, ...),
+// each round with min_seconds / rounds per batch size; per model and batch size, the round with
+// the median median. Drift on a shared machine then affects every model alike.
+std::vector<ModelBenchResult> benchmark_models_alternating(const std::vector<Model*>& models,
+                                                           const ModelBenchOptions& options,
+                                                           int rounds = 3);
+
 }  // namespace dynattn
