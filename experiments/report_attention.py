@@ -6,28 +6,7 @@ import json
 import os
 import re
 import statistics
-import subprocess
-
-
-def load(path):
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def cpu_name():
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
-def batch(bench, b):
-    return next(x for x in bench["batches"] if x["batch"] == b)
+from report_common import load, cpu_name, batch
 
 
 def micro_table(micro):

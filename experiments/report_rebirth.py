@@ -4,24 +4,7 @@ Every number is read from those files; nothing is typed in by hand."""
 import argparse
 import json
 import os
-import subprocess
-
-
-def load(path):
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def cpu_name():
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
+from report_common import load, cpu_name
 
 
 STEPS = [("original", "trained"), ("folded", "BN folded"), ("merged", "merged (weights copied)"),

@@ -144,7 +144,8 @@ bool BasicBlockImpl::onednn_ready() const {
 }
 
 torch::Tensor BasicBlockImpl::forward_onednn(const torch::Tensor& x) {
-  TORCH_CHECK(onednn_ready(), "BasicBlock: forward_onednn needs the deployed form without attention");
+  TORCH_CHECK(onednn_ready(),
+              "BasicBlock: forward_onednn needs the deployed form without attention");
   auto out = packed_conv1_.forward(*conv1, x).relu_();
   out = packed_conv2_.forward(*conv2, out);
   if (downsample.is_empty()) {

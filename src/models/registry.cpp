@@ -55,14 +55,14 @@ ModelInfo repvgg_info(const std::string& family, int64_t groups) {
                      " (3x3 + 1x1 + identity branches, fused by deploy) for 28x28 inputs";
   info.option_keys = {"groups", "strides", "classes", "in_channels", "deployed"};
   info.build = [family, groups, name = info.name](const OptionMap& o) {
-    return torch::nn::AnyModule(RepVGG(
-        RepVGGOptions::family(family)
-            .groups(o.get_int("groups", groups))
-            .strides(parse_int_list(o.get_string("strides", "1/2/2/2/2"),
-                                    "model " + name + " option strides"))
-            .num_classes(o.get_int("classes", 10))
-            .in_channels(o.get_int("in_channels", 1))
-            .deployed(o.get_bool("deployed", false))));
+    return torch::nn::AnyModule(
+        RepVGG(RepVGGOptions::family(family)
+                   .groups(o.get_int("groups", groups))
+                   .strides(parse_int_list(o.get_string("strides", "1/2/2/2/2"),
+                                           "model " + name + " option strides"))
+                   .num_classes(o.get_int("classes", 10))
+                   .in_channels(o.get_int("in_channels", 1))
+                   .deployed(o.get_bool("deployed", false))));
   };
   return info;
 }

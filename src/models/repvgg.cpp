@@ -14,9 +14,8 @@ RepVGGBlockImpl::RepVGGBlockImpl(RepVGGBlockOptions options_) : options(std::mov
 void RepVGGBlockImpl::reset() {
   const auto& o = options;
   TORCH_CHECK(o.in_channels() > 0 && o.out_channels() > 0 && o.stride() > 0 && o.groups() > 0,
-              "RepVGGBlock: channels, stride and groups must be positive, got in=",
-              o.in_channels(), " out=", o.out_channels(), " stride=", o.stride(),
-              " groups=", o.groups());
+              "RepVGGBlock: channels, stride and groups must be positive, got in=", o.in_channels(),
+              " out=", o.out_channels(), " stride=", o.stride(), " groups=", o.groups());
   TORCH_CHECK(o.in_channels() % o.groups() == 0 && o.out_channels() % o.groups() == 0,
               "RepVGGBlock: groups=", o.groups(), " must divide in_channels=", o.in_channels(),
               " and out_channels=", o.out_channels());
@@ -35,11 +34,11 @@ void RepVGGBlockImpl::reset() {
   }
   if (o.in_channels() == o.out_channels() && o.stride() == 1)
     rbr_identity = register_module("rbr_identity", torch::nn::BatchNorm2d(o.in_channels()));
-  rbr_dense = register_module("rbr_dense", ConvBn(ConvBnOptions(o.in_channels(),
-                                                                o.out_channels(), 3)
-                                                      .stride(o.stride())
-                                                      .padding(1)
-                                                      .groups(o.groups())));
+  rbr_dense =
+      register_module("rbr_dense", ConvBn(ConvBnOptions(o.in_channels(), o.out_channels(), 3)
+                                              .stride(o.stride())
+                                              .padding(1)
+                                              .groups(o.groups())));
   rbr_1x1 = register_module("rbr_1x1", ConvBn(ConvBnOptions(o.in_channels(), o.out_channels(), 1)
                                                   .stride(o.stride())
                                                   .padding(0)
@@ -65,7 +64,8 @@ std::pair<torch::Tensor, torch::Tensor> RepVGGBlockImpl::equivalent_kernel_bias(
   // Each branch as (3x3 kernel, bias) in double; summed at the end.
   auto branch = [&](const ConvBnImpl& unit, const std::string& label) {
     if (unit.bn.is_empty())  // its BN already folded on its own
-      return std::make_pair(unit.conv->weight.to(torch::kDouble), unit.conv->bias.to(torch::kDouble));
+      return std::make_pair(unit.conv->weight.to(torch::kDouble),
+                            unit.conv->bias.to(torch::kDouble));
     TORCH_CHECK(!unit.bn->is_training(), where, " ", label,
                 ": the BatchNorm is in training mode; call eval() before fusing (in training it "
                 "normalises with batch statistics, not a fixed affine map)");
@@ -149,9 +149,10 @@ void RepVGGImpl::reset() {
       static_cast<int64_t>(64 * a[0]), static_cast<int64_t>(128 * a[1]),
       static_cast<int64_t>(256 * a[2]), static_cast<int64_t>(512 * a[3])};
   int64_t in = std::min<int64_t>(64, widths[0]);
-  stage0 = register_module("stage0", RepVGGBlock(RepVGGBlockOptions(o.in_channels(), in)
-                                                     .stride(o.strides()[0])
-                                                     .deployed(o.deployed())));
+  stage0 = register_module(
+      "stage0",
+      RepVGGBlock(
+          RepVGGBlockOptions(o.in_channels(), in).stride(o.strides()[0]).deployed(o.deployed())));
   stages.clear();
   int64_t layer = 1;  // the official code's layer index: blocks of stages 1-4, from 1
   for (size_t s = 0; s < 4; ++s) {

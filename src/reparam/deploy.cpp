@@ -25,15 +25,15 @@ DeployReport deploy(Model& model, const std::vector<int64_t>& input_shape) {
 
   // Pre-order over the children each module has *after* it simplified itself: a RepVGG block
   // that merged its branches no longer has them, so they are not visited (and reported) again.
-  std::function<void(torch::nn::Module&, const std::string&)> visit =
-      [&](torch::nn::Module& module, const std::string& path) {
-        if (auto* r = dynamic_cast<Reparameterizable*>(&module)) {
-          for (const auto& merge : r->reparameterize())
-            report.merged.push_back(path.empty() ? merge : path + ": " + merge);
-        }
-        for (const auto& child : module.named_children())
-          visit(*child.value(), path.empty() ? child.key() : path + "." + child.key());
-      };
+  std::function<void(torch::nn::Module&, const std::string&)> visit = [&](torch::nn::Module& module,
+                                                                          const std::string& path) {
+    if (auto* r = dynamic_cast<Reparameterizable*>(&module)) {
+      for (const auto& merge : r->reparameterize())
+        report.merged.push_back(path.empty() ? merge : path + ": " + merge);
+    }
+    for (const auto& child : module.named_children())
+      visit(*child.value(), path.empty() ? child.key() : path + "." + child.key());
+  };
   visit(root, "");
   // The spec must rebuild the deployed structure from a checkpoint.
   if (!report.merged.empty()) {

@@ -568,9 +568,9 @@ TEST(Cli, DeployImportsRepVGGWeightsThroughAKeyMap) {
                           dir.path() + " >/dev/null";
   ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
   const std::string weights = dir / "timm_repvgg_a0g4.weights.safetensors";
-  auto r = run_dynattn({"--threads", "1", "deploy", "--model", "repvgg_a0g4", "--weights",
-                        weights, "--key-map", "timm", "--out", dir / "plain", "--json",
-                        dir / "deploy.json"});
+  auto r =
+      run_dynattn({"--threads", "1", "deploy", "--model", "repvgg_a0g4", "--weights", weights,
+                   "--key-map", "timm", "--out", dir / "plain", "--json", dir / "deploy.json"});
   ASSERT_EQ(r.exit_code, 0) << r.describe();
   const auto report = nlohmann::json::parse(read_file(dir / "deploy.json"));
   EXPECT_EQ(report["model"], "repvgg_a0g4:deployed=true");
@@ -580,7 +580,8 @@ TEST(Cli, DeployImportsRepVGGWeightsThroughAKeyMap) {
                    dir / "plain/model.safetensors", "--input",
                    dir / "timm_repvgg_a0g4.io.safetensors", "--output", dir / "y.safetensors"});
   ASSERT_EQ(r.exit_code, 0) << r.describe();
-  const auto expected = *dynattn::read_safetensors(dir / "timm_repvgg_a0g4.io.safetensors").find("y");
+  const auto expected =
+      *dynattn::read_safetensors(dir / "timm_repvgg_a0g4.io.safetensors").find("y");
   const auto y = *dynattn::read_safetensors(dir / "y.safetensors").find("y");
   EXPECT_LE((y - expected).abs().max().item<double>(),
             1e-5 * std::max(1.0, expected.abs().max().item<double>()));
@@ -613,8 +614,8 @@ TEST(Cli, BenchComparesAModelWithItsDeployedForm) {
 
 TEST(CliBench, KernelsOptionIsRecordedAndChecked) {
   TempDir dir;
-  auto r = run_dynattn({"--kernels", "aten", "bench", "--model", "resnet20:width=8", "--batch",
-                        "1", "--min-time", "0.01", "--no-peak", "--json", dir / "b.json"});
+  auto r = run_dynattn({"--kernels", "aten", "bench", "--model", "resnet20:width=8", "--batch", "1",
+                        "--min-time", "0.01", "--no-peak", "--json", dir / "b.json"});
   ASSERT_EQ(r.exit_code, 0) << r.describe();
   EXPECT_EQ(nlohmann::json::parse(read_file(dir / "b.json"))["kernels"], "aten");
   r = run_dynattn({"--kernels", "fast", "bench", "--batch", "1"});
