@@ -14,16 +14,22 @@
 //         spatial-gate multiply);
 //   bam: 4 (spatial mean, broadcast sum of the two maps, sigmoid, addcmul); the spatial
 //        branch's 1x1 reduction reads the map too, but as MACs.
+// The forward (inference) of se, eca, cbam and bam runs the fused kernels of ops/fused_gates.h;
+// "<kind>_aten" is the same module with them switched off (the ATen path), so that both read
+// off one run. The pass counts above are the ATen path's; the fused kernels make fewer (se, eca:
+// 2; cbam: 3, the two poolings sharing one; bam: 2 plus the reduce conv's read, as MACs).
 // Run: build/bench/dynattn_bench --benchmark_filter=Attention
 #include <benchmark/benchmark.h>
 #include <torch/torch.h>
 
+#include <cstring>
 #include <string>
 
 #include "dynattn/core/compat.h"
 #include "dynattn/core/memory_format.h"
 #include "dynattn/models/attention_slot.h"
 #include "dynattn/models/cifar_resnet.h"
+#include "dynattn/ops/conv2d.h"
 #include "dynattn/profile/mac_counter.h"
 
 namespace {
@@ -40,6 +46,29 @@ struct MemoryPassImpl : torch::nn::Cloneable<MemoryPassImpl> {
 };
 TORCH_MODULE(MemoryPass);
 
+constexpr char kAtenSuffix[] = "_aten";
+
+bool on_aten_path(const std::string& kind) {
+  const std::string suffix = kAtenSuffix;
+  return kind.size() > suffix.size() &&
+         kind.compare(kind.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// "se_aten" -> "se"
+std::string module_kind(const std::string& kind) {
+  return on_aten_path(kind) ? kind.substr(0, kind.size() - std::strlen(kAtenSuffix)) : kind;
+}
+
+// Switches the fused kernels (and conv2d_forward's kernel choice) off while alive, for the
+// "_aten" variants.
+struct AtenPathGuard {
+  explicit AtenPathGuard(bool aten) : previous(dynattn::conv2d_kernel_selection_enabled()) {
+    if (aten) dynattn::set_conv2d_kernel_selection(false);
+  }
+  ~AtenPathGuard() { dynattn::set_conv2d_kernel_selection(previous); }
+  bool previous;
+};
+
 int memory_passes(const std::string& kind) {
   if (kind == "se" || kind == "eca") return 2;
   if (kind == "cbam") return 6;
@@ -52,7 +81,7 @@ torch::nn::AnyModule make_module(const std::string& kind, int64_t channels) {
   if (kind == "block")
     return torch::nn::AnyModule(
         dynattn::BasicBlock(dynattn::BasicBlockOptions(channels, channels)));
-  return dynattn::create_attention(kind, channels);
+  return dynattn::create_attention(module_kind(kind), channels);
 }
 
 // Args: shape index (into kShapes), batch, channels-last.
@@ -76,7 +105,7 @@ Setup setup(benchmark::State& state, const std::string& kind, bool training) {
     torch::NoGradGuard no_grad;
     const auto macs = dynattn::count_macs([&] { s.module.forward(s.x); }).macs;
     state.counters["macs_per_image"] = static_cast<double>(macs) / static_cast<double>(batch);
-    state.counters["memory_passes"] = memory_passes(kind);
+    state.counters["memory_passes"] = memory_passes(module_kind(kind));
   }
   state.SetLabel("C=" + std::to_string(shape.channels) + " " + std::to_string(shape.size) + "x" +
                  std::to_string(shape.size) + (channels_last ? " channels_last" : " contiguous"));
@@ -84,6 +113,7 @@ Setup setup(benchmark::State& state, const std::string& kind, bool training) {
 }
 
 void BM_AttentionForward(benchmark::State& state, const std::string& kind) {
+  AtenPathGuard path(on_aten_path(kind));
   auto s = setup(state, kind, /*training=*/false);
   dynattn::InferenceGuard guard;
   for (int i = 0; i < 5; ++i) s.module.forward(s.x);
@@ -122,6 +152,10 @@ BENCHMARK_CAPTURE(BM_AttentionForward, se, std::string("se"))->Apply(args);
 BENCHMARK_CAPTURE(BM_AttentionForward, eca, std::string("eca"))->Apply(args);
 BENCHMARK_CAPTURE(BM_AttentionForward, cbam, std::string("cbam"))->Apply(args);
 BENCHMARK_CAPTURE(BM_AttentionForward, bam, std::string("bam"))->Apply(args);
+BENCHMARK_CAPTURE(BM_AttentionForward, se_aten, std::string("se_aten"))->Apply(args);
+BENCHMARK_CAPTURE(BM_AttentionForward, eca_aten, std::string("eca_aten"))->Apply(args);
+BENCHMARK_CAPTURE(BM_AttentionForward, cbam_aten, std::string("cbam_aten"))->Apply(args);
+BENCHMARK_CAPTURE(BM_AttentionForward, bam_aten, std::string("bam_aten"))->Apply(args);
 BENCHMARK_CAPTURE(BM_AttentionForwardBackward, block, std::string("block"))->Apply(args);
 BENCHMARK_CAPTURE(BM_AttentionForwardBackward, pass, std::string("pass"))->Apply(args);
 BENCHMARK_CAPTURE(BM_AttentionForwardBackward, se, std::string("se"))->Apply(args);
