@@ -153,7 +153,7 @@ torch::Tensor BAMImpl::fused_forward(const torch::Tensor& x) {
   if (!fused_gates_apply(x, params)) return {};
   const ChannelMlp mlp{fc0->weight, fc0->bias, fc_final->weight, fc_final->bias, &bn[0]};
   // Narrow spatial branches run inside the kernel; wider ones are faster as ATen convolutions.
-  if (spatial_att->rd_channels > kBamDirectSpatialMaxWidth) {
+  if (!bam_spatial_in_kernel(x.size(0), spatial_att->rd_channels)) {
     return fused_bam(x, mlp, nullptr, spatial_att(x), options.product());
   }
   BamSpatialWeights sw;

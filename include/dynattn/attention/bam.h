@@ -4,9 +4,9 @@
 // Deviations: none by default (the paper's sum); `product` is the official code's M_c * M_s.
 // The channel descriptor is mean_HW F (official: avg_pool2d with an HxH window, equal when H=W).
 // Inference (autograd off, CPU float32, every BN in eval mode; see fused_gates_apply()):
-// BAM::forward() runs the fused kernel of ops/fused_gates.h (spatial branch included up to
-// rd = kBamDirectSpatialMaxWidth), the same maths without the per-operator cost of the ATen form
-// that training, the gate modules and forward_with_maps() use.
+// BAM::forward() runs the fused kernel of ops/fused_gates.h (spatial branch included when
+// bam_spatial_in_kernel()), the same maths without the per-operator cost of the ATen form that
+// training, the gate modules and forward_with_maps() use.
 #pragma once
 #include <torch/torch.h>
 

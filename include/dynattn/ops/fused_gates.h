@@ -85,10 +85,12 @@ struct BamSpatialWeights {
   int64_t dilation = 4;
 };
 
-// Widest reduced width rd for which fused_bam() computes the spatial branch itself: its direct
-// loops beat ATen's convolutions on small maps and narrow branches only; the module runs wider
-// branches with ATen and passes their output as spatial_logits.
-constexpr int64_t kBamDirectSpatialMaxWidth = 8;
+// Whether fused_bam() should compute BAM's spatial branch itself, for a batch of `batch` and
+// reduced width rd: its direct loops beat ATen's convolutions for narrow branches (rd <= 4) and,
+// up to rd = 16, for one or two images; ATen's batched convolutions win for wider branches and
+// larger batches (bench/bench_attention_channel.cpp, BM_BamSpatialBranch). Otherwise the module
+// runs the branch with ATen and passes its output as spatial_logits.
+bool bam_spatial_in_kernel(int64_t batch, int64_t rd);
 
 // BAM: y = x + x * sigmoid(M_c + M_s) (M_c * M_s with `product`), M_c = mlp(mean_HW x) per
 // channel, M_s per pixel: from `spatial` when given, else `spatial_logits` [N,1,H,W] (float,
