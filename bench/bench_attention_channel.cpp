@@ -14,16 +14,25 @@
 //         spatial-gate multiply);
 //   bam: 4 (spatial mean, broadcast sum of the two maps, sigmoid, addcmul); the spatial
 //        branch's 1x1 reduction reads the map too, but as MACs.
+// The forward (inference) of se, eca, cbam and bam runs the fused kernels of ops/fused_gates.h;
+// "<kind>_aten" is the same module with them switched off (the ATen path), so that both read
+// off one run. The pass counts above are the ATen path's; the fused kernels make fewer (se, eca:
+// 2; cbam: 3, the two poolings sharing one; bam: 2 plus the reduce conv's read, as MACs).
 // Run: build/bench/dynattn_bench --benchmark_filter=Attention
 #include <benchmark/benchmark.h>
 #include <torch/torch.h>
 
+#include <cstring>
 #include <string>
+#include <vector>
 
+#include "dynattn/attention/bam.h"
 #include "dynattn/core/compat.h"
 #include "dynattn/core/memory_format.h"
 #include "dynattn/models/attention_slot.h"
 #include "dynattn/models/cifar_resnet.h"
+#include "dynattn/ops/conv2d.h"
+#include "dynattn/ops/fused_gates.h"
 #include "dynattn/profile/mac_counter.h"
 
 namespace {
@@ -40,6 +49,29 @@ struct MemoryPassImpl : torch::nn::Cloneable<MemoryPassImpl> {
 };
 TORCH_MODULE(MemoryPass);
 
+constexpr char kAtenSuffix[] = "_aten";
+
+bool on_aten_path(const std::string& kind) {
+  const std::string suffix = kAtenSuffix;
+  return kind.size() > suffix.size() &&
+         kind.compare(kind.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+// "se_aten" -> "se"
+std::string module_kind(const std::string& kind) {
+  return on_aten_path(kind) ? kind.substr(0, kind.size() - std::strlen(kAtenSuffix)) : kind;
+}
+
+// Switches the fused kernels (and conv2d_forward's kernel choice) off while alive, for the
+// "_aten" variants.
+struct AtenPathGuard {
+  explicit AtenPathGuard(bool aten) : previous(dynattn::conv2d_kernel_selection_enabled()) {
+    if (aten) dynattn::set_conv2d_kernel_selection(false);
+  }
+  ~AtenPathGuard() { dynattn::set_conv2d_kernel_selection(previous); }
+  bool previous;
+};
+
 int memory_passes(const std::string& kind) {
   if (kind == "se" || kind == "eca") return 2;
   if (kind == "cbam") return 6;
@@ -52,7 +84,7 @@ torch::nn::AnyModule make_module(const std::string& kind, int64_t channels) {
   if (kind == "block")
     return torch::nn::AnyModule(
         dynattn::BasicBlock(dynattn::BasicBlockOptions(channels, channels)));
-  return dynattn::create_attention(kind, channels);
+  return dynattn::create_attention(module_kind(kind), channels);
 }
 
 // Args: shape index (into kShapes), batch, channels-last.
@@ -76,7 +108,7 @@ Setup setup(benchmark::State& state, const std::string& kind, bool training) {
     torch::NoGradGuard no_grad;
     const auto macs = dynattn::count_macs([&] { s.module.forward(s.x); }).macs;
     state.counters["macs_per_image"] = static_cast<double>(macs) / static_cast<double>(batch);
-    state.counters["memory_passes"] = memory_passes(kind);
+    state.counters["memory_passes"] = memory_passes(module_kind(kind));
   }
   state.SetLabel("C=" + std::to_string(shape.channels) + " " + std::to_string(shape.size) + "x" +
                  std::to_string(shape.size) + (channels_last ? " channels_last" : " contiguous"));
@@ -84,6 +116,7 @@ Setup setup(benchmark::State& state, const std::string& kind, bool training) {
 }
 
 void BM_AttentionForward(benchmark::State& state, const std::string& kind) {
+  AtenPathGuard path(on_aten_path(kind));
   auto s = setup(state, kind, /*training=*/false);
   dynattn::InferenceGuard guard;
   for (int i = 0; i < 5; ++i) s.module.forward(s.x);
@@ -107,6 +140,64 @@ void BM_AttentionForwardBackward(benchmark::State& state, const std::string& kin
   state.SetItemsProcessed(state.iterations() * s.x.size(0));
 }
 
+// BAM's spatial branch computed inside fused_bam() (direct loops) against ATen's convolutions
+// followed by the same fused rest: the measurement behind bam_spatial_in_kernel().
+void BM_BamSpatialBranch(benchmark::State& state, bool in_kernel) {
+  const int64_t c = state.range(0), hw = state.range(1), rd = state.range(2), n = state.range(3);
+  dynattn::BAM bam(dynattn::BAMOptions(c).rd_channels(rd));
+  bam->eval();
+  const auto x = torch::randn({n, c, hw, hw});
+  dynattn::InferenceGuard guard;
+  auto& gc = *bam->channel_att->gate_c;
+  auto& gs = *bam->spatial_att->gate_s;
+  dynattn::BatchNormEval bn[4];
+  dynattn::eval_form(*gc.ptr(1)->as<torch::nn::BatchNorm1d>(), bn[0]);
+  for (int i = 0; i < 3; ++i)
+    dynattn::eval_form(*gs.ptr(1 + 3 * i)->as<torch::nn::BatchNorm2d>(), bn[1 + i]);
+  const auto* fc0 = gc.ptr(0)->as<torch::nn::Linear>();
+  const auto* fc_final = gc.ptr(3)->as<torch::nn::Linear>();
+  const dynattn::ChannelMlp mlp{fc0->weight, fc0->bias, fc_final->weight, fc_final->bias, &bn[0]};
+  dynattn::BamSpatialWeights sw;
+  const auto* reduce = gs.ptr(0)->as<torch::nn::Conv2d>();
+  sw.reduce_weight = reduce->weight;
+  sw.reduce_bias = reduce->bias;
+  sw.reduce_bn = &bn[1];
+  for (int i = 0; i < 2; ++i) {
+    const auto* conv = gs.ptr(3 + 3 * i)->as<torch::nn::Conv2d>();
+    sw.dilated_weight[i] = conv->weight;
+    sw.dilated_bias[i] = conv->bias;
+    sw.dilated_bn[i] = &bn[2 + i];
+  }
+  const auto* final_conv = gs.ptr(9)->as<torch::nn::Conv2d>();
+  sw.final_weight = final_conv->weight;
+  sw.final_bias = final_conv->bias;
+  sw.dilation = bam->options.dilation();
+  auto run = [&] {
+    return in_kernel ? dynattn::fused_bam(x, mlp, &sw, {}, false)
+                     : dynattn::fused_bam(x, mlp, nullptr, bam->spatial_att(x), false);
+  };
+  for (int i = 0; i < 3; ++i) run();
+  for (auto _ : state) benchmark::DoNotOptimize(run());
+  state.SetItemsProcessed(state.iterations() * n);
+}
+
+void bam_spatial_args(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"C", "HW", "rd", "N"});
+  for (auto a : {std::vector<int64_t>{16, 28, 1, 64},
+                 {32, 14, 2, 64},
+                 {64, 7, 4, 1},
+                 {64, 7, 4, 64},
+                 {128, 7, 8, 2},
+                 {128, 7, 8, 8},
+                 {128, 14, 8, 16},
+                 {256, 14, 16, 1},
+                 {256, 14, 16, 16},
+                 {256, 14, 32, 1},
+                 {512, 7, 32, 1}})
+    b->Args(a);
+  b->Unit(benchmark::kMicrosecond)->UseRealTime();
+}
+
 void args(benchmark::internal::Benchmark* b) {
   b->ArgNames({"shape", "N", "cl"})
       ->ArgsProduct({{0, 1, 2}, {1, 64}, {0, 1}})
@@ -122,6 +213,12 @@ BENCHMARK_CAPTURE(BM_AttentionForward, se, std::string("se"))->Apply(args);
 BENCHMARK_CAPTURE(BM_AttentionForward, eca, std::string("eca"))->Apply(args);
 BENCHMARK_CAPTURE(BM_AttentionForward, cbam, std::string("cbam"))->Apply(args);
 BENCHMARK_CAPTURE(BM_AttentionForward, bam, std::string("bam"))->Apply(args);
+BENCHMARK_CAPTURE(BM_AttentionForward, se_aten, std::string("se_aten"))->Apply(args);
+BENCHMARK_CAPTURE(BM_AttentionForward, eca_aten, std::string("eca_aten"))->Apply(args);
+BENCHMARK_CAPTURE(BM_AttentionForward, cbam_aten, std::string("cbam_aten"))->Apply(args);
+BENCHMARK_CAPTURE(BM_AttentionForward, bam_aten, std::string("bam_aten"))->Apply(args);
+BENCHMARK_CAPTURE(BM_BamSpatialBranch, in_kernel, true)->Apply(bam_spatial_args);
+BENCHMARK_CAPTURE(BM_BamSpatialBranch, aten, false)->Apply(bam_spatial_args);
 BENCHMARK_CAPTURE(BM_AttentionForwardBackward, block, std::string("block"))->Apply(args);
 BENCHMARK_CAPTURE(BM_AttentionForwardBackward, pass, std::string("pass"))->Apply(args);
 BENCHMARK_CAPTURE(BM_AttentionForwardBackward, se, std::string("se"))->Apply(args);

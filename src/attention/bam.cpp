@@ -2,6 +2,7 @@
 
 #include "dynattn/attention/channel_reduction.h"
 #include "dynattn/models/attention_slot.h"
+#include "dynattn/ops/fused_gates.h"
 
 namespace dynattn {
 namespace {
@@ -126,8 +127,54 @@ torch::Tensor BAMImpl::run(const torch::Tensor& x, AttentionMaps* maps) {
   return torch::addcmul(x, x, s);
 }
 
+torch::Tensor BAMImpl::fused_forward(const torch::Tensor& x) {
+  const auto& gc = *channel_att->gate_c;
+  const auto& gs = *spatial_att->gate_s;
+  const auto* fc0 = gc.ptr(0)->as<torch::nn::Linear>();
+  const auto* fc_final = gc.ptr(3)->as<torch::nn::Linear>();
+  const auto* reduce = gs.ptr(0)->as<torch::nn::Conv2d>();
+  const torch::nn::Conv2dImpl* dilated[2] = {gs.ptr(3)->as<torch::nn::Conv2d>(),
+                                             gs.ptr(6)->as<torch::nn::Conv2d>()};
+  const auto* final_conv = gs.ptr(9)->as<torch::nn::Conv2d>();
+  // Every BN must normalise with its running statistics: [channel, reduce, dilated 0, 1].
+  BatchNormEval bn[4];
+  if (!eval_form(*gc.ptr(1)->as<torch::nn::BatchNorm1d>(), bn[0])) return {};
+  for (int i = 0; i < 3; ++i) {
+    if (!eval_form(*gs.ptr(1 + 3 * i)->as<torch::nn::BatchNorm2d>(), bn[1 + i])) return {};
+  }
+  const std::initializer_list<torch::Tensor> params = {
+      fc0->weight,        fc0->bias,        fc_final->weight,   fc_final->bias,
+      reduce->weight,     reduce->bias,     dilated[0]->weight, dilated[0]->bias,
+      dilated[1]->weight, dilated[1]->bias, final_conv->weight, final_conv->bias,
+      bn[0].weight,       bn[0].bias,       bn[0].running_mean, bn[0].running_var,
+      bn[1].weight,       bn[1].bias,       bn[1].running_mean, bn[1].running_var,
+      bn[2].weight,       bn[2].bias,       bn[2].running_mean, bn[2].running_var,
+      bn[3].weight,       bn[3].bias,       bn[3].running_mean, bn[3].running_var};
+  if (!fused_gates_apply(x, params)) return {};
+  const ChannelMlp mlp{fc0->weight, fc0->bias, fc_final->weight, fc_final->bias, &bn[0]};
+  // Narrow spatial branches run inside the kernel; wider ones are faster as ATen convolutions.
+  if (!bam_spatial_in_kernel(x.size(0), spatial_att->rd_channels)) {
+    return fused_bam(x, mlp, nullptr, spatial_att(x), options.product());
+  }
+  BamSpatialWeights sw;
+  sw.reduce_weight = reduce->weight;
+  sw.reduce_bias = reduce->bias;
+  sw.reduce_bn = &bn[1];
+  for (int i = 0; i < 2; ++i) {
+    sw.dilated_weight[i] = dilated[i]->weight;
+    sw.dilated_bias[i] = dilated[i]->bias;
+    sw.dilated_bn[i] = &bn[2 + i];
+  }
+  sw.final_weight = final_conv->weight;
+  sw.final_bias = final_conv->bias;
+  sw.dilation = options.dilation();
+  return fused_bam(x, mlp, &sw, {}, options.product());
+}
+
 torch::Tensor BAMImpl::forward(const torch::Tensor& x) {
-  return run(x, nullptr);
+  check_attention_input("BAM", x, options.channels());
+  auto fused = fused_forward(x);
+  return fused.defined() ? fused : run(x, nullptr);
 }
 
 AttentionOutput BAMImpl::forward_with_maps(const torch::Tensor& x) {

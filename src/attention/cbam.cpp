@@ -3,6 +3,7 @@
 #include "dynattn/attention/channel_reduction.h"
 #include "dynattn/models/attention_slot.h"
 #include "dynattn/ops/conv2d.h"
+#include "dynattn/ops/fused_gates.h"
 
 namespace dynattn {
 namespace {
@@ -192,8 +193,23 @@ torch::Tensor CBAMImpl::run(const torch::Tensor& x, AttentionMaps* maps) {
   return refined * ms;
 }
 
+torch::Tensor CBAMImpl::fused_forward(const torch::Tensor& x) {
+  const auto& c = *channel;
+  const auto& s = *spatial;
+  BatchNormEval bn;
+  if (s.bn && !eval_form(*s.bn, bn)) return {};
+  const std::initializer_list<torch::Tensor> params = {
+      c.fc1->weight, c.fc1->bias, c.fc2->weight, c.fc2->bias,     s.conv->weight,
+      s.conv->bias,  bn.weight,   bn.bias,       bn.running_mean, bn.running_var};
+  if (!fused_gates_apply(x, params)) return {};
+  return fused_cbam(x, {c.fc1->weight, c.fc1->bias, c.fc2->weight, c.fc2->bias},
+                    {s.conv->weight, s.conv->bias, s.bn ? &bn : nullptr, options.max_first()});
+}
+
 torch::Tensor CBAMImpl::forward(const torch::Tensor& x) {
-  return run(x, nullptr);
+  check_attention_input("CBAM", x, options.channels());
+  auto fused = fused_forward(x);
+  return fused.defined() ? fused : run(x, nullptr);
 }
 
 AttentionOutput CBAMImpl::forward_with_maps(const torch::Tensor& x) {

@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "dynattn/models/attention_slot.h"
+#include "dynattn/ops/fused_gates.h"
 
 namespace dynattn {
 
@@ -46,6 +47,10 @@ torch::Tensor EfficientChannelAttentionImpl::gate(const torch::Tensor& x) {
 }
 
 torch::Tensor EfficientChannelAttentionImpl::forward(const torch::Tensor& x) {
+  check_attention_input("ECA", x, options.channels());
+  // Inference: one fused kernel instead of the ATen operators of gate() (ops/fused_gates.h).
+  if (fused_gates_apply(x, {conv->weight, conv->bias}))
+    return fused_efficient_channel_attention(x, conv->weight, conv->bias);
   return x * gate(x);
 }
 

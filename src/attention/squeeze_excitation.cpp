@@ -3,6 +3,7 @@
 #include "dynattn/attention/channel_reduction.h"
 #include "dynattn/models/attention_slot.h"
 #include "dynattn/ops/conv2d.h"
+#include "dynattn/ops/fused_gates.h"
 
 namespace dynattn {
 namespace {
@@ -43,6 +44,13 @@ torch::Tensor SqueezeExcitationImpl::gate(const torch::Tensor& x) {
 }
 
 torch::Tensor SqueezeExcitationImpl::forward(const torch::Tensor& x) {
+  check_attention_input("SE", x, options.channels());
+  // Inference: one fused kernel instead of the ATen operators of gate() (ops/fused_gates.h).
+  const ChannelMlp mlp{fc1->weight, fc1->bias, fc2->weight, fc2->bias};
+  if (fused_gates_apply(x, {mlp.fc1_weight, mlp.fc1_bias, mlp.fc2_weight, mlp.fc2_bias})) {
+    return fused_squeeze_excitation(
+        x, mlp, options.gate() == "sigmoid" ? GateFunction::Sigmoid : GateFunction::HardSigmoid);
+  }
   return x * gate(x);
 }
 

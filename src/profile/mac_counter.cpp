@@ -244,6 +244,13 @@ MacCounter::~MacCounter() {
   }
 }
 
+void record_macs(const char* op, int64_t macs) {
+  ThreadState& state = thread_state();
+  if (state.counters.empty() || state.backward_depth > 0 || state.counted_depth > 0) return;
+  const std::string name(op);
+  for (MacCounter* counter : state.counters) MacCounterAccess::add(*counter, name, macs);
+}
+
 void MacCounter::add(const std::string& op, int64_t macs) {
   count_.macs += macs;
   count_.by_op[op] += macs;

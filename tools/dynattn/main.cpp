@@ -106,7 +106,8 @@ int main(int argc, char** argv) {
   app.add_flag("--quiet", g.quiet, "do not log the runtime banner");
   app.add_option("--kernels", g.kernels,
                  "CPU kernel choices for inference: dynattn (oneDNN where measured faster, "
-                 "oneDNN-layout chains for deployed models) or aten (ATen's own)")
+                 "oneDNN-layout chains for deployed models, fused attention gates) or aten "
+                 "(ATen's own)")
       ->capture_default_str()
       ->check(CLI::IsMember({"dynattn", "aten"}));
   add_train_command(app, g);

@@ -3,6 +3,10 @@
 // reduce, two dilated 3x3 convs and a 1x1 to one channel; meant for stage boundaries.
 // Deviations: none by default (the paper's sum); `product` is the official code's M_c * M_s.
 // The channel descriptor is mean_HW F (official: avg_pool2d with an HxH window, equal when H=W).
+// Inference (autograd off, CPU float32, every BN in eval mode; see fused_gates_apply()):
+// BAM::forward() runs the fused kernel of ops/fused_gates.h (spatial branch included when
+// bam_spatial_in_kernel()), the same maths without the per-operator cost of the ATen form that
+// training, the gate modules and forward_with_maps() use.
 #pragma once
 #include <torch/torch.h>
 
@@ -76,6 +80,8 @@ class BAMImpl : public torch::nn::Cloneable<BAMImpl>, public AttentionWithMaps {
 
  private:
   torch::Tensor run(const torch::Tensor& x, AttentionMaps* maps);  // maps filled when not null
+  // The fused inference kernel (ops/fused_gates.h) when it applies, else undefined.
+  torch::Tensor fused_forward(const torch::Tensor& x);
 };
 TORCH_MODULE(BAM);
 

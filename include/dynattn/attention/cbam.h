@@ -5,6 +5,10 @@
 // (Jongchan/attention-module: BN with momentum 0.01, max map first, MLP bias, BN weight zeroed
 // at init). `spatial_bn = false` is the paper form (the conv then has a bias). Parity switches
 // for timm's CbamModule: CBAMOptions::timm().
+// Inference (autograd off, CPU float32, spatial BN in eval mode; see fused_gates_apply()):
+// CBAM::forward() runs the fused kernel of ops/fused_gates.h, the same maths in three passes over
+// the map without the per-operator cost of the ATen form that training, the two gate modules and
+// forward_with_maps() use.
 #pragma once
 #include <torch/torch.h>
 
@@ -82,6 +86,8 @@ class CBAMImpl : public torch::nn::Cloneable<CBAMImpl>, public AttentionWithMaps
 
  private:
   torch::Tensor run(const torch::Tensor& x, AttentionMaps* maps);  // maps filled when not null
+  // The fused inference kernel (ops/fused_gates.h) when it applies, else undefined.
+  torch::Tensor fused_forward(const torch::Tensor& x);
 };
 TORCH_MODULE(CBAM);
 

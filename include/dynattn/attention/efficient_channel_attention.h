@@ -2,6 +2,9 @@
 // Attention for Deep Convolutional Neural Networks", CVPR 2020): a 1-D convolution of size k
 // across the pooled channel vector replaces SE's MLP; k = |(log2 C + b) / gamma|_odd.
 // Deviations: none. timm's EcaModule also clamps k to >= 3 (differs for C < 8 only).
+// Inference (autograd off, CPU float32, see fused_gates_apply()): forward() runs the fused kernel
+// of ops/fused_gates.h, the same maths without the per-operator cost of the ATen form that
+// training, gate() and forward_with_maps() use.
 #pragma once
 #include <torch/torch.h>
 

@@ -2,6 +2,9 @@
 // s = gate(fc2(relu(fc1(mean_HW(x))))), out = x * s, with the FC layers as 1x1 convs with bias.
 // Deviations: none by default (reduced width floor(C/r), sigmoid gate). Parity switches: timm's
 // make_divisible width (`reduction_policy = "divisible"`) and hard-sigmoid gate (relu6(x+3)/6).
+// Inference (autograd off, CPU float32, see fused_gates_apply()): forward() runs the fused kernel
+// of ops/fused_gates.h, the same maths without the per-operator cost of the ATen form that
+// training, gate() and forward_with_maps() use.
 #pragma once
 #include <torch/torch.h>
 

@@ -29,6 +29,7 @@ torch::Tensor conv2d_forward(torch::nn::Conv2dImpl& conv, const torch::Tensor& i
 torch::Tensor conv1x1_on_pooled(const torch::nn::Conv2dImpl& conv, const torch::Tensor& pooled);
 
 // Process-wide switch (default on), so that benchmarks and tests can compare with ATen's choice.
+// It also switches the fused attention gates of ops/fused_gates.h on and off.
 void set_conv2d_kernel_selection(bool enabled);
 bool conv2d_kernel_selection_enabled();
 

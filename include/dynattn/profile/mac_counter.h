@@ -61,6 +61,12 @@ class MacCounter {
   MacCount count_;
 };
 
+// Adds `macs` under the name `op` to every live counter of this thread, as if an ATen operator
+// of that name had run: for kernels that compute outside ATen's operators (ops/fused_gates.h),
+// which RecordFunction does not see. Like ATen's, nothing is added inside a counted operator or
+// an autograd backward node, nor on threads without a counter.
+void record_macs(const char* op, int64_t macs);
+
 // Runs fn() in inference mode under a fresh counter and returns what it counted.
 template <class F>
 MacCount count_macs(F&& fn) {

@@ -1,0 +1,814 @@
+#include "dynattn/ops/fused_gates.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "dynattn/ops/conv2d.h"
+#include "dynattn/profile/mac_counter.h"
+
+// The loops over the map are compiled twice, for AVX2 and for the baseline ISA, and the loader
+// picks one per machine (GCC/Clang function multi-versioning). ATen's own kernels dispatch the
+// same way; baseline SSE2 code alone is up to 2x slower than them on full-map passes.
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define DYNATTN_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define DYNATTN_VECTOR_CLONES
+#endif
+// The small helpers must be inlined into each clone to be compiled for its ISA.
+#if defined(__GNUC__) || defined(__clang__)
+#define DYNATTN_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define DYNATTN_ALWAYS_INLINE inline
+#endif
+
+namespace dynattn {
+namespace {
+std::atomic<int64_t> g_calls{0};
+
+// Elements per parallel task, as ATen's own grain (at::internal::GRAIN_SIZE).
+constexpr int64_t kGrain = 32768;
+// Independent partial sums per reduction: lets the compiler vectorise it without reordering
+// anything itself, and keeps the rounding error of long sums small.
+constexpr int kLanes = 8;
+
+int64_t grain_for(int64_t work_per_item) {
+  return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, work_per_item));
+}
+
+// ---- Helpers, inlined into the clones below (so compiled for each ISA) ----
+
+DYNATTN_ALWAYS_INLINE float lanes_total(const float* acc) {
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+DYNATTN_ALWAYS_INLINE float sum_of(const float* p, int64_t n) {
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] += p[i + j];
+  for (int j = 0; i < n; ++i, ++j) acc[j] += p[i];
+  return lanes_total(acc);
+}
+
+// Sum and maximum of p[0..n), n >= 1.
+DYNATTN_ALWAYS_INLINE void sum_max_of(const float* p, int64_t n, float* sum, float* max) {
+  float acc[kLanes] = {}, top[kLanes];
+  for (int j = 0; j < kLanes; ++j) top[j] = p[0];
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      acc[j] += p[i + j];
+      top[j] = top[j] < p[i + j] ? p[i + j] : top[j];
+    }
+  }
+  for (int j = 0; i < n; ++i, ++j) {
+    acc[j] += p[i];
+    top[j] = top[j] < p[i] ? p[i] : top[j];
+  }
+  *sum = lanes_total(acc);
+  *max = *std::max_element(top, top + kLanes);
+}
+
+DYNATTN_ALWAYS_INLINE float dot(const float* a, const float* b, int64_t n) {
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] += a[i + j] * b[i + j];
+  for (int j = 0; i < n; ++i, ++j) acc[j] += a[i] * b[i];
+  return lanes_total(acc);
+}
+
+// y[i] += a * x[i]
+DYNATTN_ALWAYS_INLINE void axpy(float a, const float* __restrict__ x, float* __restrict__ y,
+                                int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+
+// Register-blocked accumulation: kChunk outputs stay in vector registers across many axpys.
+constexpr int64_t kChunk = 32;
+
+DYNATTN_ALWAYS_INLINE void axpy_chunk(float a, const float* __restrict__ x,
+                                      float* __restrict__ acc) {
+  for (int64_t j = 0; j < kChunk; ++j) acc[j] += a * x[j];
+}
+
+DYNATTN_ALWAYS_INLINE float max_of(float a, float b) {
+  return a < b ? b : a;
+}
+
+// e^v for v in [-87, 88] within 2 ulp, branch-free so that loops over it vectorise: Cephes'
+// expf (n = round(v / ln 2) by the 1.5 * 2^23 trick, v - n ln 2 in two parts, degree-6
+// polynomial, 2^n from the exponent bits). std::exp does not vectorise here.
+DYNATTN_ALWAYS_INLINE float exp_in_range(float v) {
+  const float shifted = v * 1.44269504088896341f + 12582912.0f;
+  int32_t bits;
+  std::memcpy(&bits, &shifted, sizeof(bits));
+  const float nf = shifted - 12582912.0f;
+  const float r = (v - nf * 0.693359375f) + nf * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t scale_bits = ((bits - 0x4B400000) + 127) << 23;  // 2^n, n in [-126, 127]
+  float scale;
+  std::memcpy(&scale, &scale_bits, sizeof(scale));
+  return p * scale;
+}
+
+// v[i] = sigmoid(v[i]) = 1 / (1 + e^-v[i]), within 2e-7 relative for |v| <= 80 (saturating
+// beyond, NaN stays NaN). Two loops: GCC vectorises the clamp (a select) and the arithmetic
+// separately but not fused, under the default -ftrapping-math.
+DYNATTN_ALWAYS_INLINE void sigmoid_array(float* v, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    float t = -v[i];
+    t = t < -87.0f ? -87.0f : t;
+    v[i] = t > 88.0f ? 88.0f : t;
+  }
+  for (int64_t i = 0; i < n; ++i) v[i] = 1.0f / (1.0f + exp_in_range(v[i]));
+}
+
+// ---- Range kernels: every loop over the map, one call per parallel task ----
+
+// mean[ch] (and max[ch] when not null) over the hw pixels of channels [c0, c1), NCHW image.
+DYNATTN_VECTOR_CLONES
+void pool_nchw(const float* x, int64_t hw, int64_t c0, int64_t c1, float* mean, float* max) {
+  const float inv = 1.0f / static_cast<float>(hw);
+  for (int64_t ch = c0; ch < c1; ++ch) {
+    const float* row = x + ch * hw;
+    float sum;
+    if (max != nullptr) {
+      sum_max_of(row, hw, &sum, &max[ch]);
+    } else {
+      sum = sum_of(row, hw);
+    }
+    mean[ch] = sum * inv;
+  }
+}
+
+// The same for a channels-last image of c channels: four pixels per step into the accumulators.
+DYNATTN_VECTOR_CLONES
+void pool_cl(const float* x, int64_t c, int64_t hw, int64_t c0, int64_t c1, float* mean,
+             float* max) {
+  const int64_t len = c1 - c0;
+  float* __restrict__ sum = mean + c0;
+  float* __restrict__ top = max != nullptr ? max + c0 : nullptr;
+  std::fill(sum, sum + len, 0.0f);
+  if (top != nullptr) std::copy(x + c0, x + c1, top);
+  int64_t p = 0;
+  for (; p + 4 <= hw; p += 4) {
+    const float* a = x + p * c + c0;
+    const float* b = a + c;
+    const float* d = b + c;
+    const float* e = d + c;
+    for (int64_t j = 0; j < len; ++j) sum[j] += (a[j] + b[j]) + (d[j] + e[j]);
+    if (top != nullptr) {
+      for (int64_t j = 0; j < len; ++j)
+        top[j] = max_of(top[j], max_of(max_of(a[j], b[j]), max_of(d[j], e[j])));
+    }
+  }
+  for (; p < hw; ++p) {
+    const float* a = x + p * c + c0;
+    for (int64_t j = 0; j < len; ++j) sum[j] += a[j];
+    if (top != nullptr) {
+      for (int64_t j = 0; j < len; ++j) top[j] = max_of(top[j], a[j]);
+    }
+  }
+  const float inv = 1.0f / static_cast<float>(hw);
+  for (int64_t j = 0; j < len; ++j) sum[j] *= inv;
+}
+
+// y = x * gate[ch] * (pixel_gate ? pixel_gate[p] : 1), the products in that order; channels
+// [c0, c1) of an NCHW image.
+DYNATTN_VECTOR_CLONES
+void gate_nchw(const float* x, float* y, int64_t hw, int64_t c0, int64_t c1, const float* gate,
+               const float* pixel_gate) {
+  for (int64_t ch = c0; ch < c1; ++ch) {
+    const float* __restrict__ src = x + ch * hw;
+    float* __restrict__ dst = y + ch * hw;
+    const float g = gate[ch];
+    if (pixel_gate == nullptr) {
+      for (int64_t p = 0; p < hw; ++p) dst[p] = src[p] * g;
+    } else {
+      for (int64_t p = 0; p < hw; ++p) dst[p] = src[p] * g * pixel_gate[p];
+    }
+  }
+}
+
+// The same for pixels [p0, p1) of a channels-last image.
+DYNATTN_VECTOR_CLONES
+void gate_cl(const float* x, float* y, int64_t c, int64_t p0, int64_t p1, const float* gate,
+             const float* pixel_gate) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* __restrict__ src = x + p * c;
+    float* __restrict__ dst = y + p * c;
+    if (pixel_gate == nullptr) {
+      for (int64_t ch = 0; ch < c; ++ch) dst[ch] = src[ch] * gate[ch];
+    } else {
+      const float s = pixel_gate[p];
+      for (int64_t ch = 0; ch < c; ++ch) dst[ch] = src[ch] * gate[ch] * s;
+    }
+  }
+}
+
+DYNATTN_VECTOR_CLONES
+void sigmoid_inplace(float* v, int64_t n) {
+  sigmoid_array(v, n);
+}
+
+DYNATTN_VECTOR_CLONES
+void hard_sigmoid_inplace(float* v, int64_t n) {  // ATen's: min(max(v + 3, 0), 6) / 6
+  for (int64_t i = 0; i < n; ++i) {
+    float t = v[i] + 3.0f;
+    t = t < 0.0f ? 0.0f : t;
+    v[i] = (t > 6.0f ? 6.0f : t) / 6.0f;
+  }
+}
+
+// CBAM: per pixel p in [p0, p1), the sum and max over channels of x * gate, into
+// sum[p - p0], max[p - p0].
+DYNATTN_VECTOR_CLONES
+void channel_stats_nchw(const float* x, int64_t c, int64_t hw, const float* gate, int64_t p0,
+                        int64_t p1, float* __restrict__ sum, float* __restrict__ max) {
+  const int64_t len = p1 - p0;
+  const float* src = x + p0;
+  for (int64_t p = 0; p < len; ++p) sum[p] = max[p] = src[p] * gate[0];
+  for (int64_t ch = 1; ch < c; ++ch) {
+    src = x + ch * hw + p0;
+    const float g = gate[ch];
+    for (int64_t p = 0; p < len; ++p) {
+      const float v = src[p] * g;
+      sum[p] += v;
+      max[p] = max_of(max[p], v);
+    }
+  }
+}
+
+// The same for a channels-last image; scratch holds c floats.
+DYNATTN_VECTOR_CLONES
+void channel_stats_cl(const float* x, int64_t c, const float* gate, int64_t p0, int64_t p1,
+                      float* sum, float* max, float* __restrict__ scratch) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* px = x + p * c;
+    for (int64_t ch = 0; ch < c; ++ch) scratch[ch] = px[ch] * gate[ch];
+    sum_max_of(scratch, c, &sum[p - p0], &max[p - p0]);
+  }
+}
+
+// Stride-1 "same" convolution over `cin` zero-padded planes (`plane` floats apart, rows of `wp`
+// floats, padding dil * (k/2)), output rows [r0, r1). Computed on the padded row width so that
+// every tap reads one contiguous run: output (o, row, col) lands at
+// ext[o * ext_plane + row * wp + col] for col < wp - 2 * pad; the other columns are junk. The
+// planes need 2 * pad floats of slack after the last one (PaddedPlanes has them).
+DYNATTN_VECTOR_CLONES
+void conv_same_ext(const float* in, int64_t cin, int64_t plane, int64_t wp, const float* weight,
+                   int64_t cout, int64_t k, int64_t dil, int64_t r0, int64_t r1, float* ext,
+                   int64_t ext_plane) {
+  const int64_t len = (r1 - r0) * wp;
+  for (int64_t o = 0; o < cout; ++o) {
+    float* dst = ext + o * ext_plane + r0 * wp;
+    const float* w = weight + o * cin * k * k;
+    int64_t base = 0;
+    for (; base + kChunk <= len; base += kChunk) {
+      float acc[kChunk] = {};
+      for (int64_t i = 0; i < cin; ++i) {
+        for (int64_t ky = 0; ky < k; ++ky) {
+          const float* src = in + i * plane + (r0 + ky * dil) * wp + base;
+          for (int64_t kx = 0; kx < k; ++kx)
+            axpy_chunk(w[(i * k + ky) * k + kx], src + kx * dil, acc);
+        }
+      }
+      std::copy(acc, acc + kChunk, dst + base);
+    }
+    if (base == len) continue;
+    std::fill(dst + base, dst + len, 0.0f);
+    for (int64_t i = 0; i < cin; ++i) {
+      for (int64_t ky = 0; ky < k; ++ky) {
+        const float* src = in + i * plane + (r0 + ky * dil) * wp + base;
+        for (int64_t kx = 0; kx < k; ++kx)
+          axpy(w[(i * k + ky) * k + kx], src + kx * dil, dst + base, len - base);
+      }
+    }
+  }
+}
+
+// BAM's 1x1 reduce without bias: out[r * hw + p] = sum_c w[r][c] x[c][p] for p in [p0, p1).
+DYNATTN_VECTOR_CLONES
+void reduce_nchw(const float* x, int64_t c, int64_t hw, const float* w, int64_t rd, int64_t p0,
+                 int64_t p1, float* out) {
+  for (int64_t r = 0; r < rd; ++r) {
+    const float* wr = w + r * c;
+    float* dst = out + r * hw;
+    int64_t base = p0;
+    for (; base + kChunk <= p1; base += kChunk) {
+      float acc[kChunk] = {};
+      for (int64_t ch = 0; ch < c; ++ch) axpy_chunk(wr[ch], x + ch * hw + base, acc);
+      std::copy(acc, acc + kChunk, dst + base);
+    }
+    if (base == p1) continue;
+    std::fill(dst + base, dst + p1, 0.0f);
+    for (int64_t ch = 0; ch < c; ++ch) axpy(wr[ch], x + ch * hw + base, dst + base, p1 - base);
+  }
+}
+
+DYNATTN_VECTOR_CLONES
+void reduce_cl(const float* x, int64_t c, int64_t hw, const float* w, int64_t rd, int64_t p0,
+               int64_t p1, float* out) {
+  for (int64_t p = p0; p < p1; ++p) {
+    for (int64_t r = 0; r < rd; ++r) out[r * hw + p] = dot(w + r * c, x + p * c, c);
+  }
+}
+
+// BAM's conv epilogue: dst = relu(src * scale + shift) over `rows` rows of w values.
+DYNATTN_VECTOR_CLONES
+void affine_relu_rows(const float* src, int64_t src_row, float* dst, int64_t dst_row, int64_t rows,
+                      int64_t w, float scale, float shift) {
+  for (int64_t y = 0; y < rows; ++y) {
+    const float* __restrict__ in = src + y * src_row;
+    float* __restrict__ out = dst + y * dst_row;
+    for (int64_t j = 0; j < w; ++j) {
+      const float v = in[j] * scale + shift;
+      out[j] = v < 0.0f ? 0.0f : v;  // NaN stays NaN, as in ATen's relu
+    }
+  }
+}
+
+// out = e^-in for |in| <= 80.
+DYNATTN_VECTOR_CLONES
+void exp_neg(const float* in, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = exp_in_range(-in[i]);
+}
+
+// BAM's output y = x + x * s, s = sigmoid(mc + ms) (sum) or sigmoid(mc * ms) (product). With
+// `factor` (sum form only), s = 1 / (1 + ec[ch] * es[p]), ec = e^-mc, es = e^-ms.
+struct BamCombine {
+  const float *mc, *ms, *ec, *es;
+  bool factor, product;
+};
+
+DYNATTN_VECTOR_CLONES
+void bam_combine_nchw(const float* x, float* y, int64_t hw, int64_t c0, int64_t c1,
+                      const BamCombine& k) {
+  std::vector<float> s(k.factor ? 0 : hw);
+  for (int64_t ch = c0; ch < c1; ++ch) {
+    const float* __restrict__ src = x + ch * hw;
+    float* __restrict__ dst = y + ch * hw;
+    if (k.factor) {
+      const float e = k.ec[ch];
+      for (int64_t p = 0; p < hw; ++p) dst[p] = src[p] + src[p] * (1.0f / (1.0f + e * k.es[p]));
+      continue;
+    }
+    const float a = k.mc[ch];
+    if (k.product) {
+      for (int64_t p = 0; p < hw; ++p) s[p] = a * k.ms[p];
+    } else {
+      for (int64_t p = 0; p < hw; ++p) s[p] = a + k.ms[p];
+    }
+    sigmoid_array(s.data(), hw);
+    for (int64_t p = 0; p < hw; ++p) dst[p] = src[p] + src[p] * s[p];
+  }
+}
+
+DYNATTN_VECTOR_CLONES
+void bam_combine_cl(const float* x, float* y, int64_t c, int64_t p0, int64_t p1,
+                    const BamCombine& k) {
+  std::vector<float> s(k.factor ? 0 : c);
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* __restrict__ src = x + p * c;
+    float* __restrict__ dst = y + p * c;
+    if (k.factor) {
+      const float e = k.es[p];
+      for (int64_t ch = 0; ch < c; ++ch)
+        dst[ch] = src[ch] + src[ch] * (1.0f / (1.0f + k.ec[ch] * e));
+      continue;
+    }
+    const float b = k.ms[p];
+    if (k.product) {
+      for (int64_t ch = 0; ch < c; ++ch) s[ch] = k.mc[ch] * b;
+    } else {
+      for (int64_t ch = 0; ch < c; ++ch) s[ch] = k.mc[ch] + b;
+    }
+    sigmoid_array(s.data(), c);
+    for (int64_t ch = 0; ch < c; ++ch) dst[ch] = src[ch] + src[ch] * s[ch];
+  }
+}
+
+// ---- Weights ----
+
+// The values of a small tensor (weights, statistics) in row-major order: its own storage when
+// contiguous, else a copy (a channels-last conv weight). Undefined tensors give nullptr.
+class Values {
+ public:
+  explicit Values(const torch::Tensor& t) {
+    if (!t.defined()) return;
+    numel_ = t.numel();
+    if (t.is_contiguous()) {
+      ptr_ = t.data_ptr<float>();
+      return;
+    }
+    copy_.resize(numel_);
+    const float* base = t.data_ptr<float>();
+    std::vector<int64_t> index(t.dim(), 0);
+    for (int64_t i = 0; i < numel_; ++i) {
+      int64_t offset = 0;
+      for (int64_t d = 0; d < t.dim(); ++d) offset += index[d] * t.stride(d);
+      copy_[i] = base[offset];
+      for (int64_t d = t.dim() - 1; d >= 0 && ++index[d] == t.size(d); --d) index[d] = 0;
+    }
+    ptr_ = copy_.data();
+  }
+  Values(const Values&) = delete;
+  Values& operator=(const Values&) = delete;
+
+  const float* data() const { return ptr_; }
+  int64_t numel() const { return numel_; }
+  float operator[](int64_t i) const { return ptr_[i]; }
+
+ private:
+  const float* ptr_ = nullptr;
+  int64_t numel_ = 0;
+  std::vector<float> copy_;
+};
+
+// Per channel v * scale + shift == bn(v + bias), bias and bn optional.
+struct Affine {
+  std::vector<float> scale, shift;
+  float operator()(int64_t i, float v) const { return v * scale[i] + shift[i]; }
+};
+
+Affine affine_of(const torch::Tensor& bias, const BatchNormEval* bn, int64_t channels,
+                 const char* what) {
+  Affine a{std::vector<float>(channels, 1.0f), std::vector<float>(channels, 0.0f)};
+  const Values b(bias);
+  TORCH_CHECK(b.data() == nullptr || b.numel() == channels, "fused gates: ", what, " bias has ",
+              b.numel(), " values, expected ", channels);
+  if (b.data() != nullptr) std::copy(b.data(), b.data() + channels, a.shift.begin());
+  if (bn == nullptr) return a;
+  const Values w(bn->weight), beta(bn->bias), mean(bn->running_mean), var(bn->running_var);
+  TORCH_CHECK(mean.numel() == channels && var.numel() == channels, "fused gates: ", what,
+              " BatchNorm statistics have ", mean.numel(), " values, expected ", channels);
+  for (int64_t i = 0; i < channels; ++i) {
+    const float inv_std = 1.0f / std::sqrt(var[i] + static_cast<float>(bn->eps));
+    const float s = w.data() != nullptr ? w[i] * inv_std : inv_std;
+    const float t = beta.data() != nullptr ? beta[i] : 0.0f;
+    a.shift[i] = (a.shift[i] - mean[i]) * s + t;
+    a.scale[i] = s;
+  }
+  return a;
+}
+
+// The channel MLP with its weights read once per call (fc2 transposed to [rd,C], so that its
+// product is rd axpys over the channels).
+class Mlp {
+ public:
+  Mlp(const ChannelMlp& m, int64_t channels)
+      : c_(channels),
+        rd_(m.fc1_weight.size(0)),
+        w1_(m.fc1_weight),
+        b2_(m.fc2_bias),
+        hidden_(affine_of(m.fc1_bias, m.bn, rd_, "MLP hidden layer")) {
+    const Values w2(m.fc2_weight);
+    TORCH_CHECK(w1_.numel() == rd_ * c_ && w2.numel() == c_ * rd_, "fused gates: MLP weights of ",
+                w1_.numel(), " and ", w2.numel(), " values do not match ", c_,
+                " channels and width ", rd_);
+    TORCH_CHECK(b2_.data() == nullptr || b2_.numel() == c_, "fused gates: MLP output bias has ",
+                b2_.numel(), " values, expected ", c_);
+    w2t_.resize(rd_ * c_);
+    for (int64_t ch = 0; ch < c_; ++ch)
+      for (int64_t r = 0; r < rd_; ++r) w2t_[r * c_ + ch] = w2[ch * rd_ + r];
+  }
+  int64_t width() const { return rd_; }
+  int64_t macs() const { return 2 * c_ * rd_; }
+
+  // out[c] = fc2(relu(bn(fc1(v)))); hidden: rd floats of scratch.
+  void operator()(const float* v, float* hidden, float* out) const {
+    for (int64_t r = 0; r < rd_; ++r) {
+      const float h = hidden_(r, dot(w1_.data() + r * c_, v, c_));
+      hidden[r] = h < 0.0f ? 0.0f : h;  // ReLU; NaN stays NaN, as in ATen's
+    }
+    if (b2_.data() != nullptr) {
+      std::copy(b2_.data(), b2_.data() + c_, out);
+    } else {
+      std::fill(out, out + c_, 0.0f);
+    }
+    for (int64_t r = 0; r < rd_; ++r) axpy(hidden[r], w2t_.data() + r * c_, out, c_);
+  }
+
+ private:
+  int64_t c_, rd_;
+  Values w1_, b2_;
+  Affine hidden_;
+  std::vector<float> w2t_;
+};
+
+// Zero-padded planes for "same" convolutions: `planes` maps of h x w with `pad` zeros around,
+// and the slack conv_same_ext() reads past the last plane.
+struct PaddedPlanes {
+  PaddedPlanes(int64_t planes, int64_t h, int64_t w, int64_t pad)
+      : h(h),
+        w(w),
+        pad(pad),
+        hp(h + 2 * pad),
+        wp(w + 2 * pad),
+        data(planes * hp * wp + 2 * pad, 0.0f) {}
+  int64_t plane_size() const { return hp * wp; }
+  float* interior(int64_t i, int64_t y) { return data.data() + i * hp * wp + (y + pad) * wp + pad; }
+
+  int64_t h, w, pad, hp, wp;
+  std::vector<float> data;
+};
+
+// ---- Per-image driver ----
+
+// One image of a [N,C,H,W] float input and of the output, in either layout: element (c, pixel)
+// at c * hw + pixel (NCHW) or pixel * c + c (channels-last).
+struct Image {
+  int64_t index;  // in the batch
+  const float* x;
+  float* y;
+  int64_t c, h, w, hw;
+  bool channels_last;
+};
+
+// Runs fn(image) for every image of x, in parallel across images; with a single image, fn's own
+// parallel loops use the threads (at::parallel_for runs inline inside a parallel region).
+template <class F>
+torch::Tensor for_each_image(const torch::Tensor& x, F&& fn) {
+  auto y = torch::empty_like(x);  // same strides as x: contiguous or channels-last
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
+  const int64_t image = c * h * w;
+  const bool channels_last = !x.is_contiguous();
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      fn(Image{i, xp + i * image, yp + i * image, c, h, w, h * w, channels_last});
+  });
+  ++g_calls;
+  return y;
+}
+
+// mean[c] = mean over the pixels of channel c; max[c] likewise when max is not null.
+void pool_pixels(const Image& im, float* mean, float* max) {
+  if (!im.channels_last) {
+    at::parallel_for(0, im.c, grain_for(im.hw), [&](int64_t begin, int64_t end) {
+      pool_nchw(im.x, im.hw, begin, end, mean, max);
+    });
+  } else {
+    // Each task walks every pixel for its block of channels.
+    at::parallel_for(
+        0, im.c, std::max<int64_t>(16, grain_for(im.hw)),
+        [&](int64_t begin, int64_t end) { pool_cl(im.x, im.c, im.hw, begin, end, mean, max); });
+  }
+}
+
+// y = x * gate[c] * (pixel_gate ? pixel_gate[p] : 1).
+void apply_gates(const Image& im, const float* gate, const float* pixel_gate) {
+  if (!im.channels_last) {
+    at::parallel_for(0, im.c, grain_for(im.hw), [&](int64_t begin, int64_t end) {
+      gate_nchw(im.x, im.y, im.hw, begin, end, gate, pixel_gate);
+    });
+  } else {
+    at::parallel_for(0, im.hw, grain_for(im.c), [&](int64_t begin, int64_t end) {
+      gate_cl(im.x, im.y, im.c, begin, end, gate, pixel_gate);
+    });
+  }
+}
+
+}  // namespace
+
+bool fused_gates_apply(const torch::Tensor& x, std::initializer_list<torch::Tensor> params) {
+  if (!conv2d_kernel_selection_enabled() || torch::GradMode::is_enabled()) return false;
+  if (!x.defined() || x.layout() != torch::kStrided || !x.is_cpu() ||
+      x.scalar_type() != torch::kFloat || x.dim() != 4 || x.numel() == 0)
+    return false;
+  if (!x.is_contiguous() && !x.is_contiguous(torch::MemoryFormat::ChannelsLast)) return false;
+  for (const auto& p : params) {
+    if (p.defined() &&
+        (p.layout() != torch::kStrided || !p.is_cpu() || p.scalar_type() != torch::kFloat))
+      return false;
+  }
+  return true;
+}
+
+int64_t fused_gates_calls() {
+  return g_calls.load();
+}
+
+bool bam_spatial_in_kernel(int64_t batch, int64_t rd) {
+  return rd <= 4 || (batch <= 2 && rd <= 16);
+}
+
+torch::Tensor fused_squeeze_excitation(const torch::Tensor& x, const ChannelMlp& mlp,
+                                       GateFunction gate) {
+  const Mlp fc(mlp, x.size(1));
+  record_macs("dynattn::fused_squeeze_excitation", x.size(0) * fc.macs());
+  return for_each_image(x, [&](const Image& im) {
+    std::vector<float> pooled(im.c), logits(im.c), hidden(fc.width());
+    pool_pixels(im, pooled.data(), nullptr);
+    fc(pooled.data(), hidden.data(), logits.data());
+    if (gate == GateFunction::Sigmoid) {
+      sigmoid_inplace(logits.data(), im.c);
+    } else {
+      hard_sigmoid_inplace(logits.data(), im.c);
+    }
+    apply_gates(im, logits.data(), nullptr);
+  });
+}
+
+torch::Tensor fused_efficient_channel_attention(const torch::Tensor& x, const torch::Tensor& weight,
+                                                const torch::Tensor& bias) {
+  const Values w(weight), b(bias);
+  const int64_t k = w.numel(), pad = (k - 1) / 2;
+  TORCH_CHECK(k % 2 == 1 && (b.data() == nullptr || b.numel() == 1),
+              "fused gates: ECA needs an odd kernel and at most one bias, got ", weight.sizes());
+  const float b0 = b.data() != nullptr ? b[0] : 0.0f;
+  record_macs("dynattn::fused_efficient_channel_attention", x.size(0) * x.size(1) * k);
+  return for_each_image(x, [&](const Image& im) {
+    std::vector<float> pooled(im.c), gate(im.c);
+    pool_pixels(im, pooled.data(), nullptr);
+    for (int64_t ch = 0; ch < im.c; ++ch) {
+      float v = 0.0f;
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t src = ch + j - pad;
+        if (src >= 0 && src < im.c) v += w[j] * pooled[src];
+      }
+      gate[ch] = v + b0;
+    }
+    sigmoid_inplace(gate.data(), im.c);
+    apply_gates(im, gate.data(), nullptr);
+  });
+}
+
+torch::Tensor fused_cbam(const torch::Tensor& x, const ChannelMlp& mlp,
+                         const CbamSpatialWeights& spatial) {
+  const Mlp fc(mlp, x.size(1));
+  const Values conv_w(spatial.weight);
+  const int64_t k = spatial.weight.size(-1);
+  TORCH_CHECK(k % 2 == 1 && conv_w.numel() == 2 * k * k,
+              "fused gates: CBAM's spatial conv must be [1,2,k,k] with odd k, got ",
+              spatial.weight.sizes());
+  const Affine epilogue = affine_of(spatial.bias, spatial.bn, 1, "CBAM spatial conv");
+  const int64_t hw = x.size(2) * x.size(3);
+  record_macs("dynattn::fused_cbam", x.size(0) * (2 * fc.macs() + hw * 2 * k * k));
+  return for_each_image(x, [&](const Image& im) {
+    // Channel gate: both descriptors from one pass, the shared MLP on each, logits summed.
+    std::vector<float> avg(im.c), top(im.c), gate(im.c), logits(im.c), hidden(fc.width());
+    pool_pixels(im, avg.data(), top.data());
+    fc(avg.data(), hidden.data(), gate.data());
+    fc(top.data(), hidden.data(), logits.data());
+    for (int64_t ch = 0; ch < im.c; ++ch) gate[ch] += logits[ch];
+    sigmoid_inplace(gate.data(), im.c);
+
+    // Spatial gate: the channel max and mean of x * M_c per pixel, straight into the padded
+    // input planes of the conv, which runs on the padded row width.
+    PaddedPlanes maps(2, im.h, im.w, k / 2);
+    const int64_t max_plane = spatial.max_first ? 0 : 1, mean_plane = 1 - max_plane;
+    const float inv_c = 1.0f / static_cast<float>(im.c);
+    at::parallel_for(0, im.h, grain_for(im.w * im.c), [&](int64_t y0, int64_t y1) {
+      const int64_t p0 = y0 * im.w, p1 = y1 * im.w;
+      std::vector<float> sum(p1 - p0), max(p1 - p0);
+      if (!im.channels_last) {
+        channel_stats_nchw(im.x, im.c, im.hw, gate.data(), p0, p1, sum.data(), max.data());
+      } else {
+        std::vector<float> scratch(im.c);
+        channel_stats_cl(im.x, im.c, gate.data(), p0, p1, sum.data(), max.data(), scratch.data());
+      }
+      for (int64_t y = y0; y < y1; ++y) {
+        float* mean_row = maps.interior(mean_plane, y);
+        float* max_row = maps.interior(max_plane, y);
+        for (int64_t j = 0; j < im.w; ++j) {
+          mean_row[j] = sum[(y - y0) * im.w + j] * inv_c;
+          max_row[j] = max[(y - y0) * im.w + j];
+        }
+      }
+    });
+    std::vector<float> ext(im.h * maps.wp), pixel_gate(im.hw);
+    at::parallel_for(0, im.h, grain_for(maps.wp * 2 * k * k), [&](int64_t y0, int64_t y1) {
+      conv_same_ext(maps.data.data(), 2, maps.plane_size(), maps.wp, conv_w.data(), 1, k, 1, y0, y1,
+                    ext.data(), 0);
+      for (int64_t y = y0; y < y1; ++y) {
+        for (int64_t j = 0; j < im.w; ++j)
+          pixel_gate[y * im.w + j] = epilogue(0, ext[y * maps.wp + j]);
+      }
+      sigmoid_inplace(pixel_gate.data() + y0 * im.w, (y1 - y0) * im.w);
+    });
+    apply_gates(im, gate.data(), pixel_gate.data());
+  });
+}
+
+torch::Tensor fused_bam(const torch::Tensor& x, const ChannelMlp& mlp,
+                        const BamSpatialWeights* spatial, const torch::Tensor& spatial_logits,
+                        bool product) {
+  const Mlp fc(mlp, x.size(1));
+  const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
+  int64_t macs = n * fc.macs();
+
+  // The spatial branch's weights, when it runs here.
+  const int64_t rd = spatial != nullptr ? spatial->reduce_weight.size(0) : 0;
+  const int64_t dil = spatial != nullptr ? spatial->dilation : 1;
+  std::vector<Affine> epilogues;
+  const Values reduce_w(spatial != nullptr ? spatial->reduce_weight : torch::Tensor());
+  const Values di0_w(spatial != nullptr ? spatial->dilated_weight[0] : torch::Tensor());
+  const Values di1_w(spatial != nullptr ? spatial->dilated_weight[1] : torch::Tensor());
+  const Values final_w(spatial != nullptr ? spatial->final_weight : torch::Tensor());
+  float final_b = 0.0f;
+  if (spatial != nullptr) {
+    TORCH_CHECK(reduce_w.numel() == rd * c && di0_w.numel() == rd * rd * 9 &&
+                    di1_w.numel() == rd * rd * 9 && final_w.numel() == rd && dil > 0,
+                "fused gates: BAM's spatial branch weights do not match ", c,
+                " channels and width ", rd);
+    epilogues.push_back(affine_of(spatial->reduce_bias, spatial->reduce_bn, rd, "BAM reduce"));
+    for (int i = 0; i < 2; ++i)
+      epilogues.push_back(
+          affine_of(spatial->dilated_bias[i], spatial->dilated_bn[i], rd, "BAM dilated conv"));
+    const Values fb(spatial->final_bias);
+    if (fb.data() != nullptr) final_b = fb[0];
+    macs += n * hw * (c * rd + 2 * rd * rd * 9 + rd);
+  } else {
+    TORCH_CHECK(spatial_logits.defined() && spatial_logits.numel() == n * hw &&
+                    spatial_logits.scalar_type() == torch::kFloat,
+                "fused gates: BAM needs the spatial logits [N,1,H,W], got ",
+                spatial_logits.defined() ? spatial_logits.sizes() : torch::IntArrayRef{});
+  }
+  const auto given_logits = spatial != nullptr ? torch::Tensor() : spatial_logits.contiguous();
+  record_macs("dynattn::fused_bam", macs);
+
+  const float* given = given_logits.defined() ? given_logits.data_ptr<float>() : nullptr;
+  return for_each_image(x, [&](const Image& im) {
+    std::vector<float> pooled(im.c), mc(im.c), hidden(fc.width()), ms(im.hw);
+    pool_pixels(im, pooled.data(), nullptr);
+    fc(pooled.data(), hidden.data(), mc.data());
+    if (spatial == nullptr) {
+      std::copy(given + im.index * im.hw, given + (im.index + 1) * im.hw, ms.begin());
+    } else {
+      // reduce (1x1, C -> rd) + BN + ReLU into padded planes, two dilated 3x3 convs + BN + ReLU
+      // on the padded row width, the final 1x1 (rd -> 1).
+      PaddedPlanes a(rd, im.h, im.w, dil), b(rd, im.h, im.w, dil);
+      std::vector<float> reduced(rd * im.hw), ext(rd * im.h * a.wp);
+      at::parallel_for(0, im.h, grain_for(im.w * im.c * rd), [&](int64_t y0, int64_t y1) {
+        if (!im.channels_last) {
+          reduce_nchw(im.x, im.c, im.hw, reduce_w.data(), rd, y0 * im.w, y1 * im.w, reduced.data());
+        } else {
+          reduce_cl(im.x, im.c, im.hw, reduce_w.data(), rd, y0 * im.w, y1 * im.w, reduced.data());
+        }
+        for (int64_t r = 0; r < rd; ++r) {
+          affine_relu_rows(reduced.data() + r * im.hw + y0 * im.w, im.w, a.interior(r, y0), a.wp,
+                           y1 - y0, im.w, epilogues[0].scale[r], epilogues[0].shift[r]);
+        }
+      });
+      PaddedPlanes* src = &a;
+      PaddedPlanes* dst = &b;
+      const float* dilated[2] = {di0_w.data(), di1_w.data()};
+      for (int i = 0; i < 2; ++i) {
+        at::parallel_for(0, im.h, grain_for(a.wp * rd * rd * 9), [&](int64_t y0, int64_t y1) {
+          conv_same_ext(src->data.data(), rd, src->plane_size(), src->wp, dilated[i], rd, 3, dil,
+                        y0, y1, ext.data(), im.h * src->wp);
+          for (int64_t r = 0; r < rd; ++r) {
+            affine_relu_rows(ext.data() + r * im.h * src->wp + y0 * src->wp, src->wp,
+                             dst->interior(r, y0), dst->wp, y1 - y0, im.w,
+                             epilogues[1 + i].scale[r], epilogues[1 + i].shift[r]);
+          }
+        });
+        std::swap(src, dst);
+      }
+      for (int64_t y = 0; y < im.h; ++y) {
+        float* out = ms.data() + y * im.w;
+        std::fill(out, out + im.w, final_b);
+        for (int64_t r = 0; r < rd; ++r) axpy(final_w[r], src->interior(r, y), out, im.w);
+      }
+    }
+
+    // y = x + x * s. Sum form: s = sigmoid(mc + ms) = 1 / (1 + e^-mc e^-ms), exact while both
+    // exponentials stay finite and non-zero; otherwise (and for the product form) one
+    // exponential per element.
+    const auto finite = [](const std::vector<float>& v) {
+      return std::all_of(v.begin(), v.end(), [](float t) { return std::abs(t) <= 80.0f; });
+    };
+    const bool factor = !product && finite(mc) && finite(ms);
+    std::vector<float> ec(im.c), es(im.hw);
+    if (factor) {
+      exp_neg(mc.data(), ec.data(), im.c);
+      exp_neg(ms.data(), es.data(), im.hw);
+    }
+    const BamCombine combine{mc.data(), ms.data(), ec.data(), es.data(), factor, product};
+    if (!im.channels_last) {
+      at::parallel_for(0, im.c, grain_for(im.hw), [&](int64_t begin, int64_t end) {
+        bam_combine_nchw(im.x, im.y, im.hw, begin, end, combine);
+      });
+    } else {
+      at::parallel_for(0, im.hw, grain_for(im.c), [&](int64_t begin, int64_t end) {
+        bam_combine_cl(im.x, im.y, im.c, begin, end, combine);
+      });
+    }
+  });
+}
+
+}  // namespace dynattn

@@ -1,0 +1,287 @@
+// The fused inference kernels of the channel-attention gates (ops/fused_gates.h) against the
+// modules' ATen path: same outputs for random weights and BN statistics over the options that
+// change the maths, taken exactly when they should be, and the ATen path (training, autograd,
+// errors) unchanged.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <string>
+#include <vector>
+
+#include "../attention_channel/channel_test_util.h"
+#include "dynattn/attention/attention_maps.h"
+#include "dynattn/attention/bam.h"
+#include "dynattn/attention/cbam.h"
+#include "dynattn/core/compat.h"
+#include "dynattn/models/attention_slot.h"
+#include "dynattn/ops/conv2d.h"
+#include "dynattn/ops/fused_gates.h"
+#include "dynattn/profile/mac_counter.h"
+#include "test_util.h"
+
+using namespace dynattn;
+using dynattn::test_util::close_to_reference;
+using dynattn::test_util::error_of;
+using dynattn::test_util::max_abs_diff;
+using dynattn::test_util::randomize;
+using ::testing::HasSubstr;
+
+namespace {
+
+// Restores the process-wide switch whatever a test does.
+struct SelectionGuard {
+  bool previous = conv2d_kernel_selection_enabled();
+  ~SelectionGuard() { set_conv2d_kernel_selection(previous); }
+};
+
+struct Shape {
+  int64_t n, c, h, w;
+};
+
+torch::nn::AnyModule make(const std::string& spec, int64_t channels, uint64_t seed) {
+  auto m = create_attention(spec, channels);
+  randomize(*m.ptr(), seed);
+  m.ptr()->eval();
+  return m;
+}
+
+// The ATen path's output (switch off) and the fused one (switch on), both without autograd;
+// checks that exactly the second call ran a fused kernel.
+struct TwoPaths {
+  torch::Tensor aten, fused;
+};
+
+TwoPaths run_both(torch::nn::AnyModule& m, const torch::Tensor& x) {
+  TwoPaths r;
+  InferenceGuard inference;
+  {
+    SelectionGuard guard;
+    set_conv2d_kernel_selection(false);
+    const int64_t before = fused_gates_calls();
+    r.aten = m.forward<torch::Tensor>(x);
+    EXPECT_EQ(fused_gates_calls(), before) << "switch off must keep the ATen path";
+  }
+  const int64_t before = fused_gates_calls();
+  r.fused = m.forward<torch::Tensor>(x);
+  EXPECT_EQ(fused_gates_calls(), before + 1) << "the fused kernel did not run";
+  return r;
+}
+
+// Every shape in both layouts: the fused output equals the ATen one within the project's
+// tolerance and keeps the input's memory format.
+void expect_parity(const std::string& spec, const std::vector<Shape>& shapes, uint64_t seed,
+                   double input_scale = 1.0) {
+  for (const auto& s : shapes) {
+    auto m = make(spec, s.c, seed);
+    const auto x = torch::randn({s.n, s.c, s.h, s.w}) * input_scale;
+    for (bool channels_last : {false, true}) {
+      const auto input = channels_last ? x.contiguous(torch::MemoryFormat::ChannelsLast) : x;
+      const std::string what = spec + " [" + std::to_string(s.n) + "," + std::to_string(s.c) + "," +
+                               std::to_string(s.h) + "," + std::to_string(s.w) + "]" +
+                               (channels_last ? " channels-last" : " contiguous");
+      const auto r = run_both(m, input);
+      ASSERT_EQ(r.fused.sizes(), r.aten.sizes()) << what;
+      EXPECT_TRUE(close_to_reference(r.fused, r.aten))
+          << what << ": max |fused - aten| = " << max_abs_diff(r.fused, r.aten);
+      EXPECT_TRUE(r.fused.is_contiguous(channels_last ? torch::MemoryFormat::ChannelsLast
+                                                      : torch::MemoryFormat::Contiguous))
+          << what;
+    }
+  }
+}
+
+const std::vector<Shape> kShapes = {
+    {1, 16, 28, 28}, {3, 32, 5, 7}, {2, 64, 7, 7}, {1, 24, 1, 1}, {4, 8, 3, 9}};
+
+}  // namespace
+
+TEST(FusedGates, SqueezeExcitationMatchesTheAtenPath) {
+  expect_parity("se", kShapes, 1);
+  expect_parity("se:gate=hard_sigmoid", kShapes, 2);
+  // Explicit widths, including one wider than C.
+  expect_parity("se:rd=3", {{2, 16, 6, 5}}, 3);
+  expect_parity("se:rd=40", {{2, 16, 6, 5}}, 4);
+}
+
+TEST(FusedGates, EfficientChannelAttentionMatchesTheAtenPath) {
+  expect_parity("eca", kShapes, 5);
+  // Kernel sizes up to wider than C (all zero padding at the ends).
+  for (int k : {1, 3, 5, 9}) expect_parity("eca:k=" + std::to_string(k), {{2, 4, 5, 7}}, 6);
+}
+
+TEST(FusedGates, CbamMatchesTheAtenPathForEveryOption) {
+  for (bool max_first : {true, false}) {
+    for (bool mlp_bias : {true, false}) {
+      for (bool spatial_bn : {true, false}) {
+        for (int kernel : {7, 3}) {
+          std::string spec = "cbam:max_first=" + std::string(max_first ? "true" : "false") +
+                             ",mlp_bias=" + (mlp_bias ? "true" : "false") +
+                             ",spatial_bn=" + (spatial_bn ? "true" : "false") +
+                             ",kernel=" + std::to_string(kernel);
+          expect_parity(spec, {{1, 16, 28, 28}, {3, 32, 5, 7}, {2, 64, 7, 7}}, 7);
+        }
+      }
+    }
+  }
+  // Kernel wider than the map, a 1x1 map, an explicit width.
+  expect_parity("cbam:kernel=9", {{2, 8, 3, 4}, {1, 24, 1, 1}}, 8);
+  expect_parity("cbam:rd=5,r=4", {{2, 32, 6, 6}}, 9);
+}
+
+TEST(FusedGates, BamMatchesTheAtenPathForEveryOption) {
+  for (bool product : {false, true}) {
+    for (int dilation : {4, 1, 2}) {
+      const std::string spec = "bam:product=" + std::string(product ? "true" : "false") +
+                               ",dilation=" + std::to_string(dilation);
+      // rd = 1, 2 and 4: the spatial branch runs inside the kernel.
+      expect_parity(spec, {{1, 16, 28, 28}, {3, 32, 5, 7}, {2, 64, 7, 7}, {1, 16, 1, 1}}, 10);
+      // rd = 10: inside the kernel for two images, ATen's convolutions for three; rd = 20:
+      // always ATen's (bam_spatial_in_kernel).
+      expect_parity(spec + ",rd=10", {{2, 40, 6, 5}, {3, 40, 6, 5}}, 11);
+      expect_parity(spec + ",rd=20", {{1, 40, 6, 5}}, 11);
+    }
+  }
+  // Large logits: the sum form falls back from e^-a e^-b to one exponential per element.
+  expect_parity("bam", {{2, 16, 5, 7}}, 12, /*input_scale=*/300.0);
+}
+
+TEST(FusedGates, TakenUnderNoGradAndInferenceModeOnly) {
+  auto m = make("se", 16, 13);
+  const auto x = torch::randn({2, 16, 5, 5});
+  int64_t before = fused_gates_calls();
+  {
+    torch::NoGradGuard no_grad;
+    m.forward(x);
+  }
+  EXPECT_EQ(fused_gates_calls(), before + 1) << "NoGradGuard turns autograd recording off";
+  before = fused_gates_calls();
+  m.forward(x);  // autograd on: the parameters require grad
+  EXPECT_EQ(fused_gates_calls(), before);
+  InferenceGuard inference;
+  before = fused_gates_calls();
+  // Other dtypes, non-dense layouts, empty batches: the ATen path, same result.
+  const auto transposed = x.transpose(2, 3);
+  EXPECT_FALSE(fused_gates_apply(transposed));
+  EXPECT_FALSE(fused_gates_apply(torch::randn({0, 16, 5, 5})));
+  EXPECT_FALSE(fused_gates_apply(x.to(torch::kDouble)));
+  EXPECT_FALSE(fused_gates_apply(torch::randn({2, 16, 5})));
+  EXPECT_FALSE(fused_gates_apply(x, {torch::randn({4}, torch::kDouble)}));
+  EXPECT_TRUE(fused_gates_apply(x, {torch::Tensor(), torch::randn({4})}));
+  m.forward(transposed);
+  m.forward(torch::randn({0, 16, 5, 5}));
+  auto double_module = make("se", 16, 13);
+  double_module.ptr()->to(torch::kDouble);
+  double_module.forward(x.to(torch::kDouble));
+  EXPECT_EQ(fused_gates_calls(), before);
+}
+
+TEST(FusedGates, BatchNormInTrainingModeKeepsTheAtenPath) {
+  torch::NoGradGuard no_grad;
+  const auto x = torch::randn({4, 32, 6, 6});
+  for (const char* spec : {"cbam", "bam"}) {
+    auto m = make(spec, 32, 14);
+    m.ptr()->train();
+    const int64_t before = fused_gates_calls();
+    m.forward(x);
+    EXPECT_EQ(fused_gates_calls(), before) << spec << ": BN would use batch statistics";
+  }
+  // Without the spatial BN, CBAM's maths does not depend on the mode.
+  auto no_bn = make("cbam:spatial_bn=false", 32, 15);
+  no_bn.ptr()->train();
+  const int64_t before = fused_gates_calls();
+  no_bn.forward(x);
+  EXPECT_EQ(fused_gates_calls(), before + 1);
+}
+
+TEST(FusedGates, AutogradStillRunsTheAtenPathWithTheSameGradients) {
+  for (const char* spec : {"se", "eca", "cbam", "bam"}) {
+    auto m = make(spec, 16, 16);
+    m.ptr()->train();
+    const auto x0 = torch::randn({3, 16, 5, 7});
+    auto grads = [&](bool selection) {
+      SelectionGuard guard;
+      set_conv2d_kernel_selection(selection);
+      for (auto& p : m.ptr()->parameters()) p.mutable_grad() = torch::Tensor();
+      auto x = x0.clone().requires_grad_();
+      const int64_t before = fused_gates_calls();
+      auto y = m.forward<torch::Tensor>(x);
+      EXPECT_EQ(fused_gates_calls(), before) << spec;
+      (y * y).sum().backward();
+      std::vector<torch::Tensor> g{x.grad()};
+      for (auto& p : m.ptr()->parameters()) g.push_back(p.grad().clone());
+      return g;
+    };
+    const auto on = grads(true), off = grads(false);
+    ASSERT_EQ(on.size(), off.size());
+    for (size_t i = 0; i < on.size(); ++i) EXPECT_TRUE(torch::equal(on[i], off[i])) << spec << i;
+  }
+}
+
+TEST(FusedGates, MacsAreCountedAsOnTheAtenPath) {
+  for (const char* spec : {"se", "eca", "cbam", "cbam:kernel=3", "bam", "bam:rd=10"}) {
+    auto m = make(spec, 64, 17);
+    for (int64_t n : {1, 3}) {
+      const auto x = torch::randn({n, 64, 7, 5});
+      SelectionGuard guard;
+      set_conv2d_kernel_selection(false);
+      const int64_t aten = count_macs([&] { m.forward(x); }).macs;
+      set_conv2d_kernel_selection(true);
+      const int64_t before = fused_gates_calls();
+      const auto fused = count_macs([&] { m.forward(x); });
+      EXPECT_EQ(fused_gates_calls(), before + 1) << spec;
+      EXPECT_EQ(fused.macs, aten) << spec << " batch " << n;
+      EXPECT_GT(fused.macs, 0) << spec;
+      // BAM's spatial branch: inside the kernel, or ATen's convolutions (counted by ATen).
+      if (std::string(spec).rfind("bam", 0) == 0) {
+        const bool in_kernel = bam_spatial_in_kernel(n, std::string(spec) == "bam" ? 4 : 10);
+        EXPECT_EQ(fused.by_op.count("aten::convolution"), in_kernel ? 0u : 1u) << spec << n;
+      }
+    }
+  }
+}
+
+TEST(FusedGates, ErrorsAreTheModulesOwn) {
+  InferenceGuard inference;
+  for (const char* spec : {"se", "eca", "cbam", "bam"}) {
+    auto m = make(spec, 16, 18);
+    const std::string name = std::string(spec) == "se"     ? "SE"
+                             : std::string(spec) == "eca"  ? "ECA"
+                             : std::string(spec) == "cbam" ? "CBAM"
+                                                           : "BAM";
+    EXPECT_THAT(error_of([&] {
+                  m.forward(torch::zeros({2, 32, 4, 4}));
+                }),
+                HasSubstr(name + ": expected a 4-D input [N,C,H,W] with C=16, got [2, 32, 4, 4]"));
+    EXPECT_THAT(error_of([&] {
+                  m.forward(torch::zeros({2, 16, 4, 4}, torch::kInt));
+                }),
+                HasSubstr(name + ": expected a floating-point input"));
+  }
+}
+
+TEST(FusedGates, ForwardWithMapsAgreesWithTheFusedForward) {
+  for (const char* spec : {"se", "eca", "cbam", "bam"}) {
+    auto m = make(spec, 32, 19);
+    auto* maps = dynamic_cast<AttentionWithMaps*>(m.ptr().get());
+    ASSERT_NE(maps, nullptr) << spec;
+    InferenceGuard inference;
+    const auto x = torch::randn({2, 32, 6, 7}).contiguous(torch::MemoryFormat::ChannelsLast);
+    const int64_t before = fused_gates_calls();
+    const auto with_maps = maps->forward_with_maps(x);
+    EXPECT_EQ(fused_gates_calls(), before) << "forward_with_maps stays on the ATen path";
+    const auto fused = m.forward<torch::Tensor>(x);
+    EXPECT_TRUE(close_to_reference(fused, with_maps.output)) << spec;
+  }
+}
+
+// Several threads: a batch splits across images, a single large image splits its channels,
+// pixels and rows; the result must not depend on it.
+TEST(FusedGates, ThreadSplitsGiveTheSameResult) {
+  const int previous = at::get_num_threads();
+  at::set_num_threads(4);
+  for (const char* spec : {"se", "eca", "cbam", "cbam:max_first=false,spatial_bn=false", "bam",
+                           "bam:product=true", "bam:rd=10"}) {
+    expect_parity(spec, {{1, 64, 48, 40}, {3, 32, 20, 20}}, 20);
+  }
+  at::set_num_threads(previous);
+}
