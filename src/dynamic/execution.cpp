@@ -53,11 +53,11 @@ void check_scatter(const char* what, const torch::Tensor& base, const torch::Ten
 }  // namespace
 
 torch::Tensor scatter_add_rows(const torch::Tensor& base, const torch::Tensor& values,
-                               const RowSelection& rows) {
+                               const RowSelection& rows, double alpha) {
   check_scatter("scatter_add_rows", base, values, rows);
   if (rows.none_active()) return base;
-  if (rows.all_active()) return base + values;
-  return base.index_add(0, rows.indices(), values);
+  if (rows.all_active()) return alpha == 1.0 ? base + values : torch::add(base, values, alpha);
+  return base.index_add(0, rows.indices(), values, alpha);
 }
 
 torch::Tensor scatter_rows(const torch::Tensor& base, const torch::Tensor& values,

@@ -23,12 +23,26 @@ torch::Tensor per_row(const torch::Tensor& v, int64_t dim) {
   return v.view(shape);
 }
 
-// y times the per-row weights of the rows y holds (undefined: 1) and the decision's scale.
-torch::Tensor weighted(const torch::Tensor& y, const torch::Tensor& row_weight, double scale) {
-  torch::Tensor out = y;
-  if (row_weight.defined()) out = out * per_row(row_weight.to(y.scalar_type()), y.dim());
-  if (scale != 1.0) out = out * scale;
-  return out;
+// The factor on each row of y (the rows y holds): row_weight * scale, or undefined when it is
+// the constant `scale` (then applied as an alpha, without a tensor of factors).
+torch::Tensor row_factor(const torch::Tensor& y, const torch::Tensor& row_weight, double scale) {
+  if (!row_weight.defined()) return torch::Tensor();
+  auto f = row_weight.to(y.scalar_type());
+  if (scale != 1.0) f = f * scale;
+  return per_row(f, y.dim());
+}
+
+// base + factor * y in one kernel (addcmul, or add with alpha).
+torch::Tensor add_scaled(const torch::Tensor& base, const torch::Tensor& y,
+                         const torch::Tensor& factor, double scale) {
+  if (factor.defined()) return torch::addcmul(base, y, factor);
+  return scale == 1.0 ? base + y : torch::add(base, y, scale);
+}
+
+// factor * y.
+torch::Tensor scaled(const torch::Tensor& y, const torch::Tensor& factor, double scale) {
+  if (factor.defined()) return y * factor;
+  return scale == 1.0 ? y : y * scale;
 }
 }  // namespace
 
@@ -62,31 +76,38 @@ GateResult execute_gated(const GatedWork& fn, const torch::Tensor& x, const torc
     r.output = base;
     return r;
   }
+  const auto& weight = decision.weight;
+  const double scale = decision.scale;
   if (mode == ExecutionMode::kMask || rows.all_active()) {
     const auto y = run(x);
     r.ran = torch::ones({rows.batch()}, torch::kBool);
     if (rows.all_active()) {
-      const auto w = weighted(y, decision.weight, decision.scale);
-      r.output = combine == Combine::kAdd ? base + w : w;
+      const auto factor = row_factor(y, weight, scale);
+      r.output =
+          combine == Combine::kAdd ? add_scaled(base, y, factor, scale) : scaled(y, factor, scale);
     } else if (combine == Combine::kAdd) {
+      // The mask joins the factor: rows that drop add 0 * fn(x).
       auto m = rows.mask().to(y.scalar_type());
-      if (decision.weight.defined()) m = m * decision.weight.to(y.scalar_type());
-      r.output = base + weighted(y, m, decision.scale);
+      if (weight.defined()) m = m * weight.to(y.scalar_type());
+      r.output = add_scaled(base, y, row_factor(y, m, scale), scale);
     } else {
       r.output = torch::where(per_row(rows.mask(), y.dim()),
-                              weighted(y, decision.weight, decision.scale), base);
+                              scaled(y, row_factor(y, weight, scale), scale), base);
     }
     return r;
   }
   // Compact: gather, run the dense work on the active rows, scatter back.
   const auto y = run(gather_rows(x, rows));
   r.ran = rows.host_mask();
-  const auto w = weighted(
-      y,
-      decision.weight.defined() ? decision.weight.index_select(0, rows.indices()) : torch::Tensor(),
-      decision.scale);
-  r.output =
-      combine == Combine::kAdd ? scatter_add_rows(base, w, rows) : scatter_rows(base, w, rows);
+  const auto factor = row_factor(
+      y, weight.defined() ? weight.index_select(0, rows.indices()) : torch::Tensor(), scale);
+  if (combine == Combine::kAdd) {
+    // With a constant factor, index_add's alpha applies it.
+    r.output = factor.defined() ? scatter_add_rows(base, y * factor, rows)
+                                : scatter_add_rows(base, y, rows, scale);
+  } else {
+    r.output = scatter_rows(base, scaled(y, factor, scale), rows);
+  }
   return r;
 }
 

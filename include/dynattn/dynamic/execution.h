@@ -53,11 +53,11 @@ class RowSelection {
 
 // x[rows] along dim 0 (x itself when every row is selected).
 torch::Tensor gather_rows(const torch::Tensor& x, const RowSelection& rows);
-// base, with values[i] added onto row indices()[i]; values has one row per active row. Out of
-// place and differentiable with respect to both (base when no row is active, base + values when
-// all are).
+// base, with alpha * values[i] added onto row indices()[i]; values has one row per active row.
+// Out of place and differentiable with respect to both (base when no row is active, base +
+// alpha * values when all are).
 torch::Tensor scatter_add_rows(const torch::Tensor& base, const torch::Tensor& values,
-                               const RowSelection& rows);
+                               const RowSelection& rows, double alpha = 1.0);
 // base, with row indices()[i] replaced by values[i]; out of place, differentiable.
 torch::Tensor scatter_rows(const torch::Tensor& base, const torch::Tensor& values,
                            const RowSelection& rows);
