@@ -13,12 +13,19 @@ const char* execution_mode_name(ExecutionMode mode) {
   return mode == ExecutionMode::kMask ? "mask" : "compact";
 }
 
-RowSelection RowSelection::all(int64_t batch, torch::Device device) {
-  return from_mask(torch::ones({batch}, torch::kBool), device);
+// Every row or none: nothing to gather or blend, so nothing is put on the device.
+RowSelection RowSelection::all(int64_t batch, torch::Device /*device*/) {
+  RowSelection s;
+  s.batch_ = s.active_ = batch;
+  s.host_mask_ = torch::ones({batch}, torch::kBool);
+  return s;
 }
 
-RowSelection RowSelection::none(int64_t batch, torch::Device device) {
-  return from_mask(torch::zeros({batch}, torch::kBool), device);
+RowSelection RowSelection::none(int64_t batch, torch::Device /*device*/) {
+  RowSelection s;
+  s.batch_ = batch;
+  s.host_mask_ = torch::zeros({batch}, torch::kBool);
+  return s;
 }
 
 RowSelection RowSelection::from_mask(const torch::Tensor& mask, torch::Device device) {
@@ -39,7 +46,9 @@ torch::Tensor gather_rows(const torch::Tensor& x, const RowSelection& rows) {
   TORCH_CHECK(x.size(0) == rows.batch(), "gather_rows: the selection is for ", rows.batch(),
               " rows, the tensor has ", x.size(0));
   if (rows.all_active()) return x;
-  return x.index_select(0, rows.indices());
+  if (rows.none_active()) return x.slice(0, 0, 0);
+  // index_select does not keep channels-last: the work runs in the layout of the full batch.
+  return x.index_select(0, rows.indices()).contiguous(x.suggest_memory_format());
 }
 
 namespace {

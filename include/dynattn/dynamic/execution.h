@@ -29,6 +29,8 @@ const char* execution_mode_name(ExecutionMode mode);
 class RowSelection {
  public:
   RowSelection() = default;
+  // Every row, or none: what per-batch decisions give. Neither needs indices() or mask(), which
+  // stay undefined (no device tensor is made).
   static RowSelection all(int64_t batch, torch::Device device);
   static RowSelection none(int64_t batch, torch::Device device);
   // mask: [N] bool (or 0/1 of any dtype), on any device. indices() and mask() live on `device`.
@@ -39,9 +41,9 @@ class RowSelection {
   bool all_active() const { return active_ == batch_; }
   bool none_active() const { return active_ == 0; }
   double fraction() const { return batch_ == 0 ? 0.0 : static_cast<double>(active_) / batch_; }
-  // [active] int64 on the device, ascending: the rows compact execution gathers.
+  // [active] int64 on the device, ascending: the rows compact execution gathers (from_mask).
   const torch::Tensor& indices() const { return indices_; }
-  // [N] bool on the device: what mask execution blends with.
+  // [N] bool on the device: what mask execution blends with (from_mask).
   const torch::Tensor& mask() const { return mask_; }
   // [N] bool on the CPU: for statistics and reports (no copy: kept from construction).
   const torch::Tensor& host_mask() const { return host_mask_; }
@@ -51,7 +53,8 @@ class RowSelection {
   torch::Tensor indices_, mask_, host_mask_;
 };
 
-// x[rows] along dim 0 (x itself when every row is selected).
+// x[rows] along dim 0 (x itself when every row is selected, no row when none is), in x's
+// memory format.
 torch::Tensor gather_rows(const torch::Tensor& x, const RowSelection& rows);
 // base, with alpha * values[i] added onto row indices()[i]; values has one row per active row.
 // Out of place and differentiable with respect to both (base when no row is active, base +
