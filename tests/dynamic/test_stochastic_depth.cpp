@@ -182,7 +182,7 @@ TEST(StochasticDepth, PerBatchGateReallySkipsDroppedBlocks) {
   }
   EXPECT_EQ(out.counted_macs, expected);
   out.output.pow(2).mean().backward();
-  const auto blocks = net->blocks();
+  auto blocks = net->blocks();
   for (size_t g = 0; g < blocks.size(); ++g) {
     for (const auto& p : blocks[g]->conv1->parameters()) {
       EXPECT_EQ(p.grad().defined(), static_cast<bool>(kept[g])) << out.gates[g];
@@ -253,7 +253,7 @@ TEST(StochasticDepth, EvalUsesTheTestTimeSemantics) {
   Model paper = trained_looking("resnet20:sd=linear");
   auto net = resnet_of(paper);
   auto h = torch::relu(net->bn1(net->conv1(x)));
-  const auto blocks = net->blocks();
+  auto blocks = net->blocks();
   for (size_t i = 0; i < blocks.size(); ++i) {
     const double p = 1.0 - (static_cast<double>(i + 1) / 9.0) * 0.5;
     h = torch::relu(blocks[i]->shortcut(h) + p * blocks[i]->residual(h));
