@@ -1,7 +1,10 @@
 #include "dynattn/models/cifar_resnet.h"
 
+#include <optional>
+
 #include "dynattn/models/attention_slot.h"
 #include "dynattn/ops/conv2d.h"
+#include "dynattn/profile/mac_counter.h"
 #include "dynattn/reparam/fold_batch_norm.h"
 
 namespace dynattn {
@@ -117,6 +120,11 @@ torch::Tensor BasicBlockImpl::residual(const torch::Tensor& x) {
   return residual_impl(x, nullptr, "");
 }
 
+torch::Tensor BasicBlockImpl::residual_with_maps(const torch::Tensor& x, AttentionMaps& maps,
+                                                 const std::string& prefix) {
+  return residual_impl(x, &maps, prefix);
+}
+
 torch::Tensor BasicBlockImpl::residual_impl(const torch::Tensor& x, AttentionMaps* maps,
                                             const std::string& prefix) {
   auto out = conv2d_forward(*conv1, x);
@@ -225,6 +233,11 @@ void CifarResNetImpl::reset() {
   } else {
     bilinear_head = register_module("head", create_bilinear_head(o.head(), 4 * w, o.num_classes()));
   }
+  std::vector<std::string> names;
+  for (int64_t stage = 1; stage <= 3; ++stage)
+    for (int64_t i = 0; i < n; ++i)
+      names.push_back("layer" + std::to_string(stage) + "." + std::to_string(i));
+  gates_ = make_stochastic_depth_gates(o.stochastic_depth(), names);
   torch::NoGradGuard no_grad;
   torch::nn::init::kaiming_normal_(conv1->weight, 0.0, torch::kFanOut, torch::kReLU);
 }
@@ -232,23 +245,49 @@ void CifarResNetImpl::reset() {
 torch::Tensor CifarResNetImpl::features(const torch::Tensor& x) {
   TORCH_CHECK(x.dim() == 4 && x.size(1) == options.in_channels(), "CifarResNet: expected input [N,",
               options.in_channels(), ",H,W], got ", x.sizes());
-  if (!bilinear_head.is_empty()) return bilinear_head->features(trunk(x, nullptr));
+  if (!bilinear_head.is_empty()) return bilinear_head->features(trunk(x, nullptr, nullptr));
   // mean over H, W rather than adaptive pooling: the same maths, a cheaper kernel.
-  return trunk(x, nullptr).mean({2, 3});
+  return trunk(x, nullptr, nullptr).mean({2, 3});
 }
 
-torch::Tensor CifarResNetImpl::trunk(const torch::Tensor& x, AttentionMaps* maps) {
+bool CifarResNetImpl::stochastic_depth_active() const {
+  for (const auto& gate : gates_)
+    if (gate.active(is_training())) return true;
+  return false;
+}
+
+torch::Tensor CifarResNetImpl::gated_block(BasicBlockImpl& block, StochasticDepthGate& gate,
+                                           const torch::Tensor& x, AttentionMaps* maps,
+                                           const std::string& prefix, ExecutionTrace* trace) {
+  auto residual = [&](const torch::Tensor& rows) {
+    return maps != nullptr ? block.residual_with_maps(rows, *maps, prefix) : block.residual(rows);
+  };
+  auto result = gate.run(residual, x, block.shortcut(x), is_training(),
+                         trace != nullptr && trace->counting());
+  if (trace != nullptr) trace->add(gate.name(), result);
+  // A dropped residual with the identity shortcut returns x itself: not to be changed in place.
+  return result.output.is_same(x) ? torch::relu(x) : torch::relu_(result.output);
+}
+
+torch::Tensor CifarResNetImpl::trunk(const torch::Tensor& x, AttentionMaps* maps,
+                                     ExecutionTrace* trace) {
   auto out = conv2d_forward(*conv1, x);
   if (!bn1.is_empty()) out = bn1(out);
   out.relu_();
   torch::nn::Sequential stages[] = {layer1, layer2, layer3};
+  const bool gated = trace != nullptr || stochastic_depth_active();
+  size_t index = 0;  // of the block, over all stages
   for (size_t k = 0; k < 3; ++k) {
-    if (maps == nullptr) {
+    if (maps == nullptr && !gated) {
       out = stages[k]->forward(out);
+      index += stages[k]->size();
     } else {
-      for (size_t i = 0; i < stages[k]->size(); ++i) {
-        out = stages[k]->ptr<BasicBlockImpl>(i)->forward_with_maps(
-            out, *maps, "layer" + std::to_string(k + 1) + "." + std::to_string(i) + ".");
+      for (size_t i = 0; i < stages[k]->size(); ++i, ++index) {
+        auto& block = *stages[k]->ptr<BasicBlockImpl>(i);
+        const std::string prefix =
+            maps == nullptr ? "" : "layer" + std::to_string(k + 1) + "." + std::to_string(i) + ".";
+        out = gated ? gated_block(block, gates_[index], out, maps, prefix, trace)
+                    : block.forward_with_maps(out, *maps, prefix);
       }
     }
     if (!stage_attn[k].is_empty()) {
@@ -263,7 +302,7 @@ AttentionOutput CifarResNetImpl::forward_with_maps(const torch::Tensor& x) {
   TORCH_CHECK(x.dim() == 4 && x.size(1) == options.in_channels(), "CifarResNet: expected input [N,",
               options.in_channels(), ",H,W], got ", x.sizes());
   AttentionOutput result;
-  const auto trunk_out = trunk(x, &result.maps);
+  const auto trunk_out = trunk(x, &result.maps, nullptr);
   if (bilinear_head.is_empty()) {
     result.output = fc(trunk_out.mean({2, 3}));
   } else {
@@ -275,7 +314,7 @@ AttentionOutput CifarResNetImpl::forward_with_maps(const torch::Tensor& x) {
 }
 
 bool CifarResNetImpl::onednn_ready() const {
-  if (!options.deployed() || !bilinear_head.is_empty()) return false;
+  if (!options.deployed() || !bilinear_head.is_empty() || stochastic_depth_active()) return false;
   for (const auto& slot : stage_attn)
     if (!slot.is_empty()) return false;
   for (const auto& block : blocks())
@@ -294,9 +333,60 @@ torch::Tensor CifarResNetImpl::forward(const torch::Tensor& x) {
   if (!bilinear_head.is_empty()) {
     TORCH_CHECK(x.dim() == 4 && x.size(1) == options.in_channels(),
                 "CifarResNet: expected input [N,", options.in_channels(), ",H,W], got ", x.sizes());
-    return bilinear_head->forward(trunk(x, nullptr));
+    return bilinear_head->forward(trunk(x, nullptr, nullptr));
   }
   return fc(features(x));
+}
+
+DynamicOutput CifarResNetImpl::forward_dynamic(const torch::Tensor& x, bool count_macs) {
+  TORCH_CHECK(x.dim() == 4 && x.size(1) == options.in_channels(), "CifarResNet: expected input [N,",
+              options.in_channels(), ",H,W], got ", x.sizes());
+  ExecutionTrace trace(x.size(0), count_macs);
+  std::optional<MacCounter> counter;
+  if (count_macs) counter.emplace();
+  const auto out = trunk(x, nullptr, &trace);
+  auto logits = bilinear_head.is_empty() ? fc(out.mean({2, 3})) : bilinear_head->forward(out);
+  return trace.finish(std::move(logits), execution_mode(), count_macs ? counter->macs() : 0);
+}
+
+void CifarResNetImpl::set_execution_mode(ExecutionMode mode) {
+  for (auto& gate : gates_) gate.set_mode(mode);
+  options.stochastic_depth().execution(execution_mode_name(mode));
+}
+
+ExecutionMode CifarResNetImpl::execution_mode() const {
+  return parse_execution_mode(options.stochastic_depth().execution(),
+                              "CifarResNet stochastic_depth.execution");
+}
+
+std::vector<std::string> CifarResNetImpl::fold_survival_scaling() {
+  std::vector<std::string> scaled;
+  const auto all = blocks();
+  bool convertible = false;
+  for (size_t i = 0; i < all.size(); ++i) {
+    if (!all[i]->attn.is_empty()) return scaled;
+    convertible |= gates_[i].survival() < 1.0 && gates_[i].test_time() == TestTimeScaling::kScale;
+  }
+  if (!convertible) return scaled;
+  torch::NoGradGuard no_grad;
+  for (size_t i = 0; i < all.size(); ++i) {
+    auto& gate = gates_[i];
+    const double p = gate.survival();
+    gate.set_test_time(TestTimeScaling::kIdentity);
+    if (p >= 1.0) continue;
+    auto& block = *all[i];
+    // The branch ends in bn2 (or the conv2 it was folded into): an affine map, scaled by p.
+    const bool bn = !block.bn2.is_empty();
+    auto& weight = bn ? block.bn2->weight : block.conv2->weight;
+    auto& bias = bn ? block.bn2->bias : block.conv2->bias;
+    TORCH_CHECK(weight.defined() && bias.defined(), "CifarResNet: block ", gate.name(),
+                " has no affine ", bn ? "bn2" : "conv2", " weight and bias to scale by p_l");
+    weight.mul_(p);
+    bias.mul_(p);
+    scaled.push_back(c10::str(gate.name(), ": ", bn ? "bn2" : "conv2", " * p_l (", p, ")"));
+  }
+  options.stochastic_depth().test_time("identity");
+  return scaled;
 }
 
 std::vector<BasicBlock> CifarResNetImpl::blocks() const {
@@ -309,11 +399,22 @@ std::vector<BasicBlock> CifarResNetImpl::blocks() const {
 }
 
 std::vector<std::string> CifarResNetImpl::reparameterize() {
-  if (options.deployed()) return {};
+  // Before the blocks fold: the survival scaling goes into bn2, then with it into conv2.
+  std::vector<std::string> merged = fold_survival_scaling();
+  if (options.deployed()) return merged;
   conv1 = fold_into(*this, "conv1", conv1, "bn1", bn1);
   bn1 = nullptr;
   options.deployed(true);
-  return {"conv1+bn1"};
+  merged.insert(merged.begin(), "conv1+bn1");
+  return merged;
+}
+
+std::vector<std::pair<std::string, std::string>> CifarResNetImpl::deployed_options() const {
+  std::vector<std::pair<std::string, std::string>> out = {{"deployed", "true"}};
+  if (options.stochastic_depth().schedule() != "none" &&
+      options.stochastic_depth().test_time() == "identity")
+    out.emplace_back("sd_test", "identity");
+  return out;
 }
 
 void CifarResNetImpl::pretty_print(std::ostream& stream) const {
@@ -321,6 +422,10 @@ void CifarResNetImpl::pretty_print(std::ostream& stream) const {
          << ", attention=" << options.attention() << ", shortcut=" << options.shortcut();
   if (options.stage_attention() != "none")
     stream << ", stage_attention=" << options.stage_attention();
+  const auto& sd = options.stochastic_depth();
+  if (sd.schedule() != "none")
+    stream << ", stochastic_depth=" << sd.schedule() << "(p_L=" << sd.survival() << ", "
+           << sd.granularity() << ", " << sd.execution() << ", test " << sd.test_time() << ")";
   stream << ")";
 }
 

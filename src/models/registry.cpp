@@ -21,7 +21,8 @@ ModelInfo cifar_resnet_info(const std::string& prefix, int64_t depth, const std:
   info.description = "CIFAR-style ResNet-" + std::to_string(depth) +
                      " (basic blocks, widths 16/32/64) for 28x28 inputs" + what;
   info.option_keys = {"attn",     "stage_attn",     "stage_attn_after", "head",        "width",
-                      "shortcut", "zero_init_last", "classes",          "in_channels", "deployed"};
+                      "shortcut", "zero_init_last", "classes",          "in_channels", "deployed",
+                      "sd",       "sd_p",           "sd_mode",          "sd_exec",     "sd_test"};
   info.build = [depth, defaults, name = info.name](const OptionMap& given) {
     OptionMap o = given;
     for (const auto& kv : defaults)
@@ -39,7 +40,13 @@ ModelInfo cifar_resnet_info(const std::string& prefix, int64_t depth, const std:
             .shortcut(o.get_string("shortcut", "conv"))
             .zero_init_last(o.get_bool("zero_init_last", true))
             .num_classes(o.get_int("classes", 10))
-            .in_channels(o.get_int("in_channels", 1))));
+            .in_channels(o.get_int("in_channels", 1))
+            .stochastic_depth(StochasticDepthOptions()
+                                  .schedule(o.get_string("sd", "none"))
+                                  .survival(o.get_double("sd_p", 0.5))
+                                  .granularity(o.get_string("sd_mode", "batch"))
+                                  .execution(o.get_string("sd_exec", "mask"))
+                                  .test_time(o.get_string("sd_test", "auto")))));
   };
   return info;
 }

@@ -10,6 +10,8 @@
 // conv1, bn1, layer1..3, fc (or `head` for a bilinear head); in blocks conv1, bn1, conv2, bn2,
 // downsample.{0,1}, and `attn` for the block slot; `stage_attn1`, `stage_attn2`, ... after layer1,
 // layer2, ...
+// Stochastic depth (dynamic/stochastic_depth.h) gates every block's residual branch when
+// `stochastic_depth` has a schedule; forward_dynamic() reports what each sample executed.
 #pragma once
 #include <torch/torch.h>
 
@@ -18,6 +20,8 @@
 
 #include "dynattn/attention/attention_maps.h"
 #include "dynattn/attention/bilinear_head.h"
+#include "dynattn/dynamic/dynamic_output.h"
+#include "dynattn/dynamic/stochastic_depth.h"
 #include "dynattn/ops/onednn_chain.h"
 #include "dynattn/reparam/deploy.h"
 
@@ -39,6 +43,8 @@ struct CifarResNetOptions {
   TORCH_ARG(std::string, head) = "avg";
   // The deployed form: every conv + BN pair folded into a conv with bias (see deploy()).
   TORCH_ARG(bool, deployed) = false;
+  // Stochastic depth over all blocks (first to last); schedule "none": off.
+  TORCH_ARG(StochasticDepthOptions, stochastic_depth) = {};
 };
 
 struct BasicBlockOptions {
@@ -61,6 +67,9 @@ class BasicBlockImpl : public torch::nn::Cloneable<BasicBlockImpl>, public Repar
   torch::Tensor forward(const torch::Tensor& x);
   // The residual branch alone (no shortcut, no final ReLU): what dynamic wrappers gate.
   torch::Tensor residual(const torch::Tensor& x);
+  // residual(x), also adding the attention module's maps to `maps` as "<prefix>attn.<name>".
+  torch::Tensor residual_with_maps(const torch::Tensor& x, AttentionMaps& maps,
+                                   const std::string& prefix);
   torch::Tensor shortcut(const torch::Tensor& x);
   // The deployed block without attention can run on input in oneDNN layout (see
   // ops/onednn_chain.h), the output staying in that layout.
@@ -100,11 +109,30 @@ class CifarResNetImpl : public torch::nn::Cloneable<CifarResNetImpl>, public Rep
   AttentionOutput forward_with_maps(const torch::Tensor& x);
   void pretty_print(std::ostream& stream) const override;
   // Folds the stem's conv1+bn1 (deploy() reaches the blocks on its own) and marks the options
-  // `deployed`, so that a checkpoint of the result rebuilds the same structure.
+  // `deployed`, so that a checkpoint of the result rebuilds the same structure; converts
+  // stochastic depth's test-time scaling into the weights (fold_survival_scaling()).
   std::vector<std::string> reparameterize() override;
+  // deployed=true, and sd_test=identity once the survival scaling is in the weights.
+  std::vector<std::pair<std::string, std::string>> deployed_options() const override;
 
   // All residual blocks in order (stage by stage): what BlockDrop & co. address.
   std::vector<BasicBlock> blocks() const;
+
+  // The forward with every block behind its gate: logits, which blocks each sample used
+  // (`executed`, gates named "layer1.0", ...) and, with count_macs, the MACs each sample ran.
+  // Training mode draws stochastic depth's decisions as forward() does.
+  DynamicOutput forward_dynamic(const torch::Tensor& x, bool count_macs = true);
+  // One gate per block (survival probability 1 everywhere without stochastic depth).
+  const std::vector<StochasticDepthGate>& stochastic_depth_gates() const { return gates_; }
+  // mask or compact, for every block's gate (and in options, so clone() keeps it).
+  void set_execution_mode(ExecutionMode mode);
+  ExecutionMode execution_mode() const;
+  // Stochastic depth with the paper's test-time scaling (residual * p_l) turned into timm's
+  // identity at test: each block's last affine, bn2 (or conv2 once deployed), is multiplied by
+  // p_l, and the options' test_time becomes "identity". Exact in eval mode. Returns the scaled
+  // layers; nothing when there is nothing to convert, or when blocks hold attention modules
+  // (a gate such as SE is not linear in its input: the scaling then stays at run time).
+  std::vector<std::string> fold_survival_scaling();
 
   CifarResNetOptions options;
   torch::nn::Conv2d conv1{nullptr};
@@ -116,10 +144,18 @@ class CifarResNetImpl : public torch::nn::Cloneable<CifarResNetImpl>, public Rep
   BilinearHead bilinear_head{nullptr};  // otherwise, registered as "head"
 
  private:
-  // The stem, the stages and the stage modules, collecting maps when `maps` is not null.
-  torch::Tensor trunk(const torch::Tensor& x, AttentionMaps* maps);
+  // The stem, the stages and the stage modules, collecting maps when `maps` is not null and
+  // the gates' results when `trace` is not null.
+  torch::Tensor trunk(const torch::Tensor& x, AttentionMaps* maps, ExecutionTrace* trace);
+  // One block behind its gate: relu(shortcut(x) + gated residual(x)).
+  torch::Tensor gated_block(BasicBlockImpl& block, StochasticDepthGate& gate,
+                            const torch::Tensor& x, AttentionMaps* maps, const std::string& prefix,
+                            ExecutionTrace* trace);
+  // Whether a forward in the current mode (training or not) differs from the plain blocks.
+  bool stochastic_depth_active() const;
   bool onednn_ready() const;
   PackedConv2d packed_conv1_;
+  std::vector<StochasticDepthGate> gates_;  // one per block, rebuilt by reset()
 };
 TORCH_MODULE(CifarResNet);
 

@@ -5,6 +5,7 @@
 #include <torch/torch.h>
 
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "dynattn/models/registry.h"
@@ -17,6 +18,11 @@ class Reparameterizable {
   // Simplifies the module in place (eval mode required) and names each merge, relative to the
   // module ("conv1+bn1"). A second call finds nothing left and returns nothing.
   virtual std::vector<std::string> reparameterize() = 0;
+  // Model options that a spec must carry once reparameterize() merged something, so that a
+  // checkpoint rebuilds the simplified structure; deploy() sets those the model accepts.
+  virtual std::vector<std::pair<std::string, std::string>> deployed_options() const {
+    return {{"deployed", "true"}};
+  }
 };
 
 struct DeployReport {
