@@ -98,7 +98,9 @@ std::pair<torch::Tensor, torch::Tensor> RepVGGBlockImpl::equivalent_kernel_bias(
 std::vector<std::string> RepVGGBlockImpl::reparameterize() {
   if (!rbr_reparam.is_empty()) return {};
   const auto [kernel, bias] = equivalent_kernel_bias();
-  const auto& weight = rbr_dense->conv->weight;
+  // By value: reset() below drops rbr_dense, and a reference into it would dangle.
+  const auto device = rbr_dense->conv->weight.device();
+  const auto dtype = rbr_dense->conv->weight.scalar_type();
   std::vector<std::string> merged = {rbr_identity.is_empty()
                                          ? "rbr_dense+rbr_1x1 -> rbr_reparam"
                                          : "rbr_dense+rbr_1x1+rbr_identity -> rbr_reparam"};
@@ -108,7 +110,7 @@ std::vector<std::string> RepVGGBlockImpl::reparameterize() {
   options.deployed(true);
   reset();  // registers rbr_reparam only
   torch::NoGradGuard no_grad;
-  rbr_reparam->to(weight.device(), weight.scalar_type());
+  rbr_reparam->to(device, dtype);
   rbr_reparam->weight.copy_(kernel);
   rbr_reparam->bias.copy_(bias);
   rbr_reparam->eval();
