@@ -3,6 +3,7 @@
 Every number is read from those files (or, for the expected fraction of blocks executed,
 computed from the model spec); nothing is typed in by hand."""
 import argparse
+import glob
 import json
 import os
 import platform
@@ -89,6 +90,8 @@ def main():
     ap.add_argument("--recipe", required=True)
     ap.add_argument("--parallel", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--speed-batches", type=int, default=0)
+    ap.add_argument("--speed-threads", type=int, default=0)
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
 
@@ -124,12 +127,25 @@ def main():
         row["epoch_seconds_mean"], row["epoch_seconds_sd"] = mean_sd(sec)
         row["train_images_per_sec_mean"], _ = mean_sd(ips)
         row["deployed_accuracy_mean"], row["deployed_accuracy_sd"] = mean_sd(dacc)
+        # The speed stage: rounds of a few training batches per variant, run one after another.
+        speed = []
+        for r in sorted(glob.glob(os.path.join(a.run, "speed", name, "round*", "checkpoint.json"))):
+            h = (load(r) or {}).get("history", [])
+            if h:
+                speed.append(h[0]["train_images_per_sec"])
+        row["speed_images_per_sec"] = speed
+        row["speed_images_per_sec_median"] = statistics.median(speed) if speed else None
         rows.append(row)
 
     base = next((r for r in rows if r["semantics"] == "none" and r["epoch_seconds_mean"]), None)
     for r in rows:
         r["epoch_time_vs_plain"] = (r["epoch_seconds_mean"] / base["epoch_seconds_mean"]
                                     if base and r["epoch_seconds_mean"] else None)
+
+    sbase = next((r for r in rows if r["semantics"] == "none" and r["speed_images_per_sec_median"]), None)
+    for r in rows:
+        r["train_time_vs_plain"] = (sbase["speed_images_per_sec_median"] / r["speed_images_per_sec_median"]
+                                    if sbase and r["speed_images_per_sec_median"] else None)
 
     machine = {"cpu": cpu_name(), "threads": a.threads, "parallel": a.parallel}
     command = "experiments/stochastic_depth"
@@ -155,6 +171,17 @@ def main():
                   f"{fmt(r['accuracy_mean'], r['accuracy_sd'], 100)} | "
                   f"{fmt(r['epoch_seconds_mean'], r['epoch_seconds_sd'], 1, 1)} | {vs} | {ips} | "
                   f"{fmt(r['deployed_accuracy_mean'], r['deployed_accuracy_sd'], 100)} |")
+    if any(r["speed_images_per_sec"] for r in rows):
+        md += ["", f"Training speed measured side by side (`speed` stage: {len(rows[0]['speed_images_per_sec'])} "
+               f"rounds; in each, every variant trains {a.speed_batches} batches in turn, one process at a "
+               f"time with {a.speed_threads} thread(s); median over rounds). This is the figure to compare: the "
+               "epoch times above depend on what else ran beside each run.", "",
+               "| variant | training images/s (median) | per round | training time vs plain |", "|---|---|---|---|"]
+        for r in rows:
+            if r["speed_images_per_sec"]:
+                vs = f"{r['train_time_vs_plain']:.2f}x" if r["train_time_vs_plain"] else "-"
+                md.append(f"| {r['name']} | {r['speed_images_per_sec_median']:.0f} | "
+                          f"{', '.join(f'{x:.0f}' for x in r['speed_images_per_sec'])} | {vs} |")
     md += ["", "Expected blocks run: the mean survival probability over the blocks (computed from the spec), "
            "the fraction of residual branches a training step executes on average. A per-mini-batch "
            "gate skips a dropped block's forward and backward; the per-sample drop path in `mask` mode "
