@@ -51,6 +51,9 @@ torch::Tensor EfficientChannelAttentionImpl::forward(const torch::Tensor& x) {
   // Inference: one fused kernel instead of the ATen operators of gate() (ops/fused_gates.h).
   if (fused_gates_apply(x, {conv->weight, conv->bias}))
     return fused_efficient_channel_attention(x, conv->weight, conv->bias);
+  // Training: one autograd node with a two-pass backward instead of ATen's operator chain.
+  if (fused_gates_train_apply(x, {conv->weight, conv->bias}))
+    return fused_efficient_channel_attention_train(x, conv->weight, conv->bias);
   return x * gate(x);
 }
 

@@ -47,10 +47,12 @@ torch::Tensor SqueezeExcitationImpl::forward(const torch::Tensor& x) {
   check_attention_input("SE", x, options.channels());
   // Inference: one fused kernel instead of the ATen operators of gate() (ops/fused_gates.h).
   const ChannelMlp mlp{fc1->weight, fc1->bias, fc2->weight, fc2->bias};
-  if (fused_gates_apply(x, {mlp.fc1_weight, mlp.fc1_bias, mlp.fc2_weight, mlp.fc2_bias})) {
-    return fused_squeeze_excitation(
-        x, mlp, options.gate() == "sigmoid" ? GateFunction::Sigmoid : GateFunction::HardSigmoid);
-  }
+  const auto fn = options.gate() == "sigmoid" ? GateFunction::Sigmoid : GateFunction::HardSigmoid;
+  if (fused_gates_apply(x, {mlp.fc1_weight, mlp.fc1_bias, mlp.fc2_weight, mlp.fc2_bias}))
+    return fused_squeeze_excitation(x, mlp, fn);
+  // Training: one autograd node with a two-pass backward instead of ATen's operator chain.
+  if (fused_gates_train_apply(x, {mlp.fc1_weight, mlp.fc1_bias, mlp.fc2_weight, mlp.fc2_bias}))
+    return fused_squeeze_excitation_train(x, fc1->weight, fc1->bias, fc2->weight, fc2->bias, fn);
   return x * gate(x);
 }
 

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "dynattn/ops/conv2d.h"
@@ -585,7 +586,11 @@ void apply_gates(const Image& im, const float* gate, const float* pixel_gate) {
 }  // namespace
 
 bool fused_gates_apply(const torch::Tensor& x, std::initializer_list<torch::Tensor> params) {
-  if (!conv2d_kernel_selection_enabled() || torch::GradMode::is_enabled()) return false;
+  return !torch::GradMode::is_enabled() && fused_gates_train_apply(x, params);
+}
+
+bool fused_gates_train_apply(const torch::Tensor& x, std::initializer_list<torch::Tensor> params) {
+  if (!conv2d_kernel_selection_enabled()) return false;
   if (!x.defined() || x.layout() != torch::kStrided || !x.is_cpu() ||
       x.scalar_type() != torch::kFloat || x.dim() != 4 || x.numel() == 0)
     return false;
@@ -809,6 +814,281 @@ torch::Tensor fused_bam(const torch::Tensor& x, const ChannelMlp& mlp,
       });
     }
   });
+}
+
+// ---- Training forms (SE, ECA) ----
+namespace {
+
+// gs[ch] = sum_p dy * x over channels [c0, c1) of an NCHW image.
+DYNATTN_VECTOR_CLONES
+void gate_grad_nchw(const float* dy, const float* x, int64_t hw, int64_t c0, int64_t c1,
+                    float* gs) {
+  for (int64_t ch = c0; ch < c1; ++ch) gs[ch] = dot(dy + ch * hw, x + ch * hw, hw);
+}
+
+// The same over pixels [p0, p1) of a channels-last image, added into gs (c floats).
+DYNATTN_VECTOR_CLONES
+void gate_grad_cl(const float* dy, const float* x, int64_t c, int64_t p0, int64_t p1, float* gs) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* __restrict__ a = dy + p * c;
+    const float* __restrict__ b = x + p * c;
+    for (int64_t ch = 0; ch < c; ++ch) gs[ch] += a[ch] * b[ch];
+  }
+}
+
+// dx = dy * s[ch] + add[ch], channels [c0, c1) of an NCHW image.
+DYNATTN_VECTOR_CLONES
+void input_grad_nchw(const float* dy, float* dx, int64_t hw, int64_t c0, int64_t c1, const float* s,
+                     const float* add) {
+  for (int64_t ch = c0; ch < c1; ++ch) {
+    const float* __restrict__ src = dy + ch * hw;
+    float* __restrict__ dst = dx + ch * hw;
+    const float a = s[ch], b = add[ch];
+    for (int64_t p = 0; p < hw; ++p) dst[p] = src[p] * a + b;
+  }
+}
+
+// The same for pixels [p0, p1) of a channels-last image.
+DYNATTN_VECTOR_CLONES
+void input_grad_cl(const float* dy, float* dx, int64_t c, int64_t p0, int64_t p1, const float* s,
+                   const float* add) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* __restrict__ src = dy + p * c;
+    float* __restrict__ dst = dx + p * c;
+    for (int64_t ch = 0; ch < c; ++ch) dst[ch] = src[ch] * s[ch] + add[ch];
+  }
+}
+
+// The gradient of the gate with respect to x's pixels: gs[n, c] = sum_p dy * x (dy in x's layout).
+torch::Tensor gate_gradient(const torch::Tensor& dy, const torch::Tensor& x) {
+  const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
+  const bool channels_last = !x.is_contiguous();
+  auto gs = torch::zeros({n, c});
+  const float *dyp = dy.data_ptr<float>(), *xp = x.data_ptr<float>();
+  float* g = gs.data_ptr<float>();
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float *a = dyp + i * c * hw, *b = xp + i * c * hw;
+      float* out = g + i * c;
+      if (!channels_last) {
+        at::parallel_for(0, c, grain_for(hw),
+                         [&](int64_t c0, int64_t c1) { gate_grad_nchw(a, b, hw, c0, c1, out); });
+      } else {
+        gate_grad_cl(a, b, c, 0, hw, out);
+      }
+    }
+  });
+  return gs;
+}
+
+// dx = dy * s + d_mean / HW per channel, in x's layout.
+torch::Tensor input_gradient(const torch::Tensor& dy, const torch::Tensor& x, const float* s,
+                             const float* d_mean) {
+  const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
+  const bool channels_last = !x.is_contiguous();
+  auto dx = torch::empty_like(x);
+  const float* dyp = dy.data_ptr<float>();
+  float* dxp = dx.data_ptr<float>();
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> add(c);
+    for (int64_t i = begin; i < end; ++i) {
+      for (int64_t ch = 0; ch < c; ++ch) add[ch] = d_mean[i * c + ch] / static_cast<float>(hw);
+      const float* a = dyp + i * c * hw;
+      float* out = dxp + i * c * hw;
+      const float* si = s + i * c;
+      if (!channels_last) {
+        at::parallel_for(0, c, grain_for(hw), [&](int64_t c0, int64_t c1) {
+          input_grad_nchw(a, out, hw, c0, c1, si, add.data());
+        });
+      } else {
+        at::parallel_for(0, hw, grain_for(c), [&](int64_t p0, int64_t p1) {
+          input_grad_cl(a, out, c, p0, p1, si, add.data());
+        });
+      }
+    }
+  });
+  return dx;
+}
+
+// d logits = gs * gate'(logits), from the saved logits.
+void gate_backward(float* gs, const float* logits, const float* s, int64_t count,
+                   GateFunction gate) {
+  for (int64_t i = 0; i < count; ++i) {
+    if (gate == GateFunction::Sigmoid) {
+      gs[i] *= s[i] * (1.0f - s[i]);
+    } else {  // ATen's hardsigmoid_backward: 1/6 strictly inside (-3, 3)
+      gs[i] = (logits[i] > -3.0f && logits[i] < 3.0f) ? gs[i] / 6.0f : 0.0f;
+    }
+  }
+}
+
+// Custom autograd functions take no undefined tensors: absent weights travel as empty ones.
+torch::Tensor or_empty(const torch::Tensor& t) {
+  return t.defined() ? t : torch::empty({0});
+}
+torch::Tensor or_undefined(const torch::Tensor& t) {
+  return t.numel() == 0 ? torch::Tensor() : t;
+}
+
+torch::Tensor grad_like(const torch::Tensor& t) {
+  return t.numel() > 0 ? torch::zeros(t.sizes(), t.options()) : torch::Tensor();
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Pooled channel gate, one node: SE (w1, b1, w2, b2: the MLP) or ECA (w1 = conv weight, b1).
+class PooledChannelGate : public torch::autograd::Function<PooledChannelGate> {
+ public:
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& w1_in, const torch::Tensor& b1_in,
+                               const torch::Tensor& w2_in, const torch::Tensor& b2_in, bool eca,
+                               int64_t gate) {
+    const auto w1 = or_undefined(w1_in), b1 = or_undefined(b1_in), w2 = or_undefined(w2_in),
+               b2 = or_undefined(b2_in);
+    const int64_t n = x.size(0), c = x.size(1);
+    const auto fn = static_cast<GateFunction>(gate);
+    auto pooled = torch::empty({n, c}), logits = torch::empty({n, c}), s = torch::empty({n, c});
+    const int64_t rd = eca ? 0 : w1.size(0);
+    auto hidden = torch::empty({n, std::max<int64_t>(rd, 1)});
+    float *pp = pooled.data_ptr<float>(), *lp = logits.data_ptr<float>(), *sp = s.data_ptr<float>(),
+          *hp = hidden.data_ptr<float>();
+    std::unique_ptr<Mlp> mlp;
+    std::unique_ptr<Values> w, b;
+    if (eca) {
+      w = std::make_unique<Values>(w1);
+      b = std::make_unique<Values>(b1);
+      TORCH_CHECK(w->numel() % 2 == 1 && (b->data() == nullptr || b->numel() == 1),
+                  "fused gates: ECA needs an odd kernel and at most one bias, got ", w1.sizes());
+      record_macs("dynattn::fused_efficient_channel_attention", n * c * w->numel());
+    } else {
+      mlp = std::make_unique<Mlp>(ChannelMlp{w1, b1, w2, b2}, c);
+      record_macs("dynattn::fused_squeeze_excitation", n * mlp->macs());
+    }
+    auto y = for_each_image(x, [&](const Image& im) {
+      float *pool = pp + im.index * c, *logit = lp + im.index * c, *gate_s = sp + im.index * c;
+      pool_pixels(im, pool, nullptr);
+      if (eca) {
+        const int64_t k = w->numel(), pad = (k - 1) / 2;
+        for (int64_t ch = 0; ch < c; ++ch) {
+          float v = b->data() != nullptr ? (*b)[0] : 0.0f;
+          for (int64_t j = 0; j < k; ++j) {
+            const int64_t src = ch + j - pad;
+            if (src >= 0 && src < c) v += (*w)[j] * pool[src];
+          }
+          logit[ch] = v;
+        }
+      } else {
+        (*mlp)(pool, hp + im.index * rd, logit);
+      }
+      std::copy(logit, logit + c, gate_s);
+      if (fn == GateFunction::Sigmoid) {
+        sigmoid_inplace(gate_s, c);
+      } else {
+        hard_sigmoid_inplace(gate_s, c);
+      }
+      apply_gates(im, gate_s, nullptr);
+    });
+    ctx->save_for_backward({x, w1_in, b1_in, w2_in, b2_in});
+    ctx->saved_data["pooled"] = pooled;
+    ctx->saved_data["logits"] = logits;
+    ctx->saved_data["s"] = s;
+    ctx->saved_data["hidden"] = hidden;
+    ctx->saved_data["eca"] = eca;
+    ctx->saved_data["gate"] = gate;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto& x = saved[0];
+    const auto w1 = or_undefined(saved[1]), b1 = or_undefined(saved[2]),
+               w2 = or_undefined(saved[3]), b2 = or_undefined(saved[4]);
+    const auto pooled = ctx->saved_data["pooled"].toTensor();
+    const auto logits = ctx->saved_data["logits"].toTensor();
+    const auto s = ctx->saved_data["s"].toTensor();
+    const auto hidden = ctx->saved_data["hidden"].toTensor();
+    const bool eca = ctx->saved_data["eca"].toBool();
+    const auto fn = static_cast<GateFunction>(ctx->saved_data["gate"].toInt());
+    const int64_t n = x.size(0), c = x.size(1);
+    const auto dy = grads[0].contiguous(x.is_contiguous() ? torch::MemoryFormat::Contiguous
+                                                          : torch::MemoryFormat::ChannelsLast);
+    // d logits, then back through the MLP or the 1-D conv to the pooled means.
+    auto dl = gate_gradient(dy, x);
+    float* dlp = dl.data_ptr<float>();
+    gate_backward(dlp, logits.data_ptr<float>(), s.data_ptr<float>(), n * c, fn);
+    auto d_mean = torch::zeros({n, c});
+    float* dm = d_mean.data_ptr<float>();
+    const float* pp = pooled.data_ptr<float>();
+    auto g_w1 = grad_like(w1), g_b1 = grad_like(b1), g_w2 = grad_like(w2), g_b2 = grad_like(b2);
+    if (eca) {
+      const Values w(w1);
+      const int64_t k = w.numel(), pad = (k - 1) / 2;
+      float* gw = g_w1.data_ptr<float>();
+      float gb = 0.0f;
+      for (int64_t i = 0; i < n; ++i) {
+        const float *d = dlp + i * c, *p = pp + i * c;
+        float* m = dm + i * c;
+        for (int64_t ch = 0; ch < c; ++ch) {
+          gb += d[ch];
+          for (int64_t j = 0; j < k; ++j) {
+            const int64_t src = ch + j - pad;
+            if (src < 0 || src >= c) continue;
+            gw[j] += d[ch] * p[src];
+            m[src] += w[j] * d[ch];
+          }
+        }
+      }
+      if (g_b1.defined()) g_b1.fill_(gb);
+    } else {
+      const Values v1(w1), v2(w2);
+      const int64_t rd = w1.size(0);
+      const float* hp = hidden.data_ptr<float>();
+      float *gw1 = g_w1.data_ptr<float>(), *gw2 = g_w2.data_ptr<float>();
+      float* gb1 = g_b1.defined() ? g_b1.data_ptr<float>() : nullptr;
+      float* gb2 = g_b2.defined() ? g_b2.data_ptr<float>() : nullptr;
+      std::vector<float> dz(rd);
+      for (int64_t i = 0; i < n; ++i) {
+        const float *d = dlp + i * c, *h = hp + i * rd, *p = pp + i * c;
+        float* m = dm + i * c;
+        for (int64_t r = 0; r < rd; ++r) {
+          float a = 0.0f;  // d hidden[r] = sum_c d[c] w2[c, r]
+          for (int64_t ch = 0; ch < c; ++ch) {
+            a += d[ch] * v2[ch * rd + r];
+            gw2[ch * rd + r] += d[ch] * h[r];
+          }
+          dz[r] = h[r] > 0.0f ? a : 0.0f;  // ReLU
+          if (gb1 != nullptr) gb1[r] += dz[r];
+          for (int64_t ch = 0; ch < c; ++ch) {
+            gw1[r * c + ch] += dz[r] * p[ch];
+            m[ch] += dz[r] * v1[r * c + ch];
+          }
+        }
+        if (gb2 != nullptr)
+          for (int64_t ch = 0; ch < c; ++ch) gb2[ch] += d[ch];
+      }
+    }
+    auto dx = input_gradient(dy, x, s.data_ptr<float>(), dm);
+    return {dx, g_w1, g_b1, g_w2, g_b2, torch::Tensor(), torch::Tensor()};
+  }
+};
+
+}  // namespace
+
+torch::Tensor fused_squeeze_excitation_train(const torch::Tensor& x,
+                                             const torch::Tensor& fc1_weight,
+                                             const torch::Tensor& fc1_bias,
+                                             const torch::Tensor& fc2_weight,
+                                             const torch::Tensor& fc2_bias, GateFunction gate) {
+  return PooledChannelGate::apply(x, fc1_weight, or_empty(fc1_bias), fc2_weight, or_empty(fc2_bias),
+                                  false, static_cast<int64_t>(gate));
+}
+
+torch::Tensor fused_efficient_channel_attention_train(const torch::Tensor& x,
+                                                      const torch::Tensor& weight,
+                                                      const torch::Tensor& bias) {
+  return PooledChannelGate::apply(x, weight, or_empty(bias), or_empty({}), or_empty({}), true,
+                                  static_cast<int64_t>(GateFunction::Sigmoid));
 }
 
 }  // namespace dynattn

@@ -155,8 +155,12 @@ TEST(FusedGates, TakenUnderNoGradAndInferenceModeOnly) {
   }
   EXPECT_EQ(fused_gates_calls(), before + 1) << "NoGradGuard turns autograd recording off";
   before = fused_gates_calls();
-  m.forward(x);  // autograd on: the parameters require grad
-  EXPECT_EQ(fused_gates_calls(), before);
+  // Autograd on (the parameters require grad): not the inference kernel but SE's training form,
+  // one autograd node.
+  EXPECT_FALSE(fused_gates_apply(x));
+  EXPECT_TRUE(fused_gates_train_apply(x));
+  EXPECT_TRUE(m.forward<torch::Tensor>(x).requires_grad());
+  EXPECT_EQ(fused_gates_calls(), before + 1);
   InferenceGuard inference;
   before = fused_gates_calls();
   // Other dtypes, non-dense layouts, empty batches: the ATen path, same result.
@@ -194,7 +198,7 @@ TEST(FusedGates, BatchNormInTrainingModeKeepsTheAtenPath) {
 }
 
 TEST(FusedGates, AutogradStillRunsTheAtenPathWithTheSameGradients) {
-  for (const char* spec : {"se", "eca", "cbam", "bam"}) {
+  for (const char* spec : {"cbam", "bam"}) {
     auto m = make(spec, 16, 16);
     m.ptr()->train();
     const auto x0 = torch::randn({3, 16, 5, 7});
@@ -214,6 +218,51 @@ TEST(FusedGates, AutogradStillRunsTheAtenPathWithTheSameGradients) {
     const auto on = grads(true), off = grads(false);
     ASSERT_EQ(on.size(), off.size());
     for (size_t i = 0; i < on.size(); ++i) EXPECT_TRUE(torch::equal(on[i], off[i])) << spec << i;
+  }
+}
+
+// SE and ECA train through one fused autograd node: same outputs and gradients (input and every
+// weight) as the ATen operators, in both layouts, for batch 1 and more, odd maps, both gates.
+// The reference is the ATen path in double precision: the float sums of both paths round
+// differently, and where the gradient cancels (64 channels, saturated gates) either can be
+// 1e-5 off.
+TEST(FusedGates, TrainingFormsMatchTheAtenGradients) {
+  const std::vector<std::vector<int64_t>> shapes{{1, 16, 28, 28}, {3, 32, 5, 7}, {2, 64, 1, 1}};
+  for (const char* spec : {"se", "se:gate=hard_sigmoid", "se:rd=3", "eca", "eca:k=5"}) {
+    for (const auto& shape : shapes) {
+      for (bool cl : {false, true}) {
+        auto m = make(spec, shape[1], 21);
+        m.ptr()->train();
+        // Hard sigmoid: logits spread over its linear and flat parts.
+        for (auto& p : m.ptr()->parameters()) p.data().mul_(4);
+        auto x0 = torch::randn(shape);
+        if (cl) x0 = x0.contiguous(torch::MemoryFormat::ChannelsLast);
+        const auto dy = torch::randn(shape);
+        auto run = [&](bool selection, torch::Dtype dtype) {
+          SelectionGuard guard;
+          set_conv2d_kernel_selection(selection);
+          m.ptr()->to(dtype);
+          for (auto& p : m.ptr()->parameters()) p.mutable_grad() = torch::Tensor();
+          auto x = x0.to(dtype).clone().requires_grad_();
+          const int64_t before = fused_gates_calls();
+          auto y = m.forward<torch::Tensor>(x);
+          EXPECT_EQ(fused_gates_calls(), before + (dtype == torch::kFloat ? 1 : 0)) << spec;
+          (y * dy.to(dtype)).sum().backward();
+          std::vector<torch::Tensor> out{y.detach(), x.grad()};
+          for (auto& p : m.ptr()->parameters()) out.push_back(p.grad().clone());
+          m.ptr()->to(torch::kFloat);
+          return out;
+        };
+        const auto fused = run(true, torch::kFloat), exact = run(true, torch::kDouble);
+        ASSERT_EQ(fused.size(), exact.size());
+        for (size_t i = 0; i < fused.size(); ++i) {
+          const double scale = exact[i].abs().max().item<double>() + 1e-6;
+          EXPECT_LE((fused[i].to(torch::kDouble) - exact[i]).abs().max().item<double>(),
+                    1e-5 * scale)
+              << spec << " shape " << shape << " cl " << cl << " tensor " << i;
+        }
+      }
+    }
   }
 }
 

@@ -101,3 +101,34 @@ torch::Tensor fused_bam(const torch::Tensor& x, const ChannelMlp& mlp,
                         bool product);
 
 }  // namespace dynattn
+
+namespace dynattn {
+
+// ---- Training forms: SE and ECA as one autograd node each ----
+// Under autograd the ATen form of SE is some ten operators forward and more backward, and its
+// backward materialises dy * x and a broadcast mean gradient before adding them: per-operator
+// cost at batch 1 and extra memory passes at batch 64. These functions compute the same maths
+// with the fused forward and a hand-written backward of two passes over the map (one reading dy
+// and x for the gate gradient, one writing dx = dy * s + d_mean / HW) plus the tiny MLP or 1-D
+// conv backward in plain loops. Gradients reach x and every weight; the backward itself is not
+// differentiable (no double backward: use --kernels aten for that).
+
+// Whether the training forms may run on `x`: the conditions of fused_gates_apply() except that
+// autograd may be recording.
+bool fused_gates_train_apply(const torch::Tensor& x,
+                             std::initializer_list<torch::Tensor> params = {});
+
+// SE: y = x * gate(fc2(relu(fc1(mean_HW x)))), fc1 weight [rd,C(,1,1)] + bias [rd], fc2 weight
+// [C,rd(,1,1)] + bias [C]; biases may be undefined.
+torch::Tensor fused_squeeze_excitation_train(const torch::Tensor& x,
+                                             const torch::Tensor& fc1_weight,
+                                             const torch::Tensor& fc1_bias,
+                                             const torch::Tensor& fc2_weight,
+                                             const torch::Tensor& fc2_bias, GateFunction gate);
+
+// ECA: y = x * sigmoid(conv1d_k(mean_HW x)), weight [1,1,k], bias [1] or undefined.
+torch::Tensor fused_efficient_channel_attention_train(const torch::Tensor& x,
+                                                      const torch::Tensor& weight,
+                                                      const torch::Tensor& bias);
+
+}  // namespace dynattn
