@@ -265,8 +265,9 @@ DynamicOutput BranchyResNetImpl::forward_dynamic(const torch::Tensor& x, bool co
     std::vector<torch::Tensor> logits;
     auto h = counted(count_macs, unit_macs[0], [&] { return stem(x); });
     for (int64_t e = 0; e <= side; ++e) {
-      const auto [from, to] = segment(e);
-      h = counted(count_macs, unit_macs[2 * e], [&] { return run_blocks(h, from, to); });
+      const auto seg = segment(e);
+      h = counted(count_macs, unit_macs[static_cast<size_t>(2 * e)],
+                  [&] { return run_blocks(h, seg.first, seg.second); });
       const auto unit = static_cast<size_t>(e == side ? 2 * e : 2 * e + 1);
       logits.push_back(counted(count_macs, unit_macs[unit], [&] { return exit_logits(e, h); }));
     }
@@ -292,19 +293,28 @@ DynamicOutput BranchyResNetImpl::forward_dynamic(const torch::Tensor& x, bool co
     RowSelection active = RowSelection::all(n, x.device());
     auto h = counted(count_macs, unit_macs[0], [&] { return stem(x); });
     for (int64_t e = 0; e <= side; ++e) {
-      const auto [from, to] = segment(e);
-      h = counted(count_macs, unit_macs[2 * e], [&] { return run_blocks(h, from, to); });
+      const auto seg = segment(e);
+      h = counted(count_macs, unit_macs[static_cast<size_t>(2 * e)],
+                  [&] { return run_blocks(h, seg.first, seg.second); });
       const auto unit = static_cast<size_t>(e == side ? 2 * e : 2 * e + 1);
       const auto logits = counted(count_macs, unit_macs[unit], [&] { return exit_logits(e, h); });
       output = e == 0 ? logits : scatter_rows(output, logits, active);
       if (e == side) break;
       const auto go_on = gates_[static_cast<size_t>(e)].decide(logits, is_training()).rows;
-      const auto before = active_host.clone();
-      active_host.index_put_({before}, go_on.host_mask());
-      exit_index.masked_fill_(before & ~active_host, e);
+      // The rows of the full batch that were running and stop here leave at exit e.
+      auto* running = active_host.data_ptr<bool>();
+      const auto* goes_on = go_on.host_mask().data_ptr<bool>();
+      auto* exit_of = exit_index.data_ptr<int64_t>();
+      for (int64_t i = 0, row = 0; i < n; ++i) {
+        if (!running[i]) continue;
+        if (!goes_on[row++]) {
+          running[i] = false;
+          exit_of[i] = e;
+        }
+      }
       if (go_on.none_active()) break;
       h = gather_rows(h, go_on);
-      active = RowSelection::from_mask(active_host, x.device());
+      active = RowSelection::from_mask(active_host.clone(), x.device());
     }
   }
 

@@ -92,7 +92,8 @@ CalibrationResult calibrate_thresholds(const ExitScores& s, const CalibrationOpt
   const int64_t side = s.exits() - 1;
   CalibrationResult c;
   c.last_exit = apply_thresholds(s, std::vector<double>(static_cast<size_t>(side), 0.0));
-  // Candidates per side exit: 0, just above quantiles of its entropies, +inf.
+  // Candidates per side exit: 0, +inf, and midway between the entropy at each of evenly
+  // spaced ranks and the next larger one (robust to rounding differences between batch sizes).
   const int64_t per_exit =
       side == 0 ? 1
                 : std::max<int64_t>(
@@ -100,17 +101,18 @@ CalibrationResult calibrate_thresholds(const ExitScores& s, const CalibrationOpt
                                            static_cast<int64_t>(std::floor(std::pow(
                                                static_cast<double>(o.max_grid()), 1.0 / side))) -
                                                2));
+  const int64_t n = s.samples();
   std::vector<std::vector<double>> candidates(static_cast<size_t>(side));
   for (int64_t e = 0; e < side; ++e) {
     auto& c_e = candidates[static_cast<size_t>(e)];
-    c_e.push_back(0.0);
-    const auto q = torch::linspace(0.0, 1.0, per_exit, torch::kDouble);
-    const auto values = s.entropy[e].to(torch::kDouble).quantile(q);
+    c_e = {0.0, std::numeric_limits<double>::infinity()};
+    const auto sorted = std::get<0>(s.entropy[e].to(torch::kDouble).contiguous().sort());
+    const double* v = sorted.data_ptr<double>();
     for (int64_t k = 0; k < per_exit; ++k) {
-      const double v = values[k].item<double>();
-      c_e.push_back(std::nextafter(static_cast<float>(v), std::numeric_limits<float>::max()));
+      int64_t j = per_exit == 1 ? 0 : (k * (n - 1) + (per_exit - 1) / 2) / (per_exit - 1);
+      while (j + 1 < n && v[j + 1] == v[j]) ++j;
+      if (j + 1 < n) c_e.push_back(0.5 * (v[j] + v[j + 1]));
     }
-    c_e.push_back(std::numeric_limits<double>::infinity());
     std::sort(c_e.begin(), c_e.end());
     c_e.erase(std::unique(c_e.begin(), c_e.end()), c_e.end());
   }

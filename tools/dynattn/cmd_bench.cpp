@@ -10,6 +10,7 @@
 #include "cli_common.h"
 #include "dynattn/core/compat.h"
 #include "dynattn/core/runtime.h"
+#include "dynattn/data/fashion_mnist.h"
 #include "dynattn/io/atomic_file.h"
 #include "dynattn/io/checkpoint.h"
 #include "dynattn/profile/model_bench.h"
@@ -30,7 +31,7 @@ struct BenchArgs {
   bool compare_malloc = false;
   bool compare_deployed = false;
   int64_t train_batch = 0;
-  std::string data = "/usr/share/datasets/fashion-mnist";  // BranchyNet: real test images
+  std::string data = kFashionMnistDefaultRoot;  // BranchyNet: real test images
   std::string thresholds;
   int64_t images = 1024;
   int rounds = 3;
