@@ -109,8 +109,8 @@ void BranchyResNetImpl::reset() {
               "BranchyNet: stochastic depth in the backbone is not supported");
   TORCH_CHECK(!b.deployed(), "BranchyNet: a deployed backbone is not supported");
   backbone = register_module("backbone", CifarResNet(b));
-  blocks_ = backbone->blocks();
-  const auto total = static_cast<int64_t>(blocks_.size());
+  const auto total = static_cast<int64_t>(backbone->blocks().size());
+  num_blocks_ = total;
   const int64_t per_stage = total / 3;
   exit_after_.clear();
   exits = register_module("exits", torch::nn::ModuleList());
@@ -185,9 +185,12 @@ torch::Tensor BranchyResNetImpl::stem(const torch::Tensor& x) {
 }
 
 torch::Tensor BranchyResNetImpl::run_blocks(torch::Tensor h, int64_t from, int64_t to) {
-  const int64_t per_stage = static_cast<int64_t>(blocks_.size()) / 3;
+  const int64_t per_stage = num_blocks_ / 3;
+  // Looked up in the stages on each call, never cached: clone() replaces the backbone's
+  // children in place.
+  torch::nn::Sequential stages[] = {backbone->layer1, backbone->layer2, backbone->layer3};
   for (int64_t i = from; i < to; ++i) {
-    h = blocks_[static_cast<size_t>(i)]->forward(h);
+    h = stages[i / per_stage]->ptr<BasicBlockImpl>(static_cast<size_t>(i % per_stage))->forward(h);
     if ((i + 1) % per_stage == 0) {
       auto& slot = backbone->stage_attn[static_cast<size_t>((i + 1) / per_stage - 1)];
       if (!slot.is_empty()) h = slot.forward(h);
@@ -207,8 +210,7 @@ torch::Tensor BranchyResNetImpl::exit_logits(int64_t e, const torch::Tensor& h) 
 
 std::pair<int64_t, int64_t> BranchyResNetImpl::segment(int64_t e) const {
   const int64_t from = e == 0 ? 0 : exit_after_[static_cast<size_t>(e - 1)];
-  const int64_t to = e == side_exits() ? static_cast<int64_t>(blocks_.size())
-                                       : exit_after_[static_cast<size_t>(e)];
+  const int64_t to = e == side_exits() ? num_blocks_ : exit_after_[static_cast<size_t>(e)];
   return {from, to};
 }
 
@@ -237,10 +239,10 @@ std::vector<torch::Tensor> BranchyResNetImpl::forward_exits(const torch::Tensor&
 
 torch::Tensor BranchyResNetImpl::forward(const torch::Tensor& x) {
   if (is_training()) {
-    auto h = run_blocks(stem(x), 0, static_cast<int64_t>(blocks_.size()));
+    auto h = run_blocks(stem(x), 0, num_blocks_);
     return classify(h);
   }
-  return forward_dynamic(x, false).output;
+  return run_dynamic(x, false, /*trace=*/false).output;
 }
 
 std::pair<torch::Tensor, torch::Tensor> BranchyResNetImpl::training_loss(
@@ -251,6 +253,11 @@ std::pair<torch::Tensor, torch::Tensor> BranchyResNetImpl::training_loss(
 }
 
 DynamicOutput BranchyResNetImpl::forward_dynamic(const torch::Tensor& x, bool count_macs) {
+  return run_dynamic(x, count_macs, /*trace=*/true);
+}
+
+DynamicOutput BranchyResNetImpl::run_dynamic(const torch::Tensor& x, bool count_macs,
+                                             bool want_trace) {
   const int64_t n = x.size(0);
   const int64_t side = side_exits();
   const auto mode = execution_mode();
@@ -318,6 +325,13 @@ DynamicOutput BranchyResNetImpl::forward_dynamic(const torch::Tensor& x, bool co
     }
   }
 
+  if (!want_trace) {
+    // forward(): the logits alone, without the per-unit bookkeeping on the host.
+    DynamicOutput out;
+    out.output = std::move(output);
+    out.mode = mode;
+    return out;
+  }
   ExecutionTrace trace(n, count_macs);
   const auto all_rows = torch::ones({n}, torch::kBool);
   for (int64_t u = 0; u < 2 * side + 1; ++u) {

@@ -211,7 +211,7 @@ TEST(BranchyResNet, PerSampleMacsEqualTheCountedPrefix) {
   auto net = branchy_of(m);
   const auto x = small_input(1);
   torch::NoGradGuard no_grad;
-  const auto blocks = net->backbone->blocks();
+  auto blocks = net->backbone->blocks();
   // The prefixes by hand: stem, blocks, the exit's head.
   auto prefix = [&](int64_t upto_blocks, const std::function<torch::Tensor(torch::Tensor)>& head) {
     return count_macs([&] {
@@ -273,9 +273,16 @@ TEST(BranchyResNet, TrainerUsesTheJointLoss) {
   ASSERT_EQ(result.history.size(), 1u);
   EXPECT_NEAR(result.history[0].train_loss, want, 1e-4);
   EXPECT_GT(std::abs(want - plain), 0.1);
+  // clone() keeps the weights the forward uses: the copy computes what the original does.
+  torch::NoGradGuard no_grad;
+  auto again = std::dynamic_pointer_cast<BranchyResNetImpl>(net->clone());
+  net->eval();
+  again->eval();
+  const auto probe = torch::rand({4, 1, 12, 12});
+  EXPECT_TRUE(torch::allclose(net->forward(probe), again->forward(probe)));
   // The joint loss reaches the heads and the backbone.
   for (const auto& p : m.ptr()->named_parameters())
-    if (p.key() == "exits.0.fc.weight" || p.key() == "backbone.layer1.0.conv1.weight")
+    if (p.key() == "exits.0.fc.weight" || p.key() == "backbone.conv1.weight")
       EXPECT_TRUE(p.value().grad().defined() && p.value().grad().abs().sum().item<double>() > 0)
           << p.key();
 }

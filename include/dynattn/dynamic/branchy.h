@@ -129,6 +129,8 @@ class BranchyResNetImpl : public torch::nn::Cloneable<BranchyResNetImpl>,
   torch::nn::ModuleList exits{nullptr};  // ExitHead per side exit
 
  private:
+  // forward_dynamic(), with the per-unit trace (executed, macs) only when `want_trace`.
+  DynamicOutput run_dynamic(const torch::Tensor& x, bool count_macs, bool want_trace);
   torch::Tensor stem(const torch::Tensor& x);
   // Blocks [from, to) with the stage modules at stage ends; the last segment also pools and
   // classifies when `classify`.
@@ -138,7 +140,7 @@ class BranchyResNetImpl : public torch::nn::Cloneable<BranchyResNetImpl>,
   // Where segment e starts and ends (blocks).
   std::pair<int64_t, int64_t> segment(int64_t e) const;
 
-  std::vector<BasicBlock> blocks_;
+  int64_t num_blocks_ = 0;
   std::vector<int64_t> exit_after_;
   std::vector<double> weights_;
   std::vector<EntropyExitGate> gates_;
