@@ -16,6 +16,7 @@
 #include "dynattn/dynamic/dynamic_output.h"
 #include "dynattn/dynamic/execution.h"
 #include "dynattn/dynamic/gate.h"
+#include "dynattn/dynamic/branchy.h"
 #include "dynattn/dynamic/stochastic_depth.h"
 #include "dynattn/io/checkpoint.h"
 #include "dynattn/io/key_map.h"

@@ -1,9 +1,11 @@
 #include "dynattn/models/registry.h"
 
+#include <algorithm>
 #include <cctype>
 
 #include "dynattn/core/named_registry.h"
 #include "dynattn/core/strings.h"
+#include "dynattn/dynamic/branchy.h"
 #include "dynattn/models/attention_slot.h"
 #include "dynattn/models/cifar_resnet.h"
 #include "dynattn/models/inception_net.h"
@@ -47,6 +49,49 @@ ModelInfo cifar_resnet_info(const std::string& prefix, int64_t depth, const std:
                                   .granularity(o.get_string("sd_mode", "batch"))
                                   .execution(o.get_string("sd_exec", "mask"))
                                   .test_time(o.get_string("sd_test", "auto")))));
+  };
+  return info;
+}
+
+// BranchyNet on a CIFAR ResNet of one depth (dynamic/branchy.h): side exits after stages 1
+// and 2 by default; `thresholds` (one per side exit, '/'-separated) are what a calibration writes.
+ModelInfo branchy_resnet_info(int64_t depth) {
+  ModelInfo info;
+  info.name = "branchy_resnet" + std::to_string(depth);
+  info.description = "BranchyNet ResNet-" + std::to_string(depth) +
+                     ": side exits (conv + FC heads, default after stages 1 and 2), entropy "
+                     "thresholds, exec=compact|mask";
+  info.option_keys = {"exits", "exit_weights", "thresholds",     "exec",    "exit_width", "attn",
+                      "width", "shortcut",     "zero_init_last", "classes", "in_channels"};
+  info.build = [depth, name = info.name](const OptionMap& o) {
+    const std::string context = "model " + name + " option ";
+    std::vector<std::string> exits;
+    const std::string text = o.get_string("exits", "1/2");
+    for (size_t start = 0; start <= text.size();) {
+      const size_t end = std::min(text.find_first_of(",/", start), text.size());
+      exits.push_back(trim(text.substr(start, end - start)));
+      start = end + 1;
+    }
+    if (text == "none") exits.clear();
+    const std::string weights = o.get_string("exit_weights", "");
+    const std::string thresholds = o.get_string("thresholds", "");
+    return torch::nn::AnyModule(BranchyResNet(
+        BranchyOptions()
+            .backbone(CifarResNetOptions()
+                          .depth(depth)
+                          .attention(o.get_string("attn", "none"))
+                          .base_width(o.get_int("width", 16))
+                          .shortcut(o.get_string("shortcut", "conv"))
+                          .zero_init_last(o.get_bool("zero_init_last", true))
+                          .num_classes(o.get_int("classes", 10))
+                          .in_channels(o.get_int("in_channels", 1)))
+            .exits(exits)
+            .exit_weights(weights.empty() ? std::vector<double>{}
+                                          : parse_double_list(weights, context + "exit_weights"))
+            .thresholds(thresholds.empty() ? std::vector<double>{}
+                                           : parse_double_list(thresholds, context + "thresholds"))
+            .execution(o.get_string("exec", "compact"))
+            .exit_width(o.get_int("exit_width", 32))));
   };
   return info;
 }
@@ -113,6 +158,7 @@ NamedRegistry<ModelInfo>& model_registry() {
       add(cifar_resnet_info("cbp_", depth, ", compact bilinear head (Tensor Sketch, d=2048)",
                             {{"head", "tensor_sketch"}}));
     }
+    for (int64_t depth : {20, 32, 56, 110}) add(branchy_resnet_info(depth));
     for (const char* family : {"a0", "a1", "b0"})
       for (int64_t groups : {1, 2, 4}) add(repvgg_info(family, groups));
     add(inception_net_info());

@@ -52,7 +52,19 @@ ModelBenchResult benchmark_model(Model& model, const ModelBenchOptions& o) {
   prepare(model, o);
   auto& net = *model.ptr();
   net.eval();
-  auto make_input = [&](int64_t batch) { return random_input(batch, o); };
+  // Batches of the given inputs, or one random batch, on the device.
+  auto make_inputs = [&](int64_t batch) {
+    std::vector<torch::Tensor> xs;
+    if (!o.inputs().defined()) return std::vector<torch::Tensor>{random_input(batch, o)};
+    TORCH_CHECK(o.inputs().dim() == 4 && o.inputs().size(0) >= batch, "bench: ", o.inputs().size(0),
+                " input images given, batch ", batch, " needs at least that");
+    for (int64_t i = 0; i + batch <= o.inputs().size(0); i += batch) {
+      auto x = o.inputs().slice(0, i, i + batch).to(o.device());
+      xs.push_back(o.channels_last() ? x.contiguous(torch::MemoryFormat::ChannelsLast) : x);
+    }
+    return xs;
+  };
+  auto make_input = [&](int64_t batch) { return make_inputs(batch).front(); };
   ModelBenchResult r;
   r.parameters = count_parameters(net);
   {
@@ -62,12 +74,14 @@ ModelBenchResult benchmark_model(Model& model, const ModelBenchOptions& o) {
   InferenceGuard guard;
   for (int64_t batch : o.batches()) {
     TORCH_CHECK(batch > 0, "bench: batch sizes must be positive, got ", batch);
-    auto x = make_input(batch);
+    const auto xs = make_inputs(batch);
+    size_t next = 0;
     BatchTiming t;
     t.batch = batch;
     t.stats = time_callable(
         [&] {
-          model.forward(x);
+          model.forward(xs[next]);
+          next = (next + 1) % xs.size();
           synchronize(o.device());
         },
         o.warmup(), o.min_iters(), o.min_seconds());

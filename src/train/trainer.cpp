@@ -4,6 +4,7 @@
 #include <cmath>
 #include <filesystem>
 #include <nlohmann/json.hpp>
+#include <tuple>
 
 #include "dynattn/core/compat.h"
 #include "dynattn/core/memory_format.h"
@@ -12,6 +13,7 @@
 #include "dynattn/io/checkpoint.h"
 #include "dynattn/train/evaluate.h"
 #include "dynattn/train/schedule.h"
+#include "dynattn/train/training_loss.h"
 #include "dynattn/util/progress.h"
 
 namespace dynattn {
@@ -77,6 +79,11 @@ void make_dirs(const std::string& path) {
 StepOutput default_step(Model& model, const torch::Tensor& images, const torch::Tensor& labels,
                         double label_smoothing) {
   StepOutput out;
+  // A model with its own training loss (e.g. BranchyNet's joint loss over its exits).
+  if (auto* own = dynamic_cast<ProvidesTrainingLoss*>(model.ptr().get())) {
+    std::tie(out.loss, out.logits) = own->training_loss(images, labels, label_smoothing);
+    return out;
+  }
   out.logits = model.forward(images);
   out.loss = torch::nn::functional::cross_entropy(
       out.logits, labels,

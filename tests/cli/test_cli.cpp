@@ -690,3 +690,93 @@ TEST(CliErrors, RebirthNamesAnUnknownMergeAndACheckpointOfAnotherModel) {
   EXPECT_THAT(r.err, HasSubstr("is not an inception_net")) << r.describe();
   EXPECT_FALSE(fs::exists(out / "x")) << "nothing is written on failure";
 }
+
+// ---- BranchyNet: calibrate, eval and bench of early exits ----
+
+namespace {
+// An untrained branchy_resnet20 checkpoint and tiny data (40 train, 20 test images).
+struct TinyBranchy {
+  TempDir ckpt, data;
+  TinyBranchy() {
+    torch::manual_seed(0);
+    auto model = dynattn::create_model("branchy_resnet20");
+    dynattn::save_checkpoint(ckpt.path(), *model.ptr(),
+                             nlohmann::json{{"model", model.spec}, {"epoch", 1}}.dump(), {});
+    write_tiny_fashion_mnist(data.path(), 40, 20);
+  }
+};
+}  // namespace
+
+TEST(CliBranchy, CalibrateWritesThresholdsThatEvalAndBenchUse) {
+  TinyBranchy tiny;
+  TempDir out;
+  const std::string calibrated = out / "calibrated", cal_json = out / "calibrate.json",
+                    eval_json = out / "eval.json", bench_json = out / "bench.json";
+  auto r = run_dynattn({"--quiet", "--threads", "1", "calibrate", "--checkpoint", tiny.ckpt.path(),
+                        "--data", tiny.data.path(), "--val-split", "0.5", "--max-accuracy-drop",
+                        "0.5", "--out", calibrated, "--json", cal_json});
+  expect_success(r);
+  EXPECT_THAT(r.out, HasSubstr("chosen thresholds")) << r.describe();
+  const auto cal = nlohmann::json::parse(read_file(cal_json));
+  EXPECT_EQ(cal["samples"].get<int64_t>(), 20) << cal.dump(2);
+  EXPECT_TRUE(cal["met"].get<bool>()) << cal.dump(2);
+  EXPECT_GE(cal["chosen"]["accuracy"].get<double>() + 0.005,
+            cal["last_exit"]["accuracy"].get<double>())
+      << cal.dump(2);
+  const auto meta = nlohmann::json::parse(read_file(calibrated + "/checkpoint.json"));
+  const auto spec = meta["model"].get<std::string>();
+  EXPECT_THAT(spec, HasSubstr("thresholds=" + cal["chosen"]["thresholds_spec"].get<std::string>()));
+  EXPECT_THAT(spec, HasSubstr("exec=compact"));
+
+  r = run_dynattn({"--quiet", "--threads", "1", "eval", "--checkpoint", calibrated, "--data",
+                   tiny.data.path(), "--json", eval_json, "--thresholds", "0/0;inf/inf"});
+  expect_success(r);
+  EXPECT_THAT(r.out, HasSubstr("early exits (compact mode)")) << r.describe();
+  const auto ev = nlohmann::json::parse(read_file(eval_json));
+  ASSERT_EQ(ev["branchy"]["runs"].size(), 2u) << ev.dump(2);
+  EXPECT_EQ(ev["branchy"]["runs"][0]["exit_histogram"], nlohmann::json({0, 0, 20})) << ev.dump(2);
+  EXPECT_EQ(ev["branchy"]["runs"][1]["exit_histogram"], nlohmann::json({20, 0, 0})) << ev.dump(2);
+  const auto& exit_macs = ev["branchy"]["exit_macs"];
+  EXPECT_DOUBLE_EQ(ev["branchy"]["runs"][1]["macs_mean"].get<double>(),
+                   exit_macs[0].get<double>());
+  EXPECT_EQ(ev["branchy"]["runs"][0]["macs_max"].get<int64_t>(), exit_macs[2].get<int64_t>());
+
+  r = run_dynattn({"--quiet", "--threads", "1", "bench", "--checkpoint", calibrated, "--data",
+                   tiny.data.path(), "--batch", "1,4", "--min-time", "0.01", "--images", "8",
+                   "--rounds", "1", "--thresholds", "inf/inf", "--json", bench_json});
+  expect_success(r);
+  const auto b = nlohmann::json::parse(read_file(bench_json));
+  ASSERT_EQ(b["points"].size(), 1u) << b.dump(2);
+  const auto& p = b["points"][0];
+  EXPECT_EQ(p["exit_histogram"], nlohmann::json({8, 0, 0})) << b.dump(2);
+  EXPECT_GT(p["mac_saving"].get<double>(), 1.5) << b.dump(2);
+  ASSERT_EQ(p["batches"].size(), 2u) << b.dump(2);
+  EXPECT_GT(p["batches"][1]["speedup"].get<double>(), 0.0) << b.dump(2);
+}
+
+TEST(CliBranchy, ErrorsNameTheOptionAndTheExpectation) {
+  TinyBranchy tiny;
+  auto r = run_dynattn({"--quiet", "calibrate", "--checkpoint", tiny.ckpt.path(), "--data",
+                        tiny.data.path()});
+  expect_runtime_error(r);
+  EXPECT_THAT(r.err, HasSubstr("--max-accuracy-drop")) << r.describe();
+  r = run_dynattn({"--quiet", "eval", "--checkpoint", tiny.ckpt.path(), "--data", tiny.data.path(),
+                   "--thresholds", "0.5"});
+  expect_runtime_error(r);
+  EXPECT_THAT(r.err, HasSubstr("needs 2 thresholds (one per side exit), got 1")) << r.describe();
+  r = run_dynattn({"--quiet", "bench", "--model", "branchy_resnet20:exits=1/5"});
+  expect_runtime_error(r);
+  EXPECT_THAT(r.err, HasSubstr("after stage 5, but the network has stages 1..3")) << r.describe();
+  TempDir plain;
+  torch::manual_seed(0);
+  auto model = dynattn::create_model("resnet20");
+  dynattn::save_checkpoint(plain.path(), *model.ptr(), R"({"model": "resnet20", "epoch": 1})", {});
+  r = run_dynattn({"--quiet", "calibrate", "--checkpoint", plain.path(), "--data",
+                   tiny.data.path(), "--target-macs", "1e6"});
+  expect_runtime_error(r);
+  EXPECT_THAT(r.err, HasSubstr("has no early exits")) << r.describe();
+  r = run_dynattn({"--quiet", "eval", "--checkpoint", plain.path(), "--data", tiny.data.path(),
+                   "--thresholds", "0.5"});
+  expect_runtime_error(r);
+  EXPECT_THAT(r.err, HasSubstr("has no early exits")) << r.describe();
+}

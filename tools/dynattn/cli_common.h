@@ -11,6 +11,10 @@
 #include "dynattn/data/dataset.h"
 #include "dynattn/models/registry.h"
 
+namespace dynattn {
+class BranchyResNetImpl;
+}
+
 namespace dynattn::cli {
 
 struct GlobalOptions {
@@ -87,5 +91,18 @@ void add_forward_command(CLI::App& app, GlobalOptions& g);
 void add_visualize_command(CLI::App& app, GlobalOptions& g);
 void add_deploy_command(CLI::App& app, GlobalOptions& g);
 void add_rebirth_command(CLI::App& app, GlobalOptions& g);
+void add_calibrate_command(CLI::App& app, GlobalOptions& g);
+
+// BranchyNet (cmd_branchy.cpp). The model's BranchyResNet, or null for other models.
+BranchyResNetImpl* as_branchy(const Model& model);
+// Early-exit evaluation on `data` for the model's thresholds, or for each ';'-separated list in
+// `thresholds`: accuracy, exit histogram, executed MACs per image (mean, std, min, max).
+nlohmann::json branchy_eval(Model& model, const InMemoryDataset& data, torch::Device device,
+                            int64_t batch, int64_t max_batches, const std::string& thresholds);
+// The dynamic model against its last exit alone, in alternating rounds, on the first `images`
+// test images (per threshold list): MACs, mean latency per batch size, speed-ups.
+nlohmann::json branchy_bench(Model& model, const std::string& data_root, torch::Device device,
+                             const std::vector<int64_t>& batches, double min_time, int64_t images,
+                             const std::string& thresholds, int rounds);
 
 }  // namespace dynattn::cli

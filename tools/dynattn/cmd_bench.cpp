@@ -10,6 +10,7 @@
 #include "cli_common.h"
 #include "dynattn/core/compat.h"
 #include "dynattn/core/runtime.h"
+#include "dynattn/data/fashion_mnist.h"
 #include "dynattn/io/atomic_file.h"
 #include "dynattn/io/checkpoint.h"
 #include "dynattn/profile/model_bench.h"
@@ -30,6 +31,10 @@ struct BenchArgs {
   bool compare_malloc = false;
   bool compare_deployed = false;
   int64_t train_batch = 0;
+  std::string data = kFashionMnistDefaultRoot;  // BranchyNet: real test images
+  std::string thresholds;
+  int64_t images = 1024;
+  int rounds = 3;
   std::vector<std::string> argv;  // for re-running under the other allocator policy
 };
 
@@ -121,8 +126,9 @@ ModelBenchResult median_round(const std::vector<ModelBenchResult>& rounds) {
 
 // The model and its deployed form measured in alternating rounds, so that drift on a shared
 // machine affects both alike.
-std::pair<ModelBenchResult, ModelBenchResult> bench_against_deployed(
-    Model& model, Model& deployed, ModelBenchOptions options, int rounds) {
+std::pair<ModelBenchResult, ModelBenchResult> bench_against_deployed(Model& model, Model& deployed,
+                                                                     ModelBenchOptions options,
+                                                                     int rounds) {
   options.min_seconds(options.min_seconds() / rounds);
   std::vector<ModelBenchResult> base, plain;
   for (int i = 0; i < rounds; ++i) {
@@ -137,6 +143,23 @@ void run_bench(const BenchArgs& a, const GlobalOptions& g) {
   const torch::Device device = parse_device(g.device);
   Model model = a.checkpoint.empty() ? create_model(model_with_attention(a.model, a.attn))
                                      : load_checkpoint_model(a.checkpoint);
+  if (as_branchy(model) != nullptr) {
+    // Early exits depend on the data: timed on test images, against the last exit alone.
+    TORCH_CHECK(!a.compare_deployed && !a.compare_malloc && a.train_batch == 0 && !a.channels_last,
+                "bench: ", model.spec,
+                " (early exits) supports --batch, --min-time, --images, "
+                "--thresholds, --rounds and --json only");
+    std::printf("model %s, threads %d, device %s; %d alternating rounds\n", model.spec.c_str(),
+                threads, g.device.c_str(), a.rounds);
+    auto j = branchy_bench(model, a.data, device, a.batches, a.min_time, a.images, a.thresholds,
+                           a.rounds);
+    j["threads"] = threads;
+    j["torch_version"] = torch_version_string();
+    if (!a.json.empty()) write_json(a.json, j);
+    return;
+  }
+  TORCH_CHECK(a.thresholds.empty(), "bench --thresholds: ", model.spec,
+              " has no early exits (expected a branchy_resnet* model)");
   const auto options = ModelBenchOptions()
                            .batches(a.batches)
                            .channels_last(a.channels_last)
@@ -248,6 +271,18 @@ void add_bench_command(CLI::App& app, GlobalOptions& g) {
   sub->add_flag("--compare-deployed", a->compare_deployed,
                 "also measure the deployed form (deploy(): conv+BN folded, RepVGG branches "
                 "merged), alternating rounds with the model as given");
+  sub->add_option("--data", a->data, "BranchyNet: Fashion-MNIST directory (timed on test images)")
+      ->capture_default_str();
+  sub->add_option("--thresholds", a->thresholds,
+                  "BranchyNet: exit thresholds to measure instead of the checkpoint's, lists "
+                  "separated by ';'");
+  sub->add_option("--images", a->images, "BranchyNet: test images cycled through while timing")
+      ->capture_default_str()
+      ->check(kPositive);
+  sub->add_option("--rounds", a->rounds,
+                  "BranchyNet: alternating rounds of the dynamic model and its last exit")
+      ->capture_default_str()
+      ->check(kPositive);
   sub->add_option("--device", g.device, "cpu or cuda[:N]")->capture_default_str();
   sub->callback([a, &g, sub] {
     // The child run repeats this subcommand's arguments (minus --json/--compare-malloc).

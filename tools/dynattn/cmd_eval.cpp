@@ -16,6 +16,8 @@ struct EvalArgs {
   std::string json;
   int64_t batch = 256;
   bool channels_last = false;
+  std::string thresholds;  // BranchyNet: ';'-separated threshold lists to evaluate
+  int64_t max_batches = 0;
 };
 
 void run_eval(const EvalArgs& a, const GlobalOptions& g) {
@@ -32,6 +34,7 @@ void run_eval(const EvalArgs& a, const GlobalOptions& g) {
                          .batch_size(a.batch)
                          .channels_last(a.channels_last)
                          .device(device)
+                         .max_batches(a.max_batches)
                          .mean({kFashionMnistMean})
                          .stddev({kFashionMnistStd}));
   const auto& classes = fashion_mnist_classes();
@@ -54,6 +57,12 @@ void run_eval(const EvalArgs& a, const GlobalOptions& g) {
       std::printf("%6lld", static_cast<long long>(conf[r][c]));
     std::printf("\n");
   }
+  TORCH_CHECK(a.thresholds.empty() || as_branchy(model) != nullptr,
+              "eval --thresholds: ", model.spec,
+              " has no early exits (expected a branchy_resnet* model)");
+  nlohmann::json branchy;
+  if (as_branchy(model) != nullptr)
+    branchy = branchy_eval(model, test, device, a.batch, a.max_batches, a.thresholds);
   if (!a.json.empty()) {
     nlohmann::json j{{"model", model.spec},     {"checkpoint", ckpt.paths.weights},
                      {"epoch", ckpt.epoch},     {"count", ev.count},
@@ -65,6 +74,7 @@ void run_eval(const EvalArgs& a, const GlobalOptions& g) {
       for (int64_t c = 0; c < conf.size(1); ++c) rows.back().push_back(conf[r][c]);
     }
     j["confusion"] = rows;
+    if (!branchy.is_null()) j["branchy"] = branchy;
     write_json(a.json, j);
     std::printf("\nwrote %s\n", a.json.c_str());
   }
@@ -82,6 +92,11 @@ void add_eval_command(CLI::App& app, GlobalOptions& g) {
   sub->add_option("--json", a->json, "also write the results as JSON to this file");
   sub->add_option("--batch", a->batch, "batch size")->capture_default_str()->check(kPositive);
   sub->add_flag("--channels-last", a->channels_last, "channels-last memory format");
+  sub->add_option("--thresholds", a->thresholds,
+                  "BranchyNet: evaluate these exit thresholds instead of the checkpoint's, "
+                  "lists separated by ';' (e.g. '0.1/0.3;0.2/0.5')");
+  sub->add_option("--max-batches", a->max_batches, "cap test batches, 0: all (smoke runs)")
+      ->check(kNonNegative);
   sub->add_option("--device", g.device, "cpu or cuda[:N]")->capture_default_str();
   sub->callback([a, &g] { run_eval(*a, g); });
 }

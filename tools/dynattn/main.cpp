@@ -119,6 +119,7 @@ int main(int argc, char** argv) {
   add_visualize_command(app, g);
   add_deploy_command(app, g);
   add_rebirth_command(app, g);
+  add_calibrate_command(app, g);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -19,6 +19,9 @@ struct ModelBenchOptions {
   TORCH_ARG(int, warmup) = 10;
   TORCH_ARG(int, min_iters) = 20;
   TORCH_ARG(double, min_seconds) = 1.0;
+  // Real inputs [N, C, H, W] instead of random ones (data-dependent models, e.g. early exits):
+  // each timed call of batch b takes the next b images, cycling through the whole batches.
+  TORCH_ARG(torch::Tensor, inputs) = {};
 };
 
 struct BatchTiming {
