@@ -209,7 +209,20 @@ torch::Tensor CBAMImpl::fused_forward(const torch::Tensor& x) {
 torch::Tensor CBAMImpl::forward(const torch::Tensor& x) {
   check_attention_input("CBAM", x, options.channels());
   auto fused = fused_forward(x);
-  return fused.defined() ? fused : run(x, nullptr);
+  if (fused.defined()) return fused;
+  // Training: one autograd node with a three-pass backward instead of ATen's operator chain.
+  const auto& c = *channel;
+  auto& s = *spatial;
+  const bool bn_ok = !s.bn || s.bn->options.track_running_stats();
+  const auto bn_w = s.bn ? s.bn->weight : torch::Tensor();
+  const auto bn_b = s.bn ? s.bn->bias : torch::Tensor();
+  if (bn_ok && fused_gates_train_apply(x, {c.fc1->weight, c.fc1->bias, c.fc2->weight, c.fc2->bias,
+                                           s.conv->weight, s.conv->bias, bn_w, bn_b})) {
+    return fused_cbam_train(x, {c.fc1->weight, c.fc1->bias, c.fc2->weight, c.fc2->bias},
+                            s.conv->weight, s.conv->bias, s.bn ? s.bn.get() : nullptr,
+                            options.max_first());
+  }
+  return run(x, nullptr);
 }
 
 AttentionOutput CBAMImpl::forward_with_maps(const torch::Tensor& x) {

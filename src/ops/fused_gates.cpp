@@ -931,7 +931,29 @@ torch::Tensor or_undefined(const torch::Tensor& t) {
 }
 
 torch::Tensor grad_like(const torch::Tensor& t) {
-  return t.numel() > 0 ? torch::zeros(t.sizes(), t.options()) : torch::Tensor();
+  return t.defined() && t.numel() > 0 ? torch::zeros(t.sizes(), t.options()) : torch::Tensor();
+}
+
+// Backward of one row through the channel MLP logits = w2 relu(w1 v + b1) + b2 (w1 [rd,C],
+// w2 [C,rd] row-major): adds into the weight gradients (gb1/gb2 may be null) and into dv.
+void mlp_backward(const float* dlogits, const float* hidden, const float* v, const Values& w1,
+                  const Values& w2, int64_t c, int64_t rd, float* gw1, float* gb1, float* gw2,
+                  float* gb2, float* dv) {
+  for (int64_t r = 0; r < rd; ++r) {
+    double a = 0.0;  // d hidden[r] = sum_c dlogits[c] w2[c, r]; double: it may cancel
+    for (int64_t ch = 0; ch < c; ++ch) {
+      a += static_cast<double>(dlogits[ch]) * w2[ch * rd + r];
+      gw2[ch * rd + r] += dlogits[ch] * hidden[r];
+    }
+    const float dz = hidden[r] > 0.0f ? static_cast<float>(a) : 0.0f;  // ReLU
+    if (gb1 != nullptr) gb1[r] += dz;
+    for (int64_t ch = 0; ch < c; ++ch) {
+      gw1[r * c + ch] += dz * v[ch];
+      dv[ch] += dz * w1[r * c + ch];
+    }
+  }
+  if (gb2 != nullptr)
+    for (int64_t ch = 0; ch < c; ++ch) gb2[ch] += dlogits[ch];
 }
 
 using torch::autograd::AutogradContext;
@@ -1047,29 +1069,317 @@ class PooledChannelGate : public torch::autograd::Function<PooledChannelGate> {
       float *gw1 = g_w1.data_ptr<float>(), *gw2 = g_w2.data_ptr<float>();
       float* gb1 = g_b1.defined() ? g_b1.data_ptr<float>() : nullptr;
       float* gb2 = g_b2.defined() ? g_b2.data_ptr<float>() : nullptr;
-      std::vector<float> dz(rd);
-      for (int64_t i = 0; i < n; ++i) {
-        const float *d = dlp + i * c, *h = hp + i * rd, *p = pp + i * c;
-        float* m = dm + i * c;
-        for (int64_t r = 0; r < rd; ++r) {
-          float a = 0.0f;  // d hidden[r] = sum_c d[c] w2[c, r]
-          for (int64_t ch = 0; ch < c; ++ch) {
-            a += d[ch] * v2[ch * rd + r];
-            gw2[ch * rd + r] += d[ch] * h[r];
-          }
-          dz[r] = h[r] > 0.0f ? a : 0.0f;  // ReLU
-          if (gb1 != nullptr) gb1[r] += dz[r];
-          for (int64_t ch = 0; ch < c; ++ch) {
-            gw1[r * c + ch] += dz[r] * p[ch];
-            m[ch] += dz[r] * v1[r * c + ch];
-          }
-        }
-        if (gb2 != nullptr)
-          for (int64_t ch = 0; ch < c; ++ch) gb2[ch] += d[ch];
-      }
+      for (int64_t i = 0; i < n; ++i)
+        mlp_backward(dlp + i * c, hp + i * rd, pp + i * c, v1, v2, c, rd, gw1, gb1, gw2, gb2,
+                     dm + i * c);
     }
     auto dx = input_gradient(dy, x, s.data_ptr<float>(), dm);
     return {dx, g_w1, g_b1, g_w2, g_b2, torch::Tensor(), torch::Tensor()};
+  }
+};
+
+// ---- CBAM's training form (NCHW) ----
+
+// Per channel of [c0, c1): mean, max and the first pixel holding the max.
+DYNATTN_VECTOR_CLONES
+void pool_argmax_nchw(const float* x, int64_t hw, int64_t c0, int64_t c1, float* mean, float* max,
+                      int32_t* at) {
+  for (int64_t ch = c0; ch < c1; ++ch) {
+    const float* p = x + ch * hw;
+    float best = p[0];
+    int32_t where = 0;
+    for (int64_t i = 1; i < hw; ++i) {
+      if (p[i] > best || std::isnan(p[i])) {
+        best = p[i];
+        where = static_cast<int32_t>(i);
+        if (std::isnan(best)) break;
+      }
+    }
+    mean[ch] = sum_of(p, hw) / static_cast<float>(hw);
+    max[ch] = best;
+    at[ch] = where;
+  }
+}
+
+// Per pixel of [p0, p1): max (and its channel) and mean over channels of x * gate.
+DYNATTN_VECTOR_CLONES
+void channel_argmax_nchw(const float* x, int64_t c, int64_t hw, const float* gate, int64_t p0,
+                         int64_t p1, float* mean, float* max, int32_t* at) {
+  const int64_t len = p1 - p0;
+  for (int64_t p = 0; p < len; ++p) {
+    mean[p] = max[p] = x[p0 + p] * gate[0];
+    at[p] = 0;
+  }
+  for (int64_t ch = 1; ch < c; ++ch) {
+    const float* src = x + ch * hw + p0;
+    const float g = gate[ch];
+    for (int64_t p = 0; p < len; ++p) {
+      const float v = src[p] * g;
+      mean[p] += v;
+      const bool better = v > max[p];
+      max[p] = better ? v : max[p];
+      at[p] = better ? static_cast<int32_t>(ch) : at[p];
+    }
+  }
+  const float inv_c = 1.0f / static_cast<float>(c);
+  for (int64_t p = 0; p < len; ++p) mean[p] *= inv_c;
+}
+
+// d x1 = dy * ms + dmean / C + [ch == at] dmax, where x1 = x * M_c; one image, channel ch.
+struct CbamPixelGrads {
+  const float *ms, *dmean, *dmax;
+  const int32_t* at;
+  float inv_c;
+};
+
+// dmc[ch] = sum_p d x1 * x over channels [c0, c1).
+DYNATTN_VECTOR_CLONES
+void cbam_channel_grad_nchw(const float* dy, const float* x, int64_t hw, int64_t c0, int64_t c1,
+                            const CbamPixelGrads& g, float* dmc) {
+  for (int64_t ch = c0; ch < c1; ++ch) {
+    const float* a = dy + ch * hw;
+    const float* b = x + ch * hw;
+    float acc = 0.0f;
+    for (int64_t p = 0; p < hw; ++p) {
+      const float d = a[p] * g.ms[p] + g.dmean[p] * g.inv_c + (g.at[p] == ch ? g.dmax[p] : 0.0f);
+      acc += d * b[p];
+    }
+    dmc[ch] = acc;
+  }
+}
+
+// dx = d x1 * M_c + d_avg / HW + [p == at_c] d_max_c over channels [c0, c1).
+DYNATTN_VECTOR_CLONES
+void cbam_input_grad_nchw(const float* dy, float* dx, int64_t hw, int64_t c0, int64_t c1,
+                          const CbamPixelGrads& g, const float* mc, const float* davg,
+                          const float* dmaxpool, const int32_t* pool_at) {
+  for (int64_t ch = c0; ch < c1; ++ch) {
+    const float* a = dy + ch * hw;
+    float* out = dx + ch * hw;
+    const float m = mc[ch], add = davg[ch] / static_cast<float>(hw);
+    for (int64_t p = 0; p < hw; ++p) {
+      const float d = a[p] * g.ms[p] + g.dmean[p] * g.inv_c + (g.at[p] == ch ? g.dmax[p] : 0.0f);
+      out[p] = d * m + add;
+    }
+    out[pool_at[ch]] += dmaxpool[ch];
+  }
+}
+
+// dms[p] = sum_c dy * x * M_c[c], pixels [p0, p1) of one NCHW image.
+DYNATTN_VECTOR_CLONES
+void cbam_pixel_grad_nchw(const float* dy, const float* x, int64_t c, int64_t hw, const float* mc,
+                          int64_t p0, int64_t p1, float* dms) {
+  const int64_t len = p1 - p0;
+  std::fill(dms, dms + len, 0.0f);
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const float* a = dy + ch * hw + p0;
+    const float* b = x + ch * hw + p0;
+    const float m = mc[ch];
+    for (int64_t p = 0; p < len; ++p) dms[p] += a[p] * b[p] * m;
+  }
+}
+
+// CBAM as one autograd node (NCHW float input): both gates, the product, and a hand-written
+// backward of three passes over the map; the spatial conv and its BatchNorm (batch statistics in
+// training, running statistics updated as ATen's) run as ATen operators on the small
+// [N,2,H,W] and [N,1,H,W] maps.
+class CbamGate : public torch::autograd::Function<CbamGate> {
+ public:
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& w1_in, const torch::Tensor& b1_in,
+                               const torch::Tensor& w2_in, const torch::Tensor& b2_in,
+                               const torch::Tensor& conv_w, const torch::Tensor& conv_b_in,
+                               const torch::Tensor& bn_w_in, const torch::Tensor& bn_b_in,
+                               const torch::Tensor& running_mean, const torch::Tensor& running_var,
+                               bool max_first, bool bn_training, double momentum, double eps) {
+    const auto w1 = or_undefined(w1_in), b1 = or_undefined(b1_in), w2 = or_undefined(w2_in),
+               b2 = or_undefined(b2_in), conv_b = or_undefined(conv_b_in),
+               bn_w = or_undefined(bn_w_in), bn_b = or_undefined(bn_b_in),
+               rm = or_undefined(running_mean), rv = or_undefined(running_var);
+    const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), hw = h * w;
+    const Mlp fc(ChannelMlp{w1, b1, w2, b2}, c);
+    const int64_t rd = fc.width(), k = conv_w.size(-1);
+    record_macs("dynattn::fused_cbam", n * (2 * fc.macs() + hw * 2 * k * k));
+    auto avg = torch::empty({n, c}), mx = torch::empty({n, c}), mc = torch::empty({n, c});
+    auto hidden = torch::empty({n, 2, rd});
+    auto pool_at = torch::empty({n, c}, torch::kInt);
+    auto stats = torch::empty({n, 2, h, w});
+    auto chan_at = torch::empty({n, hw}, torch::kInt);
+    const float* xp = x.data_ptr<float>();
+    float *ap = avg.data_ptr<float>(), *mp = mx.data_ptr<float>(), *mcp = mc.data_ptr<float>(),
+          *hp = hidden.data_ptr<float>(), *sp = stats.data_ptr<float>();
+    int32_t *pap = pool_at.data_ptr<int32_t>(), *cap = chan_at.data_ptr<int32_t>();
+    const int64_t max_plane = max_first ? 0 : 1;
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> logits(c);
+      for (int64_t i = begin; i < end; ++i) {
+        const float* xi = xp + i * c * hw;
+        float *a = ap + i * c, *m = mp + i * c, *g = mcp + i * c;
+        at::parallel_for(0, c, grain_for(hw), [&](int64_t c0, int64_t c1) {
+          pool_argmax_nchw(xi, hw, c0, c1, a, m, pap + i * c);
+        });
+        fc(a, hp + (i * 2) * rd, g);
+        fc(m, hp + (i * 2 + 1) * rd, logits.data());
+        for (int64_t ch = 0; ch < c; ++ch) g[ch] += logits[ch];
+        sigmoid_inplace(g, c);
+        float* st = sp + i * 2 * hw;
+        at::parallel_for(0, hw, grain_for(c), [&](int64_t p0, int64_t p1) {
+          channel_argmax_nchw(xi, c, hw, g, p0, p1, st + (1 - max_plane) * hw + p0,
+                              st + max_plane * hw + p0, cap + i * hw + p0);
+        });
+      }
+    });
+    // The spatial gate on the small maps: conv, BN (train: batch statistics), sigmoid.
+    const int64_t pad = k / 2;
+    auto pre = torch::conv2d(stats, conv_w.contiguous(), conv_b, 1, pad);
+    torch::Tensor bn_out = pre, save_mean, save_invstd;
+    const bool has_bn = rm.defined();
+    if (has_bn) {
+      std::tie(bn_out, save_mean, save_invstd) =
+          torch::native_batch_norm(pre, bn_w, bn_b, rm, rv, bn_training, momentum, eps);
+    }
+    auto ms = torch::sigmoid(bn_out);
+    auto y = torch::empty_like(x);
+    const float* msp = ms.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const Image im{i, xp + i * c * hw, yp + i * c * hw, c, h, w, hw, false};
+        apply_gates(im, mcp + i * c, msp + i * hw);
+      }
+    });
+    ++g_calls;
+    ctx->save_for_backward({x, w1_in, b1_in, w2_in, b2_in, conv_w, conv_b_in, bn_w_in, bn_b_in});
+    for (const auto& kv :
+         std::initializer_list<std::pair<const char*, torch::Tensor>>{{"avg", avg},
+                                                                      {"mx", mx},
+                                                                      {"mc", mc},
+                                                                      {"hidden", hidden},
+                                                                      {"pool_at", pool_at},
+                                                                      {"stats", stats},
+                                                                      {"chan_at", chan_at},
+                                                                      {"pre", pre},
+                                                                      {"ms", ms}})
+      ctx->saved_data[kv.first] = kv.second;
+    if (has_bn) {
+      ctx->saved_data["save_mean"] = save_mean;
+      ctx->saved_data["save_invstd"] = save_invstd;
+      ctx->saved_data["rm"] = rm;
+      ctx->saved_data["rv"] = rv;
+    }
+    ctx->saved_data["has_bn"] = has_bn;
+    ctx->saved_data["max_first"] = max_first;
+    ctx->saved_data["bn_training"] = bn_training;
+    ctx->saved_data["eps"] = eps;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto& x = saved[0];
+    const auto w1 = or_undefined(saved[1]), b1 = or_undefined(saved[2]),
+               w2 = or_undefined(saved[3]), b2 = or_undefined(saved[4]), conv_w = saved[5],
+               conv_b = or_undefined(saved[6]), bn_w = or_undefined(saved[7]),
+               bn_b = or_undefined(saved[8]);
+    auto get = [&](const char* key) { return ctx->saved_data[key].toTensor(); };
+    const auto avg = get("avg"), mx = get("mx"), mc = get("mc"), hidden = get("hidden"),
+               pool_at = get("pool_at"), stats = get("stats"), chan_at = get("chan_at"),
+               pre = get("pre"), ms = get("ms");
+    const bool has_bn = ctx->saved_data["has_bn"].toBool();
+    const bool max_first = ctx->saved_data["max_first"].toBool();
+    const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), hw = h * w;
+    const auto dy = grads[0].contiguous();
+    const float *dyp = dy.data_ptr<float>(), *xp = x.data_ptr<float>(), *mcp = mc.data_ptr<float>();
+    // Pass 1: d M_s, then back through sigmoid, BN and the conv to the pooled maps.
+    auto dms = torch::empty({n, 1, h, w});
+    float* dmsp = dms.data_ptr<float>();
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        at::parallel_for(0, hw, grain_for(c), [&](int64_t p0, int64_t p1) {
+          cbam_pixel_grad_nchw(dyp + i * c * hw, xp + i * c * hw, c, hw, mcp + i * c, p0, p1,
+                               dmsp + i * hw + p0);
+        });
+      }
+    });
+    auto d_bn_out = dms * ms * (1 - ms);
+    torch::Tensor d_pre = d_bn_out, g_bn_w, g_bn_b;
+    if (has_bn) {
+      std::tie(d_pre, g_bn_w, g_bn_b) = torch::native_batch_norm_backward(
+          d_bn_out, pre, bn_w, get("rm"), get("rv"), get("save_mean"), get("save_invstd"),
+          ctx->saved_data["bn_training"].toBool(), ctx->saved_data["eps"].toDouble(),
+          {true, bn_w.defined(), bn_b.defined()});
+    }
+    const int64_t pad = conv_w.size(-1) / 2;
+    const auto cw = conv_w.contiguous();
+    auto d_stats = torch::conv2d(d_pre, cw.flip({2, 3}).transpose(0, 1), {}, 1, pad).contiguous();
+    auto g_conv_w =
+        torch::conv2d(stats.transpose(0, 1), d_pre.transpose(0, 1), {}, 1, pad).transpose(0, 1);
+    if (conv_w.dim() == 4) g_conv_w = g_conv_w.contiguous();
+    torch::Tensor g_conv_b;
+    if (conv_b.defined()) g_conv_b = d_pre.sum().reshape(conv_b.sizes());
+    // Pass 2: d M_c; the channel MLP backward; pass 3: dx.
+    const float *dsp = d_stats.data_ptr<float>(), *msp = ms.data_ptr<float>();
+    const int32_t *cap = chan_at.data_ptr<int32_t>(), *pap = pool_at.data_ptr<int32_t>();
+    const int64_t max_plane = max_first ? 0 : 1;
+    auto dmc = torch::empty({n, c});
+    float* dmcp = dmc.data_ptr<float>();
+    auto grads_of = [&](int64_t i) {
+      const float* ds = dsp + i * 2 * hw;
+      return CbamPixelGrads{msp + i * hw, ds + (1 - max_plane) * hw, ds + max_plane * hw,
+                            cap + i * hw, 1.0f / static_cast<float>(c)};
+    };
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const auto g = grads_of(i);
+        at::parallel_for(0, c, grain_for(hw), [&](int64_t c0, int64_t c1) {
+          cbam_channel_grad_nchw(dyp + i * c * hw, xp + i * c * hw, hw, c0, c1, g, dmcp + i * c);
+        });
+      }
+    });
+    const Values v1(w1), v2(w2);
+    const int64_t rd = w1.size(0);
+    auto g_w1 = grad_like(w1), g_b1 = grad_like(b1), g_w2 = grad_like(w2), g_b2 = grad_like(b2);
+    float *gw1 = g_w1.data_ptr<float>(), *gw2 = g_w2.data_ptr<float>();
+    float* gb1 = g_b1.defined() ? g_b1.data_ptr<float>() : nullptr;
+    float* gb2 = g_b2.defined() ? g_b2.data_ptr<float>() : nullptr;
+    auto davg = torch::zeros({n, c}), dmaxpool = torch::zeros({n, c});
+    float *dap = davg.data_ptr<float>(), *dmp = dmaxpool.data_ptr<float>();
+    const float *ap = avg.data_ptr<float>(), *mp = mx.data_ptr<float>(),
+                *hp = hidden.data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) {
+      float* dl = dmcp + i * c;  // d logits = d M_c * M_c (1 - M_c), for both descriptors
+      for (int64_t ch = 0; ch < c; ++ch) dl[ch] *= mcp[i * c + ch] * (1.0f - mcp[i * c + ch]);
+      mlp_backward(dl, hp + (i * 2) * rd, ap + i * c, v1, v2, c, rd, gw1, gb1, gw2, gb2,
+                   dap + i * c);
+      mlp_backward(dl, hp + (i * 2 + 1) * rd, mp + i * c, v1, v2, c, rd, gw1, gb1, gw2, gb2,
+                   dmp + i * c);
+    }
+    auto dx = torch::empty_like(x);
+    float* dxp = dx.data_ptr<float>();
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const auto g = grads_of(i);
+        at::parallel_for(0, c, grain_for(hw), [&](int64_t c0, int64_t c1) {
+          cbam_input_grad_nchw(dyp + i * c * hw, dxp + i * c * hw, hw, c0, c1, g, mcp + i * c,
+                               dap + i * c, dmp + i * c, pap + i * c);
+        });
+      }
+    });
+    return {dx,
+            g_w1,
+            g_b1,
+            g_w2,
+            g_b2,
+            g_conv_w,
+            g_conv_b,
+            g_bn_w,
+            g_bn_b,
+            torch::Tensor(),
+            torch::Tensor(),
+            torch::Tensor(),
+            torch::Tensor(),
+            torch::Tensor(),
+            torch::Tensor()};
   }
 };
 
@@ -1089,6 +1399,37 @@ torch::Tensor fused_efficient_channel_attention_train(const torch::Tensor& x,
                                                       const torch::Tensor& bias) {
   return PooledChannelGate::apply(x, weight, or_empty(bias), or_empty({}), or_empty({}), true,
                                   static_cast<int64_t>(GateFunction::Sigmoid));
+}
+
+torch::Tensor fused_cbam_train(const torch::Tensor& x, const ChannelMlp& mlp,
+                               const torch::Tensor& conv_weight, const torch::Tensor& conv_bias,
+                               torch::nn::BatchNorm2dImpl* bn, bool max_first) {
+  // The kernels are NCHW; a channels-last input goes through a copy each way.
+  const bool channels_last = !x.is_contiguous();
+  const auto input = channels_last ? x.contiguous() : x;
+  const bool bn_training = bn != nullptr && bn->is_training();
+  TORCH_CHECK(bn == nullptr || bn->options.track_running_stats(),
+              "fused_cbam_train: the spatial BatchNorm must track running statistics");
+  torch::Tensor rm, rv;
+  double momentum = 0.0;
+  if (bn != nullptr) {
+    rm = bn->running_mean;
+    rv = bn->running_var;
+    if (bn->is_training()) {
+      torch::NoGradGuard no_grad;
+      bn->num_batches_tracked += 1;
+    }
+    // As BatchNorm2d: no momentum means a cumulative average over the batches seen.
+    momentum = bn->options.momentum().has_value()
+                   ? *bn->options.momentum()
+                   : 1.0 / static_cast<double>(bn->num_batches_tracked.item<int64_t>());
+  }
+  auto y = CbamGate::apply(input, mlp.fc1_weight, or_empty(mlp.fc1_bias), mlp.fc2_weight,
+                           or_empty(mlp.fc2_bias), conv_weight, or_empty(conv_bias),
+                           or_empty(bn ? bn->weight : torch::Tensor()),
+                           or_empty(bn ? bn->bias : torch::Tensor()), or_empty(rm), or_empty(rv),
+                           max_first, bn_training, momentum, bn ? bn->options.eps() : 1e-5);
+  return channels_last ? y.contiguous(torch::MemoryFormat::ChannelsLast) : y;
 }
 
 }  // namespace dynattn

@@ -132,3 +132,16 @@ torch::Tensor fused_efficient_channel_attention_train(const torch::Tensor& x,
                                                       const torch::Tensor& bias);
 
 }  // namespace dynattn
+
+namespace dynattn {
+
+// CBAM's training form: channel gate, spatial gate and product as one autograd node with a
+// three-pass backward (d M_s; d M_c; dx); the spatial conv and BN run as ATen operators on the
+// small pooled maps, the BN with batch statistics when `bn` is in training mode (running
+// statistics and num_batches_tracked updated as BatchNorm2d does). bn: the module's spatial BN
+// or null. The kernels are NCHW: a channels-last x is copied in and the output copied back.
+torch::Tensor fused_cbam_train(const torch::Tensor& x, const ChannelMlp& mlp,
+                               const torch::Tensor& conv_weight, const torch::Tensor& conv_bias,
+                               torch::nn::BatchNorm2dImpl* bn, bool max_first);
+
+}  // namespace dynattn
