@@ -17,6 +17,7 @@
 #include "dynattn/dynamic/execution.h"
 #include "dynattn/dynamic/gate.h"
 #include "dynattn/dynamic/branchy.h"
+#include "dynattn/dynamic/branchy_calibration.h"
 #include "dynattn/dynamic/stochastic_depth.h"
 #include "dynattn/io/checkpoint.h"
 #include "dynattn/io/key_map.h"

@@ -737,13 +737,14 @@ TEST(CliBranchy, CalibrateWritesThresholdsThatEvalAndBenchUse) {
   EXPECT_EQ(ev["branchy"]["runs"][0]["exit_histogram"], nlohmann::json({0, 0, 20})) << ev.dump(2);
   EXPECT_EQ(ev["branchy"]["runs"][1]["exit_histogram"], nlohmann::json({20, 0, 0})) << ev.dump(2);
   const auto& exit_macs = ev["branchy"]["exit_macs"];
-  EXPECT_DOUBLE_EQ(ev["branchy"]["runs"][1]["macs_mean"].get<double>(),
-                   exit_macs[0].get<double>());
+  EXPECT_DOUBLE_EQ(ev["branchy"]["runs"][1]["macs_mean"].get<double>(), exit_macs[0].get<double>());
   EXPECT_EQ(ev["branchy"]["runs"][0]["macs_max"].get<int64_t>(), exit_macs[2].get<int64_t>());
 
-  r = run_dynattn({"--quiet", "--threads", "1", "bench", "--checkpoint", calibrated, "--data",
-                   tiny.data.path(), "--batch", "1,4", "--min-time", "0.01", "--images", "8",
-                   "--rounds", "1", "--thresholds", "inf/inf", "--json", bench_json});
+  r = run_dynattn({"--quiet",      "--threads", "1",          "bench",
+                   "--checkpoint", calibrated,  "--data",     tiny.data.path(),
+                   "--batch",      "1,4",       "--min-time", "0.01",
+                   "--images",     "8",         "--rounds",   "1",
+                   "--thresholds", "inf/inf",   "--json",     bench_json});
   expect_success(r);
   const auto b = nlohmann::json::parse(read_file(bench_json));
   ASSERT_EQ(b["points"].size(), 1u) << b.dump(2);
@@ -756,8 +757,8 @@ TEST(CliBranchy, CalibrateWritesThresholdsThatEvalAndBenchUse) {
 
 TEST(CliBranchy, ErrorsNameTheOptionAndTheExpectation) {
   TinyBranchy tiny;
-  auto r = run_dynattn({"--quiet", "calibrate", "--checkpoint", tiny.ckpt.path(), "--data",
-                        tiny.data.path()});
+  auto r = run_dynattn(
+      {"--quiet", "calibrate", "--checkpoint", tiny.ckpt.path(), "--data", tiny.data.path()});
   expect_runtime_error(r);
   EXPECT_THAT(r.err, HasSubstr("--max-accuracy-drop")) << r.describe();
   r = run_dynattn({"--quiet", "eval", "--checkpoint", tiny.ckpt.path(), "--data", tiny.data.path(),
@@ -767,15 +768,19 @@ TEST(CliBranchy, ErrorsNameTheOptionAndTheExpectation) {
   r = run_dynattn({"--quiet", "bench", "--model", "branchy_resnet20:exits=1/5"});
   expect_runtime_error(r);
   EXPECT_THAT(r.err, HasSubstr("after stage 5, but the network has stages 1..3")) << r.describe();
-  TempDir plain;
+}
+
+TEST(CliBranchy, CalibrateAndThresholdsNeedAModelWithExits) {
+  TempDir data, plain;
+  write_tiny_fashion_mnist(data.path(), 40, 20);
   torch::manual_seed(0);
   auto model = dynattn::create_model("resnet20");
   dynattn::save_checkpoint(plain.path(), *model.ptr(), R"({"model": "resnet20", "epoch": 1})", {});
-  r = run_dynattn({"--quiet", "calibrate", "--checkpoint", plain.path(), "--data",
-                   tiny.data.path(), "--target-macs", "1e6"});
+  auto r = run_dynattn({"--quiet", "calibrate", "--checkpoint", plain.path(), "--data", data.path(),
+                        "--target-macs", "1e6"});
   expect_runtime_error(r);
   EXPECT_THAT(r.err, HasSubstr("has no early exits")) << r.describe();
-  r = run_dynattn({"--quiet", "eval", "--checkpoint", plain.path(), "--data", tiny.data.path(),
+  r = run_dynattn({"--quiet", "eval", "--checkpoint", plain.path(), "--data", data.path(),
                    "--thresholds", "0.5"});
   expect_runtime_error(r);
   EXPECT_THAT(r.err, HasSubstr("has no early exits")) << r.describe();

@@ -190,6 +190,25 @@ TEST(BranchyResNet, ThresholdZeroIsThePlainNetwork) {
   }
 }
 
+TEST(BranchyResNet, WithoutSideExitsIsThePlainNetwork) {
+  Model m = trained_looking("branchy_resnet20:exits=none");
+  auto net = branchy_of(m);
+  EXPECT_EQ(net->side_exits(), 0);
+  EXPECT_EQ(net->exit_weights(), (std::vector<double>{1.0}));
+  const auto x = small_input();
+  torch::NoGradGuard no_grad;
+  const auto plain = net->backbone->forward(x);
+  for (auto mode : {ExecutionMode::kMask, ExecutionMode::kCompact}) {
+    const auto out = run(*net, x, mode);
+    EXPECT_TRUE(torch::allclose(out.output, plain, 1e-5, 1e-6));
+    EXPECT_TRUE(torch::equal(out.exit_index, torch::zeros({12}, torch::kLong)));
+    EXPECT_EQ(out.exits, 1);
+  }
+  const auto cost = net->exit_macs({1, 12, 12});
+  ASSERT_EQ(cost.size(), 1u);
+  EXPECT_EQ(cost[0], count_macs([&] { net->backbone->forward(x.slice(0, 0, 1)); }).macs);
+}
+
 TEST(BranchyResNet, ThresholdInfinityLeavesAtTheFirstExit) {
   Model m = trained_looking("branchy_resnet20:thresholds=inf/inf");
   auto net = branchy_of(m);

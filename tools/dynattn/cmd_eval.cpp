@@ -25,6 +25,9 @@ void run_eval(const EvalArgs& a, const GlobalOptions& g) {
   const torch::Device device = parse_device(g.device);
   CheckpointData ckpt;
   Model model = load_checkpoint_model(a.checkpoint, &ckpt);
+  TORCH_CHECK(a.thresholds.empty() || as_branchy(model) != nullptr,
+              "eval --thresholds: ", model.spec,
+              " has no early exits (expected a branchy_resnet* model)");
   model.ptr()->to(device);
   if (a.channels_last) to_memory_format(*model.ptr(), torch::MemoryFormat::ChannelsLast);
   const FashionMnist raw = load_fashion_mnist(a.data);
@@ -57,9 +60,6 @@ void run_eval(const EvalArgs& a, const GlobalOptions& g) {
       std::printf("%6lld", static_cast<long long>(conf[r][c]));
     std::printf("\n");
   }
-  TORCH_CHECK(a.thresholds.empty() || as_branchy(model) != nullptr,
-              "eval --thresholds: ", model.spec,
-              " has no early exits (expected a branchy_resnet* model)");
   nlohmann::json branchy;
   if (as_branchy(model) != nullptr)
     branchy = branchy_eval(model, test, device, a.batch, a.max_batches, a.thresholds);
