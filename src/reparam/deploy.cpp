@@ -27,18 +27,18 @@ DeployReport deploy(Model& model, const std::vector<int64_t>& input_shape) {
   // Pre-order over the children each module has *after* it simplified itself: a RepVGG block
   // that merged its branches no longer has them, so they are not visited (and reported) again.
   std::map<std::string, std::string> spec_options;
-  std::function<void(torch::nn::Module&, const std::string&)> visit =
-      [&](torch::nn::Module& module, const std::string& path) {
-        if (auto* r = dynamic_cast<Reparameterizable*>(&module)) {
-          const auto merges = r->reparameterize();
-          for (const auto& merge : merges)
-            report.merged.push_back(path.empty() ? merge : path + ": " + merge);
-          if (!merges.empty())
-            for (const auto& kv : r->deployed_options()) spec_options[kv.first] = kv.second;
-        }
-        for (const auto& child : module.named_children())
-          visit(*child.value(), path.empty() ? child.key() : path + "." + child.key());
-      };
+  std::function<void(torch::nn::Module&, const std::string&)> visit = [&](torch::nn::Module& module,
+                                                                          const std::string& path) {
+    if (auto* r = dynamic_cast<Reparameterizable*>(&module)) {
+      const auto merges = r->reparameterize();
+      for (const auto& merge : merges)
+        report.merged.push_back(path.empty() ? merge : path + ": " + merge);
+      if (!merges.empty())
+        for (const auto& kv : r->deployed_options()) spec_options[kv.first] = kv.second;
+    }
+    for (const auto& child : module.named_children())
+      visit(*child.value(), path.empty() ? child.key() : path + "." + child.key());
+  };
   visit(root, "");
   // The spec must rebuild the deployed structure (and its test-time semantics) from a
   // checkpoint: the options the simplified modules ask for, where the model accepts them.
