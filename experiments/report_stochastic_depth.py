@@ -6,26 +6,9 @@ import argparse
 import glob
 import json
 import os
-import platform
 import statistics
-import subprocess
 
-
-def load(path):
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def cpu_name():
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from report_common import load, cpu_name
 
 
 def spec_options(spec):

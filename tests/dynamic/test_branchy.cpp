@@ -15,33 +15,18 @@
 #include "dynattn/train/trainer.h"
 #include "gradcheck.h"
 #include "test_util.h"
+#include "trained_looking.h"
 
 using namespace dynattn;
 using dynattn::test_util::error_of;
 using ::testing::HasSubstr;
 
+using dynattn::test_util::trained_looking;
 namespace {
 const double kInf = std::numeric_limits<double>::infinity();
 
 BranchyResNet branchy_of(const Model& m) {
   return BranchyResNet(std::dynamic_pointer_cast<BranchyResNetImpl>(m.ptr()));
-}
-
-// branchy_resnet20 with BN statistics and affine parameters that matter, in eval mode.
-Model trained_looking(const std::string& spec) {
-  torch::manual_seed(7);
-  Model m = create_model(spec);
-  torch::NoGradGuard no_grad;
-  for (auto& b : m.ptr()->named_buffers()) {
-    if (b.key().find("running_mean") != std::string::npos) b.value().normal_(0.0, 0.2);
-    if (b.key().find("running_var") != std::string::npos) b.value().uniform_(0.5, 2.0);
-  }
-  for (auto& p : m.ptr()->named_parameters()) {
-    if (p.key().find("bn") != std::string::npos && p.value().dim() == 1)
-      p.value().normal_(0.5, 0.3);
-  }
-  m.ptr()->eval();
-  return m;
 }
 
 torch::Tensor small_input(int64_t n = 12) {
@@ -145,7 +130,7 @@ TEST(BranchyResNet, ErrorsNameTheOption) {
 }
 
 TEST(BranchyResNet, CompactEqualsMask) {
-  Model m = trained_looking("branchy_resnet20:exits=1.1/2/3.0");
+  Model m = trained_looking("branchy_resnet20:exits=1.1/2/3.0", 7);
   auto net = branchy_of(m);
   const auto x = small_input(16);
   const auto cost = net->exit_macs({1, 12, 12});
@@ -177,7 +162,7 @@ TEST(BranchyResNet, CompactEqualsMask) {
 }
 
 TEST(BranchyResNet, ThresholdZeroIsThePlainNetwork) {
-  Model m = trained_looking("branchy_resnet20");
+  Model m = trained_looking("branchy_resnet20", 7);
   auto net = branchy_of(m);
   const auto x = small_input();
   torch::NoGradGuard no_grad;
@@ -191,7 +176,7 @@ TEST(BranchyResNet, ThresholdZeroIsThePlainNetwork) {
 }
 
 TEST(BranchyResNet, WithoutSideExitsIsThePlainNetwork) {
-  Model m = trained_looking("branchy_resnet20:exits=none");
+  Model m = trained_looking("branchy_resnet20:exits=none", 7);
   auto net = branchy_of(m);
   EXPECT_EQ(net->side_exits(), 0);
   EXPECT_EQ(net->exit_weights(), (std::vector<double>{1.0}));
@@ -210,7 +195,7 @@ TEST(BranchyResNet, WithoutSideExitsIsThePlainNetwork) {
 }
 
 TEST(BranchyResNet, ThresholdInfinityLeavesAtTheFirstExit) {
-  Model m = trained_looking("branchy_resnet20:thresholds=inf/inf");
+  Model m = trained_looking("branchy_resnet20:thresholds=inf/inf", 7);
   auto net = branchy_of(m);
   const auto x = small_input();
   torch::NoGradGuard no_grad;
@@ -226,7 +211,7 @@ TEST(BranchyResNet, ThresholdInfinityLeavesAtTheFirstExit) {
 }
 
 TEST(BranchyResNet, PerSampleMacsEqualTheCountedPrefix) {
-  Model m = trained_looking("branchy_resnet20:exits=1.1/2");
+  Model m = trained_looking("branchy_resnet20:exits=1.1/2", 7);
   auto net = branchy_of(m);
   const auto x = small_input(1);
   torch::NoGradGuard no_grad;
@@ -374,7 +359,7 @@ TEST(BranchyCalibration, ThresholdListsRoundTrip) {
 }
 
 TEST(BranchyCalibration, PredictionsMatchTheInference) {
-  Model m = trained_looking("branchy_resnet20");
+  Model m = trained_looking("branchy_resnet20", 7);
   auto net = branchy_of(m);
   torch::manual_seed(4);
   InMemoryDataset data(torch::rand({40, 1, 12, 12}), torch::randint(0, 10, {40}, torch::kLong));

@@ -5,30 +5,13 @@
 #include "dynattn/models/registry.h"
 #include "dynattn/reparam/deploy.h"
 #include "test_util.h"
+#include "trained_looking.h"
 
 using namespace dynattn;
 using dynattn::test_util::error_of;
 using ::testing::HasSubstr;
 
-namespace {
-// A model with BN statistics and affine parameters that matter, in eval mode.
-Model trained_looking(const std::string& spec) {
-  torch::manual_seed(5);
-  Model m = create_model(spec);
-  torch::NoGradGuard no_grad;
-  for (auto& b : m.ptr()->named_buffers()) {
-    if (b.key().find("running_mean") != std::string::npos) b.value().normal_(0.0, 0.2);
-    if (b.key().find("running_var") != std::string::npos) b.value().uniform_(0.5, 2.0);
-  }
-  for (auto& p : m.ptr()->named_parameters()) {
-    if (p.key().find("bn") != std::string::npos && p.value().dim() == 1)
-      p.value().normal_(0.5, 0.3);
-  }
-  m.ptr()->eval();
-  return m;
-}
-}  // namespace
-
+using dynattn::test_util::trained_looking;
 TEST(Deploy, FoldsEveryConvBnPairOfAResNetExactly) {
   Model m = trained_looking("resnet20");
   const auto r = deploy(m, {2, 1, 28, 28});
