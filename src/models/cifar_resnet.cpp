@@ -142,7 +142,10 @@ torch::Tensor BasicBlockImpl::shortcut(const torch::Tensor& x) {
   auto y =
       x.slice(2, 0, c10::nullopt, options.stride()).slice(3, 0, c10::nullopt, options.stride());
   const int64_t extra = options.out_channels() - options.in_channels();
-  return torch::constant_pad_nd(y, {0, 0, 0, 0, extra / 2, extra - extra / 2});
+  // constant_pad_nd returns NCHW whatever x is: keep x's layout, or what is added to it (a
+  // gated residual, out of place) drags the rest of a channels-last network into NCHW.
+  return torch::constant_pad_nd(y, {0, 0, 0, 0, extra / 2, extra - extra / 2})
+      .contiguous(x.suggest_memory_format());
 }
 
 bool BasicBlockImpl::onednn_ready() const {

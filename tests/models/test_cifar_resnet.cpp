@@ -66,6 +66,11 @@ TEST(CifarResNet, PadShortcutSubsamplesAndZeroPads) {
   ASSERT_EQ(s.sizes(), torch::IntArrayRef({1, 32, 4, 4}));
   EXPECT_TRUE(torch::equal(s.slice(1, 8, 24), x.slice(2, 0, 8, 2).slice(3, 0, 8, 2)));
   EXPECT_EQ(s.slice(1, 0, 8).abs().sum().item<float>(), 0.0f);
+  // The input's layout is kept: a gated (out-of-place) residual sum follows it.
+  const auto cl = x.contiguous(torch::MemoryFormat::ChannelsLast);
+  const auto s_cl = block->shortcut(cl);
+  EXPECT_TRUE(s_cl.is_contiguous(torch::MemoryFormat::ChannelsLast));
+  EXPECT_TRUE(torch::equal(s_cl, s));
 }
 
 TEST(CifarResNet, ChannelsLastGivesTheSameOutput) {
