@@ -37,7 +37,14 @@ def micro_table(micro):
             continue
         ref_name = name.replace("/" + m.group(2) + "/", "/block/")
         ref = t.get(ref_name)
-        if ref:
+        if runs[name].get("error_occurred"):
+            # A case the module cannot run (BAM's BatchNorm1d on a batch of 1 in training) is
+            # listed with the benchmark's own reason rather than as a time.
+            rows.append({"module": m.group(2), "pass": "forward" if m.group(1) == "Forward" else "forward+backward",
+                         "shape": shapes[int(m.group(3))], "batch": int(m.group(4)),
+                         "channels_last": m.group(5) == "1", "error": runs[name].get("error_message", "failed"),
+                         "reference": "BasicBlock of the same shape"})
+        elif ref:
             rows.append(rule({"module": m.group(2), "pass": "forward" if m.group(1) == "Forward" else "forward+backward",
                               "shape": shapes[int(m.group(3))], "batch": int(m.group(4)),
                               "channels_last": m.group(5) == "1", "ratio": value / ref,
@@ -184,6 +191,10 @@ def main():
             layout = "channels-last" if m["channels_last"] else "contiguous"
             rule = (f"{m['mac_ratio']:.3f} | {m['passes']} | {m['budget']:.2f} | {'yes' if m['within'] else '**no**'}"
                     if "budget" in m else " | | | ")
+            if "error" in m:
+                L.append(f"| {m['module']} | {m['pass']} | {m['shape']} | {m['batch']} | {layout} | "
+                         f"not run: {m['error']} | | | | | | {m['reference']} |")
+                continue
             L.append(f"| {m['module']} | {m['pass']} | {m['shape']} | {m['batch']} | {layout} | " + (
                      f"{m['ratio']:.2f} | {m['aten_ratio']:.2f}" if "aten_ratio" in m else f"{m['ratio']:.2f} | ") + f" | {rule} | {m['reference']} |")
         ruled = [m for m in micro if "within" in m]
