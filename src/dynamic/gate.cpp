@@ -32,11 +32,12 @@ torch::Tensor row_factor(const torch::Tensor& y, const torch::Tensor& row_weight
   return per_row(f, y.dim());
 }
 
-// base + factor * y in one kernel (addcmul, or add with alpha).
+// base + factor * y in one kernel (addcmul, or add with alpha), in y's layout.
 torch::Tensor add_scaled(const torch::Tensor& base, const torch::Tensor& y,
                          const torch::Tensor& factor, double scale) {
-  if (factor.defined()) return torch::addcmul(base, y, factor);
-  return scale == 1.0 ? base + y : torch::add(base, y, scale);
+  const auto b = in_layout_of(base, y);
+  if (factor.defined()) return torch::addcmul(b, y, factor);
+  return scale == 1.0 ? b + y : torch::add(b, y, scale);
 }
 
 // factor * y.

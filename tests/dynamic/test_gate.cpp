@@ -102,6 +102,60 @@ TEST(RowSelection, GatherAndScatterShortcutTheEdgeCases) {
   EXPECT_TRUE(torch::equal(scatter_rows(x, v, some), expected));
 }
 
+// The row helpers work on each sample's block of memory: results keep the work's layout
+// (channels-last included) and values and gradients equal ATen's index_select / index_add /
+// index_copy, for dense and non-dense inputs alike.
+TEST(RowSelection, GatherAndScatterKeepTheLayoutAndMatchATen) {
+  torch::manual_seed(3);
+  const auto cl = torch::MemoryFormat::ChannelsLast;
+  const auto some = RowSelection::from_mask(torch::tensor({true, false, true, true, false}), kCpu);
+  const auto idx = some.indices();
+  const auto opts = torch::TensorOptions(torch::kDouble);
+  const std::vector<std::pair<std::string, std::function<torch::Tensor(torch::Tensor)>>> layouts = {
+      {"contiguous", [](torch::Tensor t) { return t.contiguous(); }},
+      {"channels-last", [&](torch::Tensor t) { return t.contiguous(cl); }},
+      {"permuted", [](torch::Tensor t) { return t.transpose(2, 3).contiguous().transpose(2, 3); }},
+      {"non-dense", [](torch::Tensor t) {
+         return torch::cat({t, t}, 3).slice(3, 0, 8, 2);
+       }}};
+  for (const auto& [x_name, x_layout] : layouts) {
+    for (const auto& [v_name, v_layout] : layouts) {
+      const std::string what = "x " + x_name + ", values " + v_name;
+      const auto x0 = x_layout(torch::randn({5, 3, 4, 4}, opts)).detach().requires_grad_();
+      const auto v0 = v_layout(torch::randn({3, 3, 4, 4}, opts)).detach().requires_grad_();
+      const auto g = torch::randn({5, 3, 4, 4}, opts);
+      const auto gv = torch::randn({3, 3, 4, 4}, opts);
+      auto grads = [&](const torch::Tensor& out, const torch::Tensor& up) {
+        return torch::autograd::grad({out}, {x0, v0}, {up}, true, false, true);
+      };
+      // gather
+      const auto y = gather_rows(x0, some);
+      EXPECT_TRUE(torch::equal(y, x0.index_select(0, idx))) << what;
+      if (x_name == "channels-last") EXPECT_TRUE(y.is_contiguous(cl)) << what;
+      const auto gy = torch::autograd::grad({y}, {x0}, {gv})[0];
+      const auto gy_ref = torch::autograd::grad({x0.index_select(0, idx)}, {x0}, {gv})[0];
+      EXPECT_TRUE(torch::equal(gy, gy_ref)) << what << ": gather gradient";
+      // scatter-add, with alpha
+      const auto s = scatter_add_rows(x0, v0, some, 0.5);
+      EXPECT_TRUE(torch::allclose(s, x0.index_add(0, idx, v0, 0.5))) << what;
+      if (v_name != "non-dense" && v_name != "permuted")
+        EXPECT_EQ(s.suggest_memory_format(), v0.suggest_memory_format()) << what;
+      auto gs = grads(s, g), gs_ref = grads(x0.index_add(0, idx, v0, 0.5), g);
+      EXPECT_TRUE(torch::allclose(gs[0], gs_ref[0]) && torch::allclose(gs[1], gs_ref[1]))
+          << what << ": scatter-add gradients";
+      // scatter (replace)
+      const auto r = scatter_rows(x0, v0, some);
+      EXPECT_TRUE(torch::equal(r, x0.index_copy(0, idx, v0))) << what;
+      auto gr = grads(r, g), gr_ref = grads(x0.index_copy(0, idx, v0), g);
+      EXPECT_TRUE(torch::equal(gr[0], gr_ref[0]) && torch::equal(gr[1], gr_ref[1]))
+          << what << ": scatter gradients";
+    }
+  }
+  // Rows of a matrix (BranchyNet's logits) go through the same path.
+  const auto logits = torch::randn({5, 10});
+  EXPECT_TRUE(torch::equal(gather_rows(logits, some), logits.index_select(0, idx)));
+}
+
 TEST(RowSelection, ErrorsNameTheExpectation) {
   const auto some = RowSelection::from_mask(torch::tensor({false, true, true}), kCpu);
   EXPECT_THAT(error_of([&] {

@@ -56,9 +56,14 @@ class RowSelection {
 // x[rows] along dim 0 (x itself when every row is selected, no row when none is), in x's
 // memory format.
 torch::Tensor gather_rows(const torch::Tensor& x, const RowSelection& rows);
+// base in work's memory format (a copy only when they differ): what a combine starts from, so a
+// gated block's output keeps the layout its work ran in, as `out += shortcut` does in place. A
+// channels-last network whose first activation is ambiguous (one input channel) would otherwise
+// stay contiguous from the first skipped block on, and convert at every conv.
+torch::Tensor in_layout_of(const torch::Tensor& base, const torch::Tensor& work);
 // base, with alpha * values[i] added onto row indices()[i]; values has one row per active row.
 // Out of place and differentiable with respect to both (base when no row is active, base +
-// alpha * values when all are).
+// alpha * values when all are); the result has values' memory format.
 torch::Tensor scatter_add_rows(const torch::Tensor& base, const torch::Tensor& values,
                                const RowSelection& rows, double alpha = 1.0);
 // base, with row indices()[i] replaced by values[i]; out of place, differentiable.
