@@ -31,10 +31,11 @@ def plots(rows, out):
     """accuracy vs mean MACs, and measured speed-up vs MAC saving at batch 1 and 64."""
     data = out + "_curve.dat"
     with open(data, "w") as f:
-        f.write("# macs_M accuracy_pct mac_saving speedup_b1 speedup_b64\n")
+        f.write("# macs_M accuracy_pct mac_saving speedup_b1 speedup_b64 stream_speedup_b64\n")
         for r in sorted(rows, key=lambda r: r["macs_mean"]):
             f.write(f"{r['macs_mean'] / 1e6:.4f} {100 * r['accuracy']:.3f} {r['mac_saving'] or 0:.4f} "
-                    f"{r['speedup_b1'] or 0:.4f} {r['speedup_b64'] or 0:.4f}\n")
+                    f"{r['speedup_b1'] or 0:.4f} {r['speedup_b64'] or 0:.4f} "
+                    f"{r['stream_speedup_b64'] or 0:.4f}\n")
     pngs = []
     png = out + "_accuracy_macs.png"
     pngs.append(gnuplot(f"""set terminal pngcairo size 800,500 noenhanced
@@ -55,6 +56,7 @@ set grid
 set key left top
 plot '{data}' using 3:4 with linespoints pt 7 title 'batch 1', \\
      '{data}' using 3:5 with linespoints pt 5 title 'batch 64', \\
+     '{data}' using 3:($6 > 0 ? $6 : 1/0) with linespoints pt 9 title 'batch 64, BranchyStream', \\
      x with lines dt 2 title 'speed-up = MAC saving'
 """, png))
     os.remove(data)
@@ -100,7 +102,11 @@ def main():
                      "ips_b64": b64["dynamic_images_per_sec"] if b64 else None,
                      "last_ips_b64": b64["last_exit_images_per_sec"] if b64 else None,
                      "speedup_b64": b64["speedup"] if b64 else None,
-                     "ratio_b64": b64["speedup_over_mac_saving"] if b64 else None})
+                     "ratio_b64": b64["speedup_over_mac_saving"] if b64 else None,
+                     "stream_ips_b64": b64.get("stream_images_per_sec") if b64 else None,
+                     "stream_last_ips_b64": b64.get("stream_last_exit_images_per_sec") if b64 else None,
+                     "stream_speedup_b64": b64.get("stream_speedup") if b64 else None,
+                     "stream_ratio_b64": b64.get("stream_speedup_over_mac_saving") if b64 else None})
     rows.sort(key=lambda r: r["macs_mean"])
     last = next((r for r in rows if set(r["thresholds"].split("/")) == {"0"}), None)
     for r in rows:
@@ -149,8 +155,8 @@ def main():
         md.append("")
     md += ["| thresholds | val acc % | test acc % | drop (points) | exits (histogram) | MACs/image M (std, min-max) | "
            "MAC saving | batch 1 ms (last exit) | speed-up b1 | ratio b1 | batch 64 images/s (last exit) | "
-           "speed-up b64 | ratio b64 |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "speed-up b64 | ratio b64 | stream b64 images/s (last exit) | speed-up | ratio |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         name = f"`{r['thresholds']}`" + (" (calibrated)" if r["calibrated"] else "")
         md.append(f"| {name} | {pct(r['val_accuracy'])} | {pct(r['accuracy'])} | {num(r['accuracy_drop_points'])} | "
@@ -158,10 +164,24 @@ def main():
                   f"{r['macs_mean'] / 1e6:.2f} ({r['macs_std'] / 1e6:.2f}, {r['macs_min'] / 1e6:.2f}-{r['macs_max'] / 1e6:.2f}) | "
                   f"{num(r['mac_saving'])}x | {num(r['ms_b1'], '{:.3f}')} ({num(r['last_ms_b1'], '{:.3f}')}) | "
                   f"{num(r['speedup_b1'])}x | {num(r['ratio_b1'])} | {num(r['ips_b64'], '{:.0f}')} "
-                  f"({num(r['last_ips_b64'], '{:.0f}')}) | {num(r['speedup_b64'])}x | {num(r['ratio_b64'])} |")
+                  f"({num(r['last_ips_b64'], '{:.0f}')}) | {num(r['speedup_b64'])}x | {num(r['ratio_b64'])} | "
+                  f"{num(r['stream_ips_b64'], '{:.0f}')} ({num(r['stream_last_ips_b64'], '{:.0f}')}) | "
+                  f"{num(r['stream_speedup_b64'])}x | {num(r['stream_ratio_b64'])} |")
     md += ["", "ratio = measured speed-up / counted MAC saving (1.0: the saved MACs turn fully into time). "
            "`0/0`: everyone runs to the last exit (the exit heads still run: their cost is the price of "
-           "the decision); `inf/inf`: everyone leaves at the first exit."]
+           "the decision); `inf/inf`: everyone leaves at the first exit. Batch 64: each batch of 64 on its "
+           "own (compact mode: the few samples that go on past an exit run on as a small batch); stream: "
+           "the same batches fed to a `BranchyStream` (`dynattn bench --stream`), whose queues behind the "
+           "exits run once they hold 64 samples, timed over whole passes (flush included) against the "
+           "last exit on the same batches."]
+    cal_row = next((r for r in rows if r["calibrated"]), None)
+    if cal_row:
+        md += ["", f"At the calibrated thresholds: test accuracy drop {num(cal_row['accuracy_drop_points'])} points "
+               f"(target <= {a.drop} on the validation split, where it was calibrated), measured speed-up at batch 64 "
+               f"{num(cal_row['speedup_b64'])}x per batch and {num(cal_row['stream_speedup_b64'])}x streamed "
+               f"(target >= 2x), ratio to the MAC saving {num(cal_row['ratio_b64'])} and "
+               f"{num(cal_row['stream_ratio_b64'])} (target >= 0.8); batch 1: {num(cal_row['speedup_b1'])}x, "
+               f"ratio {num(cal_row['ratio_b1'])}."]
     if mask_point:
         b = {x["batch"]: x for x in mask_point["batches"]}
         md += ["", f"Mask mode at the calibrated thresholds (every exit computed for every row, then selected; "

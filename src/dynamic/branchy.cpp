@@ -226,6 +226,20 @@ torch::Tensor counted(bool count, int64_t& macs, F&& fn) {
 }
 }  // namespace
 
+std::pair<torch::Tensor, torch::Tensor> BranchyResNetImpl::run_segment(int64_t e,
+                                                                       const torch::Tensor& h) {
+  TORCH_CHECK(e >= 0 && e <= side_exits(), "BranchyNet: segment ", e, " of 0..", side_exits());
+  const auto [from, to] = segment(e);
+  auto features = run_blocks(e == 0 ? stem(h) : h, from, to);
+  auto logits = exit_logits(e, features);
+  return {std::move(features), std::move(logits)};
+}
+
+RowSelection BranchyResNetImpl::continuing_rows(int64_t e, const torch::Tensor& logits) {
+  TORCH_CHECK(e >= 0 && e < side_exits(), "BranchyNet: side exit ", e, " of 0..", side_exits() - 1);
+  return gates_[static_cast<size_t>(e)].decide(logits, is_training()).rows;
+}
+
 std::vector<torch::Tensor> BranchyResNetImpl::forward_exits(const torch::Tensor& x) {
   std::vector<torch::Tensor> logits;
   auto h = stem(x);

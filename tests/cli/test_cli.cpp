@@ -740,11 +740,28 @@ TEST(CliBranchy, CalibrateWritesThresholdsThatEvalAndBenchUse) {
   EXPECT_DOUBLE_EQ(ev["branchy"]["runs"][1]["macs_mean"].get<double>(), exit_macs[0].get<double>());
   EXPECT_EQ(ev["branchy"]["runs"][0]["macs_max"].get<int64_t>(), exit_macs[2].get<int64_t>());
 
-  r = run_dynattn({"--quiet",      "--threads", "1",          "bench",
-                   "--checkpoint", calibrated,  "--data",     tiny.data.path(),
-                   "--batch",      "1,4",       "--min-time", "0.01",
-                   "--images",     "8",         "--rounds",   "1",
-                   "--thresholds", "inf/inf",   "--json",     bench_json});
+  r = run_dynattn({"--quiet",
+                   "--threads",
+                   "1",
+                   "bench",
+                   "--checkpoint",
+                   calibrated,
+                   "--data",
+                   tiny.data.path(),
+                   "--batch",
+                   "1,4",
+                   "--min-time",
+                   "0.01",
+                   "--images",
+                   "8",
+                   "--rounds",
+                   "1",
+                   "--thresholds",
+                   "inf/inf",
+                   "--json",
+                   bench_json,
+                   "--stream",
+                   "--channels-last"});
   expect_success(r);
   const auto b = nlohmann::json::parse(read_file(bench_json));
   ASSERT_EQ(b["points"].size(), 1u) << b.dump(2);
@@ -753,6 +770,10 @@ TEST(CliBranchy, CalibrateWritesThresholdsThatEvalAndBenchUse) {
   EXPECT_GT(p["mac_saving"].get<double>(), 1.5) << b.dump(2);
   ASSERT_EQ(p["batches"].size(), 2u) << b.dump(2);
   EXPECT_GT(p["batches"][1]["speedup"].get<double>(), 0.0) << b.dump(2);
+  // BranchyStream: fed with batches of 4, not 1.
+  EXPECT_FALSE(p["batches"][0].contains("stream_speedup")) << b.dump(2);
+  EXPECT_GT(p["batches"][1]["stream_speedup"].get<double>(), 0.0) << b.dump(2);
+  EXPECT_TRUE(b["channels_last"].get<bool>()) << b.dump(2);
 }
 
 TEST(CliBranchy, ErrorsNameTheOptionAndTheExpectation) {
@@ -784,4 +805,7 @@ TEST(CliBranchy, CalibrateAndThresholdsNeedAModelWithExits) {
                    "--thresholds", "0.5"});
   expect_runtime_error(r);
   EXPECT_THAT(r.err, HasSubstr("has no early exits")) << r.describe();
+  r = run_dynattn({"--quiet", "bench", "--model", "resnet20", "--stream"});
+  expect_runtime_error(r);
+  EXPECT_THAT(r.err, HasSubstr("bench --stream: resnet20 has no early exits")) << r.describe();
 }

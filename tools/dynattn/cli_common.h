@@ -100,9 +100,12 @@ BranchyResNetImpl* as_branchy(const Model& model);
 nlohmann::json branchy_eval(Model& model, const InMemoryDataset& data, torch::Device device,
                             int64_t batch, int64_t max_batches, const std::string& thresholds);
 // The dynamic model against its last exit alone, in alternating rounds, on the first `images`
-// test images (per threshold list): MACs, mean latency per batch size, speed-ups.
+// test images (per threshold list): MACs, mean latency per batch size, speed-ups. With `stream`,
+// also the throughput of BranchyStream fed with each batch size > 1, against the last exit on the
+// same batches, in alternating passes over the images.
 nlohmann::json branchy_bench(Model& model, const std::string& data_root, torch::Device device,
                              const std::vector<int64_t>& batches, double min_time, int64_t images,
-                             const std::string& thresholds, int rounds);
+                             const std::string& thresholds, int rounds, bool stream,
+                             bool channels_last);
 
 }  // namespace dynattn::cli

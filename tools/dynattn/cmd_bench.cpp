@@ -35,6 +35,7 @@ struct BenchArgs {
   std::string thresholds;
   int64_t images = 1024;
   int rounds = 3;
+  bool stream = false;
   std::vector<std::string> argv;  // for re-running under the other allocator policy
 };
 
@@ -145,19 +146,21 @@ void run_bench(const BenchArgs& a, const GlobalOptions& g) {
                                      : load_checkpoint_model(a.checkpoint);
   if (as_branchy(model) != nullptr) {
     // Early exits depend on the data: timed on test images, against the last exit alone.
-    TORCH_CHECK(!a.compare_deployed && !a.compare_malloc && a.train_batch == 0 && !a.channels_last,
+    TORCH_CHECK(!a.compare_deployed && !a.compare_malloc && a.train_batch == 0,
                 "bench: ", model.spec,
                 " (early exits) supports --batch, --min-time, --images, "
-                "--thresholds, --rounds and --json only");
+                "--channels-last, --thresholds, --rounds, --stream and --json only");
     std::printf("model %s, threads %d, device %s; %d alternating rounds\n", model.spec.c_str(),
                 threads, g.device.c_str(), a.rounds);
     auto j = branchy_bench(model, a.data, device, a.batches, a.min_time, a.images, a.thresholds,
-                           a.rounds);
+                           a.rounds, a.stream, a.channels_last);
     j["threads"] = threads;
     j["torch_version"] = torch_version_string();
     if (!a.json.empty()) write_json(a.json, j);
     return;
   }
+  TORCH_CHECK(!a.stream, "bench --stream: ", model.spec,
+              " has no early exits (expected a branchy_resnet* model)");
   TORCH_CHECK(a.thresholds.empty(), "bench --thresholds: ", model.spec,
               " has no early exits (expected a branchy_resnet* model)");
   const auto options = ModelBenchOptions()
@@ -283,6 +286,9 @@ void add_bench_command(CLI::App& app, GlobalOptions& g) {
                   "BranchyNet: alternating rounds of the dynamic model and its last exit")
       ->capture_default_str()
       ->check(kPositive);
+  sub->add_flag("--stream", a->stream,
+                "BranchyNet: also the throughput of BranchyStream (queues behind each exit run "
+                "once they hold a batch) for each batch size > 1");
   sub->add_option("--device", g.device, "cpu or cuda[:N]")->capture_default_str();
   sub->callback([a, &g, sub] {
     // The child run repeats this subcommand's arguments (minus --json/--compare-malloc).

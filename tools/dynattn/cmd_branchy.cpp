@@ -2,13 +2,16 @@
 // training set, written into a new checkpoint's spec), and the early-exit reports of `eval`
 // (accuracy, exit histogram, executed MACs per image) and `bench` (the dynamic model against
 // the same network run to its last exit, measured in alternating rounds on test images).
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
 
 #include "cli_common.h"
+#include "dynattn/core/compat.h"
 #include "dynattn/data/fashion_mnist.h"
 #include "dynattn/dynamic/branchy_calibration.h"
+#include "dynattn/dynamic/branchy_stream.h"
 #include "dynattn/io/checkpoint.h"
 #include "dynattn/profile/model_bench.h"
 
@@ -63,6 +66,45 @@ std::vector<std::vector<double>> threshold_lists(const BranchyResNetImpl& net,
   if (text.empty()) return {net.thresholds()};
   return parse_threshold_lists(text, "--thresholds");
 }
+
+struct StreamTiming {
+  double stream_ms = 0.0, last_exit_ms = 0.0;  // per pass over the images
+};
+
+double median_of(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// Passes over `xs` by BranchyStream (push each batch and take what finished, flush at the end: all
+// the work is inside the pass) and by the last exit alone, in alternating rounds; per side the
+// round with the median mean.
+StreamTiming time_stream(const Model& model, Model& last, const std::vector<torch::Tensor>& xs,
+                         int64_t batch, double min_time, int rounds, torch::Device device) {
+  BranchyResNet net(std::dynamic_pointer_cast<BranchyResNetImpl>(model.ptr()));
+  net->eval();
+  last.ptr()->eval();
+  InferenceGuard guard;
+  auto stream_pass = [&] {
+    BranchyStream stream(net, batch);
+    for (const auto& x : xs) {
+      stream.push(x);
+      stream.take();
+    }
+    stream.flush();
+    stream.take();
+  };
+  auto last_pass = [&] {
+    for (const auto& x : xs) last.forward(x);
+  };
+  const double per_round = min_time / rounds / 2;
+  std::vector<double> s, l;
+  for (int r = 0; r < rounds; ++r) {
+    s.push_back(time_callable(stream_pass, 1, 2, per_round, device).mean_ms);
+    l.push_back(time_callable(last_pass, 1, 2, per_round, device).mean_ms);
+  }
+  return {median_of(s), median_of(l)};
+}
 }  // namespace
 
 nlohmann::json branchy_eval(Model& model, const InMemoryDataset& data, torch::Device device,
@@ -86,7 +128,8 @@ nlohmann::json branchy_eval(Model& model, const InMemoryDataset& data, torch::De
 
 nlohmann::json branchy_bench(Model& model, const std::string& data_root, torch::Device device,
                              const std::vector<int64_t>& batches, double min_time, int64_t images,
-                             const std::string& thresholds, int rounds) {
+                             const std::string& thresholds, int rounds, bool stream,
+                             bool channels_last) {
   auto& net = *as_branchy(model);
   const auto own = net.thresholds();
   const FashionMnist raw = load_fashion_mnist(data_root);
@@ -97,10 +140,15 @@ nlohmann::json branchy_bench(Model& model, const std::string& data_root, torch::
   const auto inputs = (test.images() - kFashionMnistMean) / kFashionMnistStd;
   // The same weights run to the last exit: the backbone alone.
   Model last{model.spec + " (last exit only)", torch::nn::AnyModule(net.backbone)};
-  const auto bench_options =
-      ModelBenchOptions().batches(batches).device(device).min_seconds(min_time).inputs(inputs);
+  const auto bench_options = ModelBenchOptions()
+                                 .batches(batches)
+                                 .device(device)
+                                 .min_seconds(min_time)
+                                 .inputs(inputs)
+                                 .channels_last(channels_last);
   nlohmann::json j{{"model", model.spec},
                    {"images", images},
+                   {"channels_last", channels_last},
                    {"rounds", rounds},
                    {"exit_macs", net.exit_macs({1, 28, 28})},
                    {"points", nlohmann::json::array()}};
@@ -139,6 +187,29 @@ nlohmann::json branchy_bench(Model& model, const std::string& data_root, torch::
           "speed-up %.2fx  (speed-up / MAC saving %.2f)\n",
           static_cast<long long>(d.batch), d.stats.mean_ms, d.batch / (d.stats.mean_ms / 1000.0),
           l.stats.mean_ms, speedup, speedup / p["mac_saving"].get<double>());
+      if (!stream || d.batch < 2) continue;
+      std::vector<torch::Tensor> xs;
+      for (int64_t i = 0; i + d.batch <= images; i += d.batch)
+        xs.push_back(inputs.slice(0, i, i + d.batch)
+                         .to(device)
+                         .contiguous(channels_last ? torch::MemoryFormat::ChannelsLast
+                                                   : torch::MemoryFormat::Contiguous));
+      TORCH_CHECK(!xs.empty(), "bench --stream: ", images, " images do not fill a batch of ",
+                  d.batch);
+      const auto st = time_stream(model, last, xs, d.batch, min_time, rounds, device);
+      const double n = static_cast<double>(xs.size() * d.batch);
+      const double stream_speedup = st.last_exit_ms / st.stream_ms;
+      auto& jb = p["batches"].back();
+      jb["stream_images_per_sec"] = n / (st.stream_ms / 1000.0);
+      jb["stream_last_exit_images_per_sec"] = n / (st.last_exit_ms / 1000.0);
+      jb["stream_speedup"] = stream_speedup;
+      jb["stream_speedup_over_mac_saving"] = stream_speedup / p["mac_saving"].get<double>();
+      std::printf(
+          "  batch %4lld  stream  %8.1f images/s  last exit %8.1f images/s  speed-up %.2fx  "
+          "(speed-up / MAC saving %.2f)\n",
+          static_cast<long long>(d.batch), jb["stream_images_per_sec"].get<double>(),
+          jb["stream_last_exit_images_per_sec"].get<double>(), stream_speedup,
+          stream_speedup / p["mac_saving"].get<double>());
     }
     j["points"].push_back(p);
   }

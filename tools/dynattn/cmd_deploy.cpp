@@ -73,7 +73,8 @@ void run_deploy(const DeployArgs& a, const GlobalOptions& g) {
 void add_deploy_command(CLI::App& app, GlobalOptions& g) {
   auto a = std::make_shared<DeployArgs>();
   auto* cmd = app.add_subcommand(
-      "deploy", "Fold a trained model into its inference form (conv + BN pairs and RepVGG branches merged)");
+      "deploy",
+      "Fold a trained model into its inference form (conv + BN pairs and RepVGG branches merged)");
   cmd->add_option("--checkpoint", a->checkpoint, "run directory or model.safetensors");
   cmd->add_option("--model", a->model,
                   "instead of --checkpoint: model spec of --weights, e.g. repvgg_a0");

@@ -109,6 +109,11 @@ class BranchyResNetImpl : public torch::nn::Cloneable<BranchyResNetImpl>,
   std::pair<torch::Tensor, torch::Tensor> training_loss(const torch::Tensor& images,
                                                         const torch::Tensor& labels,
                                                         double label_smoothing) override;
+  // Segment e of the early-exit inference on its own (the stem first when e == 0): the features
+  // after it and exit e's logits. What compact mode and BranchyStream are made of.
+  std::pair<torch::Tensor, torch::Tensor> run_segment(int64_t e, const torch::Tensor& h);
+  // The rows of side exit e's logits that go on (entropy >= T_e).
+  RowSelection continuing_rows(int64_t e, const torch::Tensor& logits);
   // MACs per image of a sample leaving at each exit (stem, blocks and heads up to it), counted
   // on one image of shape `input` ([C,H,W]).
   std::vector<int64_t> exit_macs(const std::vector<int64_t>& input = {1, 28, 28});
