@@ -2,6 +2,7 @@
 
 #include "dynattn/attention/channel_reduction.h"
 #include "dynattn/models/attention_slot.h"
+#include "dynattn/ops/conv2d.h"
 #include "dynattn/ops/fused_gates.h"
 
 namespace dynattn {
@@ -60,7 +61,7 @@ torch::Tensor BAMChannelGateImpl::forward(const torch::Tensor& x) {
               "got ",
               x.sizes(), " (use eval() for single images)");
   const int64_t n = x.size(0);
-  return gate_c->forward(x.mean({2, 3})).view({n, options.channels(), 1, 1});
+  return gate_c->forward(mean_over_pixels(x)).view({n, options.channels(), 1, 1});
 }
 
 void BAMChannelGateImpl::pretty_print(std::ostream& stream) const {
@@ -95,7 +96,29 @@ void BAMSpatialGateImpl::reset() {
 
 torch::Tensor BAMSpatialGateImpl::forward(const torch::Tensor& x) {
   check_attention_input("BAM spatial gate", x, options.channels());
-  return gate_s->forward(x);
+  if (!torch::GradMode::is_enabled() || !conv2d_kernel_selection_enabled())
+    return gate_s->forward(x);
+  // Under autograd, the convs with a single channel on one side run as same_conv2d, whose
+  // backward is made of forward operators: LibTorch 1.13's convolution backward is 5-60x slower
+  // there (N=64, one thread: 16 -> 1 1x1 at 28x28 10.6 vs 1.1 ms; 1 -> 1 dilated 3x3 5.4 vs
+  // 2.6 ms; 2 -> 1 1x1 at 14x14 0.31 vs 0.04 ms), but faster for 2 -> 2 or 32 -> 2 convs.
+  // After the reduce conv the branch runs in NCHW whatever x's layout: ATen's channels-last
+  // BatchNorm is slow on so few channels (C=32, 14x14, N=64, rd=2: BN forward+backward 7.5 of a
+  // 13.8 ms step), and the copy is only rd/C of the map.
+  torch::Tensor h = x;
+  bool first = true;
+  for (auto& layer : *gate_s) {
+    const auto* conv = layer.ptr()->as<torch::nn::Conv2d>();
+    if (conv != nullptr &&
+        (conv->options.in_channels() == 1 || conv->options.out_channels() == 1)) {
+      h = same_conv2d(h, conv->weight, conv->bias, conv->options.dilation()->at(0));
+    } else {
+      h = layer.forward(h);
+    }
+    if (first) h = h.contiguous();
+    first = false;
+  }
+  return h;
 }
 
 void BAMSpatialGateImpl::pretty_print(std::ostream& stream) const {
@@ -116,14 +139,19 @@ torch::Tensor BAMImpl::run(const torch::Tensor& x, AttentionMaps* maps) {
   check_attention_input("BAM", x, options.channels());
   auto mc = channel_att(x);
   auto ms = spatial_att(x);
-  // The broadcast sum (product) is a fresh [N,C,H,W] tensor that nothing saves: the sigmoid
-  // can reuse it, and x + x * s is one kernel without materialising 1 + s.
-  auto s = (options.product() ? mc * ms : mc + ms).sigmoid_();
   if (maps != nullptr) {
     (*maps)["channel"] = mc;
     (*maps)["spatial"] = ms;
-    (*maps)["attention"] = s + 1.0;
+    (*maps)["attention"] = (options.product() ? mc * ms : mc + ms).sigmoid_() + 1.0;
   }
+  return combine(x, mc, ms);
+}
+
+torch::Tensor BAMImpl::combine(const torch::Tensor& x, const torch::Tensor& mc,
+                               const torch::Tensor& ms) const {
+  // The broadcast sum (product) is a fresh [N,C,H,W] tensor that nothing saves: the sigmoid
+  // can reuse it, and x + x * s is one kernel without materialising 1 + s.
+  auto s = (options.product() ? mc * ms : mc + ms).sigmoid_();
   return torch::addcmul(x, x, s);
 }
 
@@ -174,7 +202,17 @@ torch::Tensor BAMImpl::fused_forward(const torch::Tensor& x) {
 torch::Tensor BAMImpl::forward(const torch::Tensor& x) {
   check_attention_input("BAM", x, options.channels());
   auto fused = fused_forward(x);
-  return fused.defined() ? fused : run(x, nullptr);
+  if (fused.defined()) return fused;
+  // Training: the branches stay ATen operators (their BNs use batch statistics); the combine,
+  // where most of the map's passes are, is one autograd node.
+  if (fused_gates_train_apply(x)) {
+    auto mc = channel_att(x);
+    auto ms = spatial_att(x);
+    if (fused_gates_train_apply(x, {mc, ms}))
+      return fused_bam_combine_train(x, mc, ms, options.product());
+    return combine(x, mc, ms);
+  }
+  return run(x, nullptr);
 }
 
 AttentionOutput BAMImpl::forward_with_maps(const torch::Tensor& x) {

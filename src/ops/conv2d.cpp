@@ -13,7 +13,94 @@ std::atomic<bool> g_selection_enabled{true};
 bool aten_picks_onednn(const torch::Tensor& input, const torch::Tensor& weight) {
   return input.size(0) > 1 || input.numel() > 20480 || (weight.size(-1) > 3 && weight.size(-2) > 3);
 }
+
+bool is_channels_last(const torch::Tensor& t) {
+  return !t.is_contiguous() && t.is_contiguous(torch::MemoryFormat::ChannelsLast);
+}
+
+class SameConv2d : public torch::autograd::Function<SameConv2d> {
+ public:
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& input,
+                               const torch::Tensor& weight, const torch::Tensor& bias,
+                               int64_t dilation) {
+    const int64_t pad = dilation * (weight.size(2) / 2);
+    ctx->save_for_backward({input, weight});
+    ctx->saved_data["dilation"] = dilation;
+    ctx->saved_data["bias"] = bias.numel() > 0;
+    return torch::conv2d(input, weight, bias.numel() > 0 ? bias : torch::Tensor(), 1, pad,
+                         dilation);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto grad = grads[0].contiguous(saved[0].suggest_memory_format());
+    const auto g =
+        same_conv2d_backward(saved[0], saved[1], grad, ctx->saved_data["dilation"].toInt(),
+                             ctx->needs_input_grad(0), ctx->needs_input_grad(1));
+    torch::Tensor grad_bias;
+    if (ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2))
+      grad_bias = grad.sum({0, 2, 3});
+    return {g.input, g.weight, grad_bias, torch::Tensor()};
+  }
+};
 }  // namespace
+
+SameConv2dGrads same_conv2d_backward(const torch::Tensor& input, const torch::Tensor& weight,
+                                     const torch::Tensor& grad, int64_t dilation, bool input_grad,
+                                     bool weight_grad) {
+  const int64_t pad = dilation * (weight.size(2) / 2);
+  const int64_t n = input.size(0), in_c = weight.size(1), out_c = weight.size(0);
+  const auto format = input.suggest_memory_format();
+  SameConv2dGrads g;
+  if (weight.size(2) == 1) {
+    const auto w = weight.reshape({out_c, in_c});
+    if (input_grad) {
+      if (out_c == 1) {  // dx = grad w: a broadcast product, written in the input's layout
+        g.input = torch::empty_like(input);
+        torch::mul_out(g.input, grad, w.view({1, in_c, 1, 1}));
+      } else {
+        g.input = torch::conv2d(grad, w.t().reshape({in_c, out_c, 1, 1}).contiguous(format));
+      }
+    }
+    if (weight_grad) {
+      if (is_channels_last(input)) {  // [N*H*W, C] views of both: one product
+        g.weight = grad.permute({0, 2, 3, 1})
+                       .reshape({-1, out_c})
+                       .t()
+                       .mm(input.permute({0, 2, 3, 1}).reshape({-1, in_c}));
+      } else {
+        g.weight =
+            torch::bmm(grad.reshape({n, out_c, -1}), input.reshape({n, in_c, -1}).transpose(1, 2))
+                .sum(0);
+      }
+      g.weight = g.weight.view(weight.sizes());
+    }
+    return g;
+  }
+  if (input_grad) {
+    g.input = torch::conv2d(grad, weight.flip({2, 3}).transpose(0, 1).contiguous(format), {}, 1,
+                            pad, dilation);
+  }
+  if (weight_grad) {
+    g.weight = torch::conv2d(input.transpose(0, 1), grad.transpose(0, 1), {}, dilation, pad)
+                   .transpose(0, 1)
+                   .contiguous();
+  }
+  return g;
+}
+
+torch::Tensor same_conv2d(const torch::Tensor& input, const torch::Tensor& weight,
+                          const torch::Tensor& bias, int64_t dilation) {
+  TORCH_CHECK(
+      input.dim() == 4 && weight.dim() == 4 && weight.size(2) == weight.size(3) &&
+          weight.size(2) % 2 == 1 && weight.size(1) == input.size(1) && dilation > 0,
+      "same_conv2d: expected input [N,C,H,W], weight [O,C,k,k] with odd k and dilation > 0, "
+      "got input ",
+      input.sizes(), ", weight ", weight.sizes(), ", dilation ", dilation);
+  return SameConv2d::apply(input, weight,
+                           bias.defined() ? bias : torch::empty({0}, weight.options()), dilation);
+}
 
 void set_conv2d_kernel_selection(bool enabled) {
   g_selection_enabled = enabled;

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "dynattn/ops/conv2d.h"
@@ -401,6 +402,118 @@ void bam_combine_cl(const float* x, float* y, int64_t c, int64_t p0, int64_t p1,
   }
 }
 
+// The gate value s of BAM's combine for channel ch at pixels [p0, p0 + len) into s.
+DYNATTN_ALWAYS_INLINE void bam_gate_row(const BamCombine& k, int64_t ch, int64_t p0, int64_t len,
+                                        float* s) {
+  if (k.factor) {
+    const float e = k.ec[ch];
+    for (int64_t j = 0; j < len; ++j) s[j] = 1.0f / (1.0f + e * k.es[p0 + j]);
+    return;
+  }
+  const float a = k.mc[ch];
+  if (k.product) {
+    for (int64_t j = 0; j < len; ++j) s[j] = a * k.ms[p0 + j];
+  } else {
+    for (int64_t j = 0; j < len; ++j) s[j] = a + k.ms[p0 + j];
+  }
+  sigmoid_array(s, len);
+}
+
+// The backward of y = x + x * s over pixels [p0, p1) of an NCHW image: dx = dy (1 + s), and with
+// t = dy x s (1 - s) (the gradient of the logit): dmc[ch] += sum_p t (times ms[p] in the product
+// form), dms[p] = sum_ch t (times mc[ch]). dmc is this task's partial sum; scratch: 2 (p1 - p0)
+// floats.
+DYNATTN_VECTOR_CLONES
+void bam_combine_backward_nchw(const float* x, const float* dy, float* dx, int64_t c, int64_t hw,
+                               int64_t p0, int64_t p1, const BamCombine& k, float* dmc, float* dms,
+                               float* scratch) {
+  const int64_t len = p1 - p0;
+  float* __restrict__ s = scratch;
+  float* __restrict__ t = scratch + len;
+  float* __restrict__ out_ms = dms + p0;
+  std::fill(out_ms, out_ms + len, 0.0f);
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const float* __restrict__ xr = x + ch * hw + p0;
+    const float* __restrict__ dyr = dy + ch * hw + p0;
+    float* __restrict__ dxr = dx + ch * hw + p0;
+    bam_gate_row(k, ch, p0, len, s);
+    for (int64_t j = 0; j < len; ++j) {
+      const float d = dyr[j];
+      dxr[j] = d + d * s[j];
+      t[j] = d * xr[j] * (s[j] * (1.0f - s[j]));
+    }
+    if (k.product) {
+      const float a = k.mc[ch];
+      dmc[ch] += dot(t, k.ms + p0, len);
+      for (int64_t j = 0; j < len; ++j) out_ms[j] += t[j] * a;
+    } else {
+      dmc[ch] += sum_of(t, len);
+      for (int64_t j = 0; j < len; ++j) out_ms[j] += t[j];
+    }
+  }
+}
+
+// The same for pixels [p0, p1) of a channels-last image; scratch: 2 c floats.
+DYNATTN_VECTOR_CLONES
+void bam_combine_backward_cl(const float* x, const float* dy, float* dx, int64_t c, int64_t p0,
+                             int64_t p1, const BamCombine& k, float* dmc, float* dms,
+                             float* scratch) {
+  float* __restrict__ s = scratch;
+  float* __restrict__ t = scratch + c;
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* __restrict__ xr = x + p * c;
+    const float* __restrict__ dyr = dy + p * c;
+    float* __restrict__ dxr = dx + p * c;
+    if (k.factor) {
+      const float e = k.es[p];
+      for (int64_t ch = 0; ch < c; ++ch) s[ch] = 1.0f / (1.0f + k.ec[ch] * e);
+    } else {
+      const float b = k.ms[p];
+      if (k.product) {
+        for (int64_t ch = 0; ch < c; ++ch) s[ch] = k.mc[ch] * b;
+      } else {
+        for (int64_t ch = 0; ch < c; ++ch) s[ch] = k.mc[ch] + b;
+      }
+      sigmoid_array(s, c);
+    }
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const float d = dyr[ch];
+      dxr[ch] = d + d * s[ch];
+      t[ch] = d * xr[ch] * (s[ch] * (1.0f - s[ch]));
+    }
+    if (k.product) {
+      const float b = k.ms[p];
+      dms[p] = dot(t, k.mc, c);
+      for (int64_t ch = 0; ch < c; ++ch) dmc[ch] += t[ch] * b;
+    } else {
+      dms[p] = sum_of(t, c);
+      for (int64_t ch = 0; ch < c; ++ch) dmc[ch] += t[ch];
+    }
+  }
+}
+
+// The per-image terms of BAM's combine. Sum form: s = sigmoid(mc + ms) = 1 / (1 + e^-mc e^-ms),
+// exact while both exponentials stay finite and non-zero; otherwise (and for the product form)
+// one exponential per element.
+struct BamCombineTerms {
+  std::vector<float> ec, es;
+  BamCombine k;
+  BamCombineTerms(const float* mc, const float* ms, int64_t c, int64_t hw, bool product) {
+    const auto finite = [](const float* v, int64_t n) {
+      return std::all_of(v, v + n, [](float t) { return std::abs(t) <= 80.0f; });
+    };
+    const bool factor = !product && finite(mc, c) && finite(ms, hw);
+    if (factor) {
+      ec.resize(c);
+      es.resize(hw);
+      exp_neg(mc, ec.data(), c);
+      exp_neg(ms, es.data(), hw);
+    }
+    k = BamCombine{mc, ms, ec.data(), es.data(), factor, product};
+  }
+  BamCombineTerms(const BamCombineTerms&) = delete;
+};
+
 // ---- Weights ----
 
 // The values of a small tensor (weights, statistics) in row-major order: its own storage when
@@ -583,6 +696,18 @@ void apply_gates(const Image& im, const float* gate, const float* pixel_gate) {
   }
 }
 
+// y = x + x * s of BAM over one image.
+void apply_bam_combine(const Image& im, const BamCombine& k) {
+  if (!im.channels_last) {
+    at::parallel_for(0, im.c, grain_for(im.hw), [&](int64_t begin, int64_t end) {
+      bam_combine_nchw(im.x, im.y, im.hw, begin, end, k);
+    });
+  } else {
+    at::parallel_for(0, im.hw, grain_for(im.c), [&](int64_t begin, int64_t end) {
+      bam_combine_cl(im.x, im.y, im.c, begin, end, k);
+    });
+  }
+}
 }  // namespace
 
 bool fused_gates_apply(const torch::Tensor& x, std::initializer_list<torch::Tensor> params) {
@@ -791,28 +916,7 @@ torch::Tensor fused_bam(const torch::Tensor& x, const ChannelMlp& mlp,
       }
     }
 
-    // y = x + x * s. Sum form: s = sigmoid(mc + ms) = 1 / (1 + e^-mc e^-ms), exact while both
-    // exponentials stay finite and non-zero; otherwise (and for the product form) one
-    // exponential per element.
-    const auto finite = [](const std::vector<float>& v) {
-      return std::all_of(v.begin(), v.end(), [](float t) { return std::abs(t) <= 80.0f; });
-    };
-    const bool factor = !product && finite(mc) && finite(ms);
-    std::vector<float> ec(im.c), es(im.hw);
-    if (factor) {
-      exp_neg(mc.data(), ec.data(), im.c);
-      exp_neg(ms.data(), es.data(), im.hw);
-    }
-    const BamCombine combine{mc.data(), ms.data(), ec.data(), es.data(), factor, product};
-    if (!im.channels_last) {
-      at::parallel_for(0, im.c, grain_for(im.hw), [&](int64_t begin, int64_t end) {
-        bam_combine_nchw(im.x, im.y, im.hw, begin, end, combine);
-      });
-    } else {
-      at::parallel_for(0, im.hw, grain_for(im.c), [&](int64_t begin, int64_t end) {
-        bam_combine_cl(im.x, im.y, im.c, begin, end, combine);
-      });
-    }
+    apply_bam_combine(im, BamCombineTerms(mc.data(), ms.data(), im.c, im.hw, product).k);
   });
 }
 
@@ -1309,12 +1413,9 @@ class CbamGate : public torch::autograd::Function<CbamGate> {
           ctx->saved_data["bn_training"].toBool(), ctx->saved_data["eps"].toDouble(),
           {true, bn_w.defined(), bn_b.defined()});
     }
-    const int64_t pad = conv_w.size(-1) / 2;
-    const auto cw = conv_w.contiguous();
-    auto d_stats = torch::conv2d(d_pre, cw.flip({2, 3}).transpose(0, 1), {}, 1, pad).contiguous();
-    auto g_conv_w =
-        torch::conv2d(stats.transpose(0, 1), d_pre.transpose(0, 1), {}, 1, pad).transpose(0, 1);
-    if (conv_w.dim() == 4) g_conv_w = g_conv_w.contiguous();
+    const auto conv_grads = same_conv2d_backward(stats, conv_w.contiguous(), d_pre, 1);
+    const auto d_stats = conv_grads.input.contiguous();
+    auto g_conv_w = conv_grads.weight.reshape(conv_w.sizes());
     torch::Tensor g_conv_b;
     if (conv_b.defined()) g_conv_b = d_pre.sum().reshape(conv_b.sizes());
     // Pass 2: d M_c; the channel MLP backward; pass 3: dx.
@@ -1383,6 +1484,79 @@ class CbamGate : public torch::autograd::Function<CbamGate> {
   }
 };
 
+// BAM's combine y = x + x * s, s = sigmoid(mc + ms) or sigmoid(mc * ms), as one node: the ATen
+// form materialises the broadcast logits, the gate and dy * x, and reduces them again to mc's and
+// ms's shapes (some ten passes over the map with its backward); here one pass forward and one
+// backward, s recomputed from mc and ms.
+class BamCombineGate : public torch::autograd::Function<BamCombineGate> {
+ public:
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& mc, const torch::Tensor& ms, bool product) {
+    const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
+    const auto mcv = mc.reshape({n, c}).contiguous(), msv = ms.reshape({n, hw}).contiguous();
+    const float *mcp = mcv.data_ptr<float>(), *msp = msv.data_ptr<float>();
+    auto y = for_each_image(x, [&](const Image& im) {
+      apply_bam_combine(im,
+                        BamCombineTerms(mcp + im.index * c, msp + im.index * hw, c, hw, product).k);
+    });
+    ctx->save_for_backward({x, mcv, msv});
+    ctx->saved_data["product"] = product;
+    ctx->saved_data["mc_sizes"] = mc.sizes().vec();
+    ctx->saved_data["ms_sizes"] = ms.sizes().vec();
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &x = saved[0], &mcv = saved[1], &msv = saved[2];
+    const bool product = ctx->saved_data["product"].toBool();
+    const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
+    const bool channels_last = !x.is_contiguous();
+    const auto dy = grads[0].contiguous(channels_last ? torch::MemoryFormat::ChannelsLast
+                                                      : torch::MemoryFormat::Contiguous);
+    auto dx = torch::empty_like(x);
+    auto dmc = torch::zeros({n, c}), dms = torch::empty({n, hw});
+    const float *xp = x.data_ptr<float>(), *dyp = dy.data_ptr<float>(),
+                *mcp = mcv.data_ptr<float>(), *msp = msv.data_ptr<float>();
+    float *dxp = dx.data_ptr<float>(), *dmcp = dmc.data_ptr<float>(), *dmsp = dms.data_ptr<float>();
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const BamCombineTerms terms(mcp + i * c, msp + i * hw, c, hw, product);
+        const int64_t offset = i * c * hw;
+        std::mutex merge;
+        // Pixel ranges in parallel (a single image's threads); each sums its own share of dmc.
+        at::parallel_for(0, hw, grain_for(c), [&](int64_t p0, int64_t p1) {
+          std::vector<float> partial(c, 0.0f), scratch(2 * (channels_last ? c : p1 - p0));
+          if (!channels_last) {
+            bam_combine_backward_nchw(xp + offset, dyp + offset, dxp + offset, c, hw, p0, p1,
+                                      terms.k, partial.data(), dmsp + i * hw, scratch.data());
+          } else {
+            bam_combine_backward_cl(xp + offset, dyp + offset, dxp + offset, c, p0, p1, terms.k,
+                                    partial.data(), dmsp + i * hw, scratch.data());
+          }
+          std::lock_guard<std::mutex> lock(merge);
+          for (int64_t ch = 0; ch < c; ++ch) dmcp[i * c + ch] += partial[ch];
+        });
+      }
+    });
+    return {dx, dmc.view(ctx->saved_data["mc_sizes"].toIntVector()),
+            dms.view(ctx->saved_data["ms_sizes"].toIntVector()), torch::Tensor()};
+  }
+};
+
+// The mean over H and W with a broadcast (not materialised) gradient.
+class MeanOverPixels : public torch::autograd::Function<MeanOverPixels> {
+ public:
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x) {
+    ctx->saved_data["sizes"] = x.sizes().vec();
+    return x.mean({2, 3});
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto sizes = ctx->saved_data["sizes"].toIntVector();
+    const auto g = grads[0].div(static_cast<double>(sizes[2] * sizes[3]));
+    return {g.view({sizes[0], sizes[1], 1, 1}).expand(sizes)};
+  }
+};
 }  // namespace
 
 torch::Tensor fused_squeeze_excitation_train(const torch::Tensor& x,
@@ -1430,6 +1604,20 @@ torch::Tensor fused_cbam_train(const torch::Tensor& x, const ChannelMlp& mlp,
                            or_empty(bn ? bn->bias : torch::Tensor()), or_empty(rm), or_empty(rv),
                            max_first, bn_training, momentum, bn ? bn->options.eps() : 1e-5);
   return channels_last ? y.contiguous(torch::MemoryFormat::ChannelsLast) : y;
+}
+
+torch::Tensor fused_bam_combine_train(const torch::Tensor& x, const torch::Tensor& mc,
+                                      const torch::Tensor& ms, bool product) {
+  const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
+  TORCH_CHECK(mc.numel() == n * c && ms.numel() == n * hw, "fused_bam_combine_train: expected M_c ",
+              "with ", n * c, " and M_s with ", n * hw, " elements for input ", x.sizes(), ", got ",
+              mc.sizes(), " and ", ms.sizes());
+  return BamCombineGate::apply(x, mc, ms, product);
+}
+
+torch::Tensor mean_over_pixels(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4, "mean_over_pixels: expected [N,C,H,W], got ", x.sizes());
+  return MeanOverPixels::apply(x);
 }
 
 }  // namespace dynattn

@@ -111,7 +111,9 @@ TEST(BAM, ProductSwitchChangesOnlyHowTheMapsCombine) {
   EXPECT_TRUE(torch::allclose(a.output, a.maps.at("attention") * x, 1e-6, 1e-6));
   EXPECT_TRUE(torch::allclose(b.output, b.maps.at("attention") * x, 1e-6, 1e-6));
   EXPECT_GT(dynattn::test_util::max_abs_diff(a.output, b.output), 1e-3);
-  EXPECT_TRUE(torch::equal(sum->forward(x), a.output));
+  // forward() computes the combine in one fused node (autograd is on here): same maths, its own
+  // rounding.
+  EXPECT_TRUE(torch::allclose(sum->forward(x), a.output, 1e-6, 1e-6));
 }
 
 TEST(BAM, GatesMatchAFunctionalRederivation) {

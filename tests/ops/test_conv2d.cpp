@@ -117,3 +117,59 @@ TEST(Conv1x1OnPooled, EqualsTheConvolutionWithAndWithoutBias) {
   EXPECT_THROW(dynattn::conv1x1_on_pooled(*conv3, torch::zeros({1, 4, 1, 1})), c10::Error);
   EXPECT_THROW(dynattn::conv1x1_on_pooled(*conv1, torch::zeros({1, 4, 2, 2})), c10::Error);
 }
+
+// same_conv2d's forward-operator backward against ATen's convolution backward, in double so that
+// only a wrong formula can differ: every kernel path (1x1 with one or several outputs, 3x3 with
+// dilation 1, 2 and 4, 7x7), both layouts, with and without bias, odd maps.
+TEST(SameConv2d, GradientsEqualAtenConvolutionBackward) {
+  torch::manual_seed(3);
+  struct Case {
+    int64_t in, out, k, dilation;
+  };
+  const std::vector<Case> cases{{16, 1, 1, 1}, {16, 4, 1, 1}, {1, 1, 1, 1}, {1, 1, 3, 4},
+                                {2, 2, 3, 2},  {3, 5, 3, 1},  {2, 1, 7, 1}, {4, 1, 1, 1}};
+  for (const auto& c : cases) {
+    for (bool channels_last : {false, true}) {
+      for (bool bias : {false, true}) {
+        auto x0 = torch::randn({3, c.in, 9, 11}, torch::kDouble);
+        if (channels_last) x0 = x0.contiguous(torch::MemoryFormat::ChannelsLast);
+        const auto w0 = torch::randn({c.out, c.in, c.k, c.k}, torch::kDouble);
+        const auto b0 = torch::randn({c.out}, torch::kDouble);
+        const auto dy = torch::randn({3, c.out, 9, 11}, torch::kDouble);
+        auto run = [&](bool ours) {
+          auto x = x0.clone().requires_grad_();
+          auto w = w0.clone().requires_grad_();
+          auto b = b0.clone().requires_grad_();
+          const auto y = ours ? dynattn::same_conv2d(x, w, bias ? b : torch::Tensor(), c.dilation)
+                              : torch::conv2d(x, w, bias ? b : torch::Tensor(), 1,
+                                              c.dilation * (c.k / 2), c.dilation);
+          (y * dy).sum().backward();
+          return std::vector<torch::Tensor>{y.detach(), x.grad(), w.grad(),
+                                            bias ? b.grad() : torch::zeros({1})};
+        };
+        const auto ours = run(true), aten = run(false);
+        for (size_t i = 0; i < ours.size(); ++i) {
+          EXPECT_TRUE(torch::allclose(ours[i], aten[i], 1e-10, 1e-10))
+              << "in " << c.in << " out " << c.out << " k " << c.k << " dilation " << c.dilation
+              << " cl " << channels_last << " bias " << bias << " tensor " << i;
+        }
+        EXPECT_EQ(
+            ours[1].is_contiguous(torch::MemoryFormat::ChannelsLast) && !ours[1].is_contiguous(),
+            channels_last && c.in > 1)
+            << "the input gradient keeps the input's layout";
+      }
+    }
+  }
+}
+
+TEST(SameConv2d, RefusesEvenKernelsAndChannelMismatches) {
+  const auto x = torch::randn({1, 2, 5, 5});
+  try {
+    dynattn::same_conv2d(x, torch::randn({1, 2, 2, 2}), {});
+    FAIL() << "an even kernel must be refused";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("same_conv2d: expected"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(dynattn::same_conv2d(x, torch::randn({1, 3, 3, 3}), {}), c10::Error);
+  EXPECT_THROW(dynattn::same_conv2d(x, torch::randn({1, 2, 3, 3}), {}, 0), c10::Error);
+}

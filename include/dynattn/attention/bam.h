@@ -80,6 +80,9 @@ class BAMImpl : public torch::nn::Cloneable<BAMImpl>, public AttentionWithMaps {
 
  private:
   torch::Tensor run(const torch::Tensor& x, AttentionMaps* maps);  // maps filled when not null
+  // y = x + x * sigmoid(mc + ms) (mc * ms with product), ATen operators.
+  torch::Tensor combine(const torch::Tensor& x, const torch::Tensor& mc,
+                        const torch::Tensor& ms) const;
   // The fused inference kernel (ops/fused_gates.h) when it applies, else undefined.
   torch::Tensor fused_forward(const torch::Tensor& x);
 };

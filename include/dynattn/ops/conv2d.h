@@ -28,6 +28,28 @@ torch::Tensor conv2d_forward(torch::nn::Conv2dImpl& conv, const torch::Tensor& i
 // convolution machinery, which costs ~10x more per call than the product on a 1x1 map.
 torch::Tensor conv1x1_on_pooled(const torch::nn::Conv2dImpl& conv, const torch::Tensor& pooled);
 
+// conv2d(input, weight, bias, stride 1, padding dilation * (k / 2), dilation) for a square odd
+// kernel k and groups 1 (bias may be undefined), with a backward made of forward operators.
+// LibTorch 1.13 computes such a conv's gradients on CPU with a transposed convolution and a
+// weight-gradient kernel that are ~10x slower than forward convolutions when the conv has one or
+// two channels on a side (CBAM's 7x7 2 -> 1, BAM's 1x1 C -> 1 and dilated 1 -> 1): the adjoint of
+// a same-padded correlation is the correlation with the flipped, transposed kernel, and the
+// weight gradient is the correlation of the input with the output gradient (batch and channels
+// swapped, stride = dilation); a 1x1 conv's gradients are matrix products. Same maths, same
+// result within rounding; no double backward.
+torch::Tensor same_conv2d(const torch::Tensor& input, const torch::Tensor& weight,
+                          const torch::Tensor& bias, int64_t dilation = 1);
+
+// The input and weight gradients of that convolution (without bias) for the output gradient
+// `grad` (in the input's memory format), as same_conv2d's backward computes them: for callers
+// with an autograd node of their own. Gradients not asked for stay undefined.
+struct SameConv2dGrads {
+  torch::Tensor input, weight;
+};
+SameConv2dGrads same_conv2d_backward(const torch::Tensor& input, const torch::Tensor& weight,
+                                     const torch::Tensor& grad, int64_t dilation,
+                                     bool input_grad = true, bool weight_grad = true);
+
 // Process-wide switch (default on), so that benchmarks and tests can compare with ATen's choice.
 // It also switches the fused attention gates of ops/fused_gates.h on and off.
 void set_conv2d_kernel_selection(bool enabled);

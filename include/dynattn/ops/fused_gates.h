@@ -145,3 +145,18 @@ torch::Tensor fused_cbam_train(const torch::Tensor& x, const ChannelMlp& mlp,
                                torch::nn::BatchNorm2dImpl* bn, bool max_first);
 
 }  // namespace dynattn
+
+namespace dynattn {
+
+// BAM's combine in training: y = x + x * sigmoid(M_c + M_s) (M_c * M_s with `product`) as one
+// autograd node, mc [N,C,1,1] and ms [N,1,H,W] the gate logits from the module's ATen branches;
+// one pass over the map forward and one backward (dx, d M_c, d M_s), the gate recomputed.
+torch::Tensor fused_bam_combine_train(const torch::Tensor& x, const torch::Tensor& mc,
+                                      const torch::Tensor& ms, bool product);
+
+// x.mean({2, 3}) for a 4-D x, [N,C]; its backward hands autograd the broadcast gradient as a
+// stride-0 view instead of materialising it ([N,C,H,W] written, then read again when autograd
+// sums it with x's other gradients): one pass over the map saved where x has other consumers.
+torch::Tensor mean_over_pixels(const torch::Tensor& x);
+
+}  // namespace dynattn
