@@ -203,8 +203,8 @@ torch::Tensor BAMImpl::forward(const torch::Tensor& x) {
   check_attention_input("BAM", x, options.channels());
   auto fused = fused_forward(x);
   if (fused.defined()) return fused;
-  // Training: the branches stay ATen operators (their BNs use batch statistics); the combine,
-  // where most of the map's passes are, is one autograd node.
+  // Training: the branches keep their modules (BNs with batch statistics); the combine, where
+  // most of the passes over the map are, is one autograd node.
   if (fused_gates_train_apply(x)) {
     auto mc = channel_att(x);
     auto ms = spatial_att(x);

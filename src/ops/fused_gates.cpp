@@ -355,6 +355,39 @@ struct BamCombine {
   bool factor, product;
 };
 
+// The gate value s of BAM's combine for channel ch at pixels [p0, p0 + len) into s.
+DYNATTN_ALWAYS_INLINE void bam_gate_row(const BamCombine& k, int64_t ch, int64_t p0, int64_t len,
+                                        float* s) {
+  if (k.factor) {
+    const float e = k.ec[ch];
+    for (int64_t j = 0; j < len; ++j) s[j] = 1.0f / (1.0f + e * k.es[p0 + j]);
+    return;
+  }
+  const float a = k.mc[ch];
+  if (k.product) {
+    for (int64_t j = 0; j < len; ++j) s[j] = a * k.ms[p0 + j];
+  } else {
+    for (int64_t j = 0; j < len; ++j) s[j] = a + k.ms[p0 + j];
+  }
+  sigmoid_array(s, len);
+}
+
+// The gate value s of BAM's combine at pixel p for every one of the c channels into s.
+DYNATTN_ALWAYS_INLINE void bam_gate_pixel(const BamCombine& k, int64_t p, int64_t c, float* s) {
+  if (k.factor) {
+    const float e = k.es[p];
+    for (int64_t ch = 0; ch < c; ++ch) s[ch] = 1.0f / (1.0f + k.ec[ch] * e);
+    return;
+  }
+  const float b = k.ms[p];
+  if (k.product) {
+    for (int64_t ch = 0; ch < c; ++ch) s[ch] = k.mc[ch] * b;
+  } else {
+    for (int64_t ch = 0; ch < c; ++ch) s[ch] = k.mc[ch] + b;
+  }
+  sigmoid_array(s, c);
+}
+
 DYNATTN_VECTOR_CLONES
 void bam_combine_nchw(const float* x, float* y, int64_t hw, int64_t c0, int64_t c1,
                       const BamCombine& k) {
@@ -367,13 +400,7 @@ void bam_combine_nchw(const float* x, float* y, int64_t hw, int64_t c0, int64_t 
       for (int64_t p = 0; p < hw; ++p) dst[p] = src[p] + src[p] * (1.0f / (1.0f + e * k.es[p]));
       continue;
     }
-    const float a = k.mc[ch];
-    if (k.product) {
-      for (int64_t p = 0; p < hw; ++p) s[p] = a * k.ms[p];
-    } else {
-      for (int64_t p = 0; p < hw; ++p) s[p] = a + k.ms[p];
-    }
-    sigmoid_array(s.data(), hw);
+    bam_gate_row(k, ch, 0, hw, s.data());
     for (int64_t p = 0; p < hw; ++p) dst[p] = src[p] + src[p] * s[p];
   }
 }
@@ -391,32 +418,9 @@ void bam_combine_cl(const float* x, float* y, int64_t c, int64_t p0, int64_t p1,
         dst[ch] = src[ch] + src[ch] * (1.0f / (1.0f + k.ec[ch] * e));
       continue;
     }
-    const float b = k.ms[p];
-    if (k.product) {
-      for (int64_t ch = 0; ch < c; ++ch) s[ch] = k.mc[ch] * b;
-    } else {
-      for (int64_t ch = 0; ch < c; ++ch) s[ch] = k.mc[ch] + b;
-    }
-    sigmoid_array(s.data(), c);
+    bam_gate_pixel(k, p, c, s.data());
     for (int64_t ch = 0; ch < c; ++ch) dst[ch] = src[ch] + src[ch] * s[ch];
   }
-}
-
-// The gate value s of BAM's combine for channel ch at pixels [p0, p0 + len) into s.
-DYNATTN_ALWAYS_INLINE void bam_gate_row(const BamCombine& k, int64_t ch, int64_t p0, int64_t len,
-                                        float* s) {
-  if (k.factor) {
-    const float e = k.ec[ch];
-    for (int64_t j = 0; j < len; ++j) s[j] = 1.0f / (1.0f + e * k.es[p0 + j]);
-    return;
-  }
-  const float a = k.mc[ch];
-  if (k.product) {
-    for (int64_t j = 0; j < len; ++j) s[j] = a * k.ms[p0 + j];
-  } else {
-    for (int64_t j = 0; j < len; ++j) s[j] = a + k.ms[p0 + j];
-  }
-  sigmoid_array(s, len);
 }
 
 // The backward of y = x + x * s over pixels [p0, p1) of an NCHW image: dx = dy (1 + s), and with
@@ -464,18 +468,7 @@ void bam_combine_backward_cl(const float* x, const float* dy, float* dx, int64_t
     const float* __restrict__ xr = x + p * c;
     const float* __restrict__ dyr = dy + p * c;
     float* __restrict__ dxr = dx + p * c;
-    if (k.factor) {
-      const float e = k.es[p];
-      for (int64_t ch = 0; ch < c; ++ch) s[ch] = 1.0f / (1.0f + k.ec[ch] * e);
-    } else {
-      const float b = k.ms[p];
-      if (k.product) {
-        for (int64_t ch = 0; ch < c; ++ch) s[ch] = k.mc[ch] * b;
-      } else {
-        for (int64_t ch = 0; ch < c; ++ch) s[ch] = k.mc[ch] + b;
-      }
-      sigmoid_array(s, c);
-    }
+    bam_gate_pixel(k, p, c, s);
     for (int64_t ch = 0; ch < c; ++ch) {
       const float d = dyr[ch];
       dxr[ch] = d + d * s[ch];
