@@ -98,10 +98,10 @@ torch::Tensor BAMSpatialGateImpl::forward(const torch::Tensor& x) {
   check_attention_input("BAM spatial gate", x, options.channels());
   if (!torch::GradMode::is_enabled() || !conv2d_kernel_selection_enabled())
     return gate_s->forward(x);
-  // Under autograd, the convs with a single channel on one side run as same_conv2d, whose
-  // backward is made of forward operators: LibTorch 1.13's convolution backward is 5-60x slower
-  // there (N=64, one thread: 16 -> 1 1x1 at 28x28 10.6 vs 1.1 ms; 1 -> 1 dilated 3x3 5.4 vs
-  // 2.6 ms; 2 -> 1 1x1 at 14x14 0.31 vs 0.04 ms), but faster for 2 -> 2 or 32 -> 2 convs.
+  // Under autograd, the narrow convs run as same_conv2d (direct loops, or a backward made of
+  // forward operators): LibTorch 1.13's convolution backward is 5-60x slower for a single
+  // channel on one side (N=64, one thread: 16 -> 1 1x1 at 28x28 10.6 vs 1.1 ms; 1 -> 1 dilated
+  // 3x3 5.4 vs 2.6 ms; 2 -> 1 1x1 at 14x14 0.31 vs 0.04 ms); wider ones keep ATen's.
   // After the reduce conv the branch runs in NCHW whatever x's layout: ATen's channels-last
   // BatchNorm is slow on so few channels (C=32, 14x14, N=64, rd=2: BN forward+backward 7.5 of a
   // 13.8 ms step), and the copy is only rd/C of the map.
@@ -109,8 +109,8 @@ torch::Tensor BAMSpatialGateImpl::forward(const torch::Tensor& x) {
   bool first = true;
   for (auto& layer : *gate_s) {
     const auto* conv = layer.ptr()->as<torch::nn::Conv2d>();
-    if (conv != nullptr &&
-        (conv->options.in_channels() == 1 || conv->options.out_channels() == 1)) {
+    if (conv != nullptr && (conv->options.in_channels() == 1 || conv->options.out_channels() == 1 ||
+                            same_conv2d_direct(h, conv->weight))) {
       h = same_conv2d(h, conv->weight, conv->bias, conv->options.dilation()->at(0));
     } else {
       h = layer.forward(h);

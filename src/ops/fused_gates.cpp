@@ -12,21 +12,7 @@
 
 #include "dynattn/ops/conv2d.h"
 #include "dynattn/profile/mac_counter.h"
-
-// The loops over the map are compiled twice, for AVX2 and for the baseline ISA, and the loader
-// picks one per machine (GCC/Clang function multi-versioning). ATen's own kernels dispatch the
-// same way; baseline SSE2 code alone is up to 2x slower than them on full-map passes.
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define DYNATTN_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define DYNATTN_VECTOR_CLONES
-#endif
-// The small helpers must be inlined into each clone to be compiled for its ISA.
-#if defined(__GNUC__) || defined(__clang__)
-#define DYNATTN_ALWAYS_INLINE inline __attribute__((always_inline))
-#else
-#define DYNATTN_ALWAYS_INLINE inline
-#endif
+#include "vector_clones.h"
 
 namespace dynattn {
 namespace {
@@ -1327,8 +1313,7 @@ class CbamGate : public torch::autograd::Function<CbamGate> {
       }
     });
     // The spatial gate on the small maps: conv, BN (train: batch statistics), sigmoid.
-    const int64_t pad = k / 2;
-    auto pre = torch::conv2d(stats, conv_w.contiguous(), conv_b, 1, pad);
+    auto pre = same_conv2d_forward(stats, conv_w.contiguous(), conv_b);
     torch::Tensor bn_out = pre, save_mean, save_invstd;
     const bool has_bn = rm.defined();
     if (has_bn) {

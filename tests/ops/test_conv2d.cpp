@@ -173,3 +173,52 @@ TEST(SameConv2d, RefusesEvenKernelsAndChannelMismatches) {
   EXPECT_THROW(dynattn::same_conv2d(x, torch::randn({1, 3, 3, 3}), {}), c10::Error);
   EXPECT_THROW(dynattn::same_conv2d(x, torch::randn({1, 2, 3, 3}), {}, 0), c10::Error);
 }
+
+// The direct loops (CPU float NCHW, small kernels) against ATen in double:
+// outputs and gradients within 1e-5 of each tensor's scale, for the shapes BAM and CBAM use and
+// odd ones (rows wider than the dilation reach, maps smaller than it), across thread splits.
+TEST(SameConv2d, DirectLoopsMatchAtenInFloat) {
+  torch::manual_seed(4);
+  struct Case {
+    int64_t n, in, out, k, dilation, h, w;
+  };
+  const std::vector<Case> cases{{5, 16, 1, 1, 1, 28, 28}, {4, 1, 1, 3, 4, 28, 28},
+                                {3, 2, 2, 3, 4, 14, 14},  {2, 8, 2, 1, 1, 14, 14},
+                                {2, 3, 3, 3, 4, 7, 7},    {2, 2, 1, 7, 1, 9, 11},
+                                {3, 1, 1, 3, 4, 3, 5},    {1, 3, 4, 3, 2, 6, 1}};
+  for (const auto& c : cases) {
+    const auto x0 = torch::randn({c.n, c.in, c.h, c.w});
+    const auto w0 = torch::randn({c.out, c.in, c.k, c.k});
+    const auto b0 = torch::randn({c.out});
+    const auto dy = torch::randn({c.n, c.out, c.h, c.w});
+    ASSERT_TRUE(dynattn::same_conv2d_direct(x0, w0));
+    auto run = [&](bool ours, torch::Dtype dtype) {
+      auto x = x0.to(dtype).clone().requires_grad_();
+      auto w = w0.to(dtype).clone().requires_grad_();
+      auto b = b0.to(dtype).clone().requires_grad_();
+      const auto y = ours ? dynattn::same_conv2d(x, w, b, c.dilation)
+                          : torch::conv2d(x, w, b, 1, c.dilation * (c.k / 2), c.dilation);
+      (y * dy.to(dtype)).sum().backward();
+      return std::vector<torch::Tensor>{y.detach(), x.grad(), w.grad(), b.grad()};
+    };
+    const auto exact = run(false, torch::kDouble);
+    for (int threads : {1, 2}) {
+      torch::set_num_threads(threads);
+      const auto ours = run(true, torch::kFloat);
+      for (size_t i = 0; i < ours.size(); ++i) {
+        const double scale = exact[i].abs().max().item<double>() + 1e-6;
+        EXPECT_LE((ours[i].to(torch::kDouble) - exact[i]).abs().max().item<double>(), 1e-5 * scale)
+            << "in " << c.in << " out " << c.out << " k " << c.k << " dilation " << c.dilation
+            << " map " << c.h << "x" << c.w << " threads " << threads << " tensor " << i;
+      }
+    }
+    torch::set_num_threads(1);
+  }
+  // Channels-last input and wide convolutions keep ATen's kernels.
+  EXPECT_FALSE(dynattn::same_conv2d_direct(
+      torch::randn({2, 16, 5, 5}).contiguous(torch::MemoryFormat::ChannelsLast),
+      torch::randn({1, 16, 1, 1})));
+  EXPECT_FALSE(dynattn::same_conv2d_direct(torch::randn({2, 4, 5, 5}), torch::randn({4, 4, 3, 3})));
+  EXPECT_FALSE(
+      dynattn::same_conv2d_direct(torch::randn({2, 64, 5, 5}), torch::randn({4, 64, 1, 1})));
+}

@@ -40,6 +40,17 @@ torch::Tensor conv1x1_on_pooled(const torch::nn::Conv2dImpl& conv, const torch::
 torch::Tensor same_conv2d(const torch::Tensor& input, const torch::Tensor& weight,
                           const torch::Tensor& bias, int64_t dilation = 1);
 
+// Whether same_conv2d runs its own direct loops (forward and backward) on this input and weight
+// instead of ATen's kernels: a CPU float NCHW input and a small kernel (at most 128
+// multiply-adds per output pixel for k > 1, 64 channel pairs for 1x1), where ATen's kernels cost
+// several times the arithmetic.
+bool same_conv2d_direct(const torch::Tensor& input, const torch::Tensor& weight);
+
+// The same convolution without autograd (bias may be undefined): the forward same_conv2d runs,
+// for callers with an autograd node of their own.
+torch::Tensor same_conv2d_forward(const torch::Tensor& input, const torch::Tensor& weight,
+                                  const torch::Tensor& bias, int64_t dilation = 1);
+
 // The input and weight gradients of that convolution (without bias) for the output gradient
 // `grad` (in the input's memory format), as same_conv2d's backward computes them: for callers
 // with an autograd node of their own. Gradients not asked for stay undefined.
