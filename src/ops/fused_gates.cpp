@@ -1161,7 +1161,7 @@ class PooledChannelGate : public torch::autograd::Function<PooledChannelGate> {
   }
 };
 
-// ---- CBAM's training form (NCHW) ----
+// ---- CBAM's training form ----
 
 // Per channel of [c0, c1): mean, max and the first pixel holding the max.
 DYNATTN_VECTOR_CLONES
@@ -1262,9 +1262,95 @@ void cbam_pixel_grad_nchw(const float* dy, const float* x, int64_t c, int64_t hw
   }
 }
 
-// CBAM as one autograd node (NCHW float input): both gates, the product, and a hand-written
-// backward of three passes over the map; the spatial conv and its BatchNorm (batch statistics in
-// training, running statistics updated as ATen's) run as ATen operators on the small
+// ---- CBAM's training form, channels-last twins (element (p, ch) at p * c + ch) ----
+
+// Per channel: mean, max and the first pixel holding the max (the first NaN if any), over the
+// pixels of one image.
+DYNATTN_VECTOR_CLONES
+void pool_argmax_cl(const float* x, int64_t c, int64_t hw, float* mean, float* max, int32_t* at) {
+  std::copy(x, x + c, max);
+  std::copy(x, x + c, mean);
+  std::fill(at, at + c, 0);
+  for (int64_t p = 1; p < hw; ++p) {
+    const float* src = x + p * c;
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const float v = src[ch];
+      mean[ch] += v;
+      const bool better = v > max[ch] || (std::isnan(v) && !std::isnan(max[ch]));
+      max[ch] = better ? v : max[ch];
+      at[ch] = better ? static_cast<int32_t>(p) : at[ch];
+    }
+  }
+  const float inv_hw = 1.0f / static_cast<float>(hw);
+  for (int64_t ch = 0; ch < c; ++ch) mean[ch] *= inv_hw;
+}
+
+// Per pixel of [p0, p1): max (and its channel) and mean over channels of x * gate.
+DYNATTN_VECTOR_CLONES
+void channel_argmax_cl(const float* x, int64_t c, const float* gate, int64_t p0, int64_t p1,
+                       float* mean, float* max, int32_t* at) {
+  const float inv_c = 1.0f / static_cast<float>(c);
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* src = x + p * c;
+    float sum = src[0] * gate[0], best = sum;
+    int32_t where = 0;
+    for (int64_t ch = 1; ch < c; ++ch) {
+      const float v = src[ch] * gate[ch];
+      sum += v;
+      if (v > best) {
+        best = v;
+        where = static_cast<int32_t>(ch);
+      }
+    }
+    mean[p - p0] = sum * inv_c;
+    max[p - p0] = best;
+    at[p - p0] = where;
+  }
+}
+
+// dms[p] = sum_c dy * x * M_c[c], pixels [p0, p1).
+DYNATTN_VECTOR_CLONES
+void cbam_pixel_grad_cl(const float* dy, const float* x, int64_t c, const float* mc, int64_t p0,
+                        int64_t p1, float* dms) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* __restrict__ a = dy + p * c;
+    const float* __restrict__ b = x + p * c;
+    float acc = 0.0f;
+    for (int64_t ch = 0; ch < c; ++ch) acc += a[ch] * b[ch] * mc[ch];
+    dms[p - p0] = acc;
+  }
+}
+
+// dmc[ch] += sum_p d x1 * x over pixels [p0, p1) (see cbam_channel_grad_nchw).
+DYNATTN_VECTOR_CLONES
+void cbam_channel_grad_cl(const float* dy, const float* x, int64_t c, int64_t p0, int64_t p1,
+                          const CbamPixelGrads& g, float* dmc) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* __restrict__ a = dy + p * c;
+    const float* __restrict__ b = x + p * c;
+    const float s = g.ms[p], base = g.dmean[p] * g.inv_c;
+    for (int64_t ch = 0; ch < c; ++ch) dmc[ch] += (a[ch] * s + base) * b[ch];
+    dmc[g.at[p]] += g.dmax[p] * b[g.at[p]];
+  }
+}
+
+// dx = d x1 * M_c + d_avg / HW over pixels [p0, p1); the max-pool term is added by the caller.
+DYNATTN_VECTOR_CLONES
+void cbam_input_grad_cl(const float* dy, float* dx, int64_t c, int64_t hw, int64_t p0, int64_t p1,
+                        const CbamPixelGrads& g, const float* mc, const float* davg) {
+  const float inv_hw = 1.0f / static_cast<float>(hw);
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* __restrict__ a = dy + p * c;
+    float* __restrict__ out = dx + p * c;
+    const float s = g.ms[p], base = g.dmean[p] * g.inv_c;
+    for (int64_t ch = 0; ch < c; ++ch) out[ch] = (a[ch] * s + base) * mc[ch] + davg[ch] * inv_hw;
+    out[g.at[p]] += g.dmax[p] * mc[g.at[p]];
+  }
+}
+
+// CBAM as one autograd node (NCHW or channels-last float input): both gates, the product, and a
+// hand-written backward of three passes over the map; the spatial conv and its BatchNorm (batch
+// statistics in training, running statistics updated as ATen's) run as ATen operators on the small
 // [N,2,H,W] and [N,1,H,W] maps.
 class CbamGate : public torch::autograd::Function<CbamGate> {
  public:
@@ -1293,22 +1379,32 @@ class CbamGate : public torch::autograd::Function<CbamGate> {
           *hp = hidden.data_ptr<float>(), *sp = stats.data_ptr<float>();
     int32_t *pap = pool_at.data_ptr<int32_t>(), *cap = chan_at.data_ptr<int32_t>();
     const int64_t max_plane = max_first ? 0 : 1;
+    const bool cl = !x.is_contiguous();
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> logits(c);
       for (int64_t i = begin; i < end; ++i) {
         const float* xi = xp + i * c * hw;
         float *a = ap + i * c, *m = mp + i * c, *g = mcp + i * c;
-        at::parallel_for(0, c, grain_for(hw), [&](int64_t c0, int64_t c1) {
-          pool_argmax_nchw(xi, hw, c0, c1, a, m, pap + i * c);
-        });
+        if (cl) {
+          pool_argmax_cl(xi, c, hw, a, m, pap + i * c);
+        } else {
+          at::parallel_for(0, c, grain_for(hw), [&](int64_t c0, int64_t c1) {
+            pool_argmax_nchw(xi, hw, c0, c1, a, m, pap + i * c);
+          });
+        }
         fc(a, hp + (i * 2) * rd, g);
         fc(m, hp + (i * 2 + 1) * rd, logits.data());
         for (int64_t ch = 0; ch < c; ++ch) g[ch] += logits[ch];
         sigmoid_inplace(g, c);
         float* st = sp + i * 2 * hw;
         at::parallel_for(0, hw, grain_for(c), [&](int64_t p0, int64_t p1) {
-          channel_argmax_nchw(xi, c, hw, g, p0, p1, st + (1 - max_plane) * hw + p0,
+          if (cl) {
+            channel_argmax_cl(xi, c, g, p0, p1, st + (1 - max_plane) * hw + p0,
                               st + max_plane * hw + p0, cap + i * hw + p0);
+          } else {
+            channel_argmax_nchw(xi, c, hw, g, p0, p1, st + (1 - max_plane) * hw + p0,
+                                st + max_plane * hw + p0, cap + i * hw + p0);
+          }
         });
       }
     });
@@ -1326,7 +1422,7 @@ class CbamGate : public torch::autograd::Function<CbamGate> {
     float* yp = y.data_ptr<float>();
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        const Image im{i, xp + i * c * hw, yp + i * c * hw, c, h, w, hw, false};
+        const Image im{i, xp + i * c * hw, yp + i * c * hw, c, h, w, hw, cl};
         apply_gates(im, mcp + i * c, msp + i * hw);
       }
     });
@@ -1370,7 +1466,9 @@ class CbamGate : public torch::autograd::Function<CbamGate> {
     const bool has_bn = ctx->saved_data["has_bn"].toBool();
     const bool max_first = ctx->saved_data["max_first"].toBool();
     const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), hw = h * w;
-    const auto dy = grads[0].contiguous();
+    const bool cl = !x.is_contiguous();
+    const auto dy = grads[0].contiguous(cl ? torch::MemoryFormat::ChannelsLast
+                                           : torch::MemoryFormat::Contiguous);
     const float *dyp = dy.data_ptr<float>(), *xp = x.data_ptr<float>(), *mcp = mc.data_ptr<float>();
     // Pass 1: d M_s, then back through sigmoid, BN and the conv to the pooled maps.
     auto dms = torch::empty({n, 1, h, w});
@@ -1378,8 +1476,13 @@ class CbamGate : public torch::autograd::Function<CbamGate> {
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         at::parallel_for(0, hw, grain_for(c), [&](int64_t p0, int64_t p1) {
-          cbam_pixel_grad_nchw(dyp + i * c * hw, xp + i * c * hw, c, hw, mcp + i * c, p0, p1,
+          if (cl) {
+            cbam_pixel_grad_cl(dyp + i * c * hw, xp + i * c * hw, c, mcp + i * c, p0, p1,
                                dmsp + i * hw + p0);
+          } else {
+            cbam_pixel_grad_nchw(dyp + i * c * hw, xp + i * c * hw, c, hw, mcp + i * c, p0, p1,
+                                 dmsp + i * hw + p0);
+          }
         });
       }
     });
@@ -1410,6 +1513,11 @@ class CbamGate : public torch::autograd::Function<CbamGate> {
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const auto g = grads_of(i);
+        if (cl) {
+          std::fill(dmcp + i * c, dmcp + (i + 1) * c, 0.0f);
+          cbam_channel_grad_cl(dyp + i * c * hw, xp + i * c * hw, c, 0, hw, g, dmcp + i * c);
+          continue;
+        }
         at::parallel_for(0, c, grain_for(hw), [&](int64_t c0, int64_t c1) {
           cbam_channel_grad_nchw(dyp + i * c * hw, xp + i * c * hw, hw, c0, c1, g, dmcp + i * c);
         });
@@ -1438,6 +1546,14 @@ class CbamGate : public torch::autograd::Function<CbamGate> {
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const auto g = grads_of(i);
+        if (cl) {
+          float* out = dxp + i * c * hw;
+          at::parallel_for(0, hw, grain_for(c), [&](int64_t p0, int64_t p1) {
+            cbam_input_grad_cl(dyp + i * c * hw, out, c, hw, p0, p1, g, mcp + i * c, dap + i * c);
+          });
+          for (int64_t ch = 0; ch < c; ++ch) out[pap[i * c + ch] * c + ch] += dmp[i * c + ch];
+          continue;
+        }
         at::parallel_for(0, c, grain_for(hw), [&](int64_t c0, int64_t c1) {
           cbam_input_grad_nchw(dyp + i * c * hw, dxp + i * c * hw, hw, c0, c1, g, mcp + i * c,
                                dap + i * c, dmp + i * c, pap + i * c);
@@ -1556,9 +1672,6 @@ torch::Tensor fused_efficient_channel_attention_train(const torch::Tensor& x,
 torch::Tensor fused_cbam_train(const torch::Tensor& x, const ChannelMlp& mlp,
                                const torch::Tensor& conv_weight, const torch::Tensor& conv_bias,
                                torch::nn::BatchNorm2dImpl* bn, bool max_first) {
-  // The kernels are NCHW; a channels-last input goes through a copy each way.
-  const bool channels_last = !x.is_contiguous();
-  const auto input = channels_last ? x.contiguous() : x;
   const bool bn_training = bn != nullptr && bn->is_training();
   TORCH_CHECK(bn == nullptr || bn->options.track_running_stats(),
               "fused_cbam_train: the spatial BatchNorm must track running statistics");
@@ -1576,12 +1689,11 @@ torch::Tensor fused_cbam_train(const torch::Tensor& x, const ChannelMlp& mlp,
                    ? *bn->options.momentum()
                    : 1.0 / static_cast<double>(bn->num_batches_tracked.item<int64_t>());
   }
-  auto y = CbamGate::apply(input, mlp.fc1_weight, or_empty(mlp.fc1_bias), mlp.fc2_weight,
-                           or_empty(mlp.fc2_bias), conv_weight, or_empty(conv_bias),
-                           or_empty(bn ? bn->weight : torch::Tensor()),
-                           or_empty(bn ? bn->bias : torch::Tensor()), or_empty(rm), or_empty(rv),
-                           max_first, bn_training, momentum, bn ? bn->options.eps() : 1e-5);
-  return channels_last ? y.contiguous(torch::MemoryFormat::ChannelsLast) : y;
+  return CbamGate::apply(x, mlp.fc1_weight, or_empty(mlp.fc1_bias), mlp.fc2_weight,
+                         or_empty(mlp.fc2_bias), conv_weight, or_empty(conv_bias),
+                         or_empty(bn ? bn->weight : torch::Tensor()),
+                         or_empty(bn ? bn->bias : torch::Tensor()), or_empty(rm), or_empty(rv),
+                         max_first, bn_training, momentum, bn ? bn->options.eps() : 1e-5);
 }
 
 torch::Tensor fused_bam_combine_train(const torch::Tensor& x, const torch::Tensor& mc,

@@ -309,6 +309,9 @@ TEST(FusedGates, CbamTrainingFormMatchesTheAtenGradients) {
             auto y = m.forward<torch::Tensor>(x);
             EXPECT_EQ(fused_gates_calls(), before + (selection && dtype == torch::kFloat ? 1 : 0))
                 << spec;
+            EXPECT_TRUE(y.is_contiguous(cl ? torch::MemoryFormat::ChannelsLast
+                                           : torch::MemoryFormat::Contiguous))
+                << spec;
             (y * dy.to(dtype)).sum().backward();
             std::vector<torch::Tensor> out{y.detach(), x.grad()};
             for (auto& p : m.ptr()->parameters()) out.push_back(p.grad().clone());

@@ -139,7 +139,7 @@ namespace dynattn {
 // three-pass backward (d M_s; d M_c; dx); the spatial conv and BN run as ATen operators on the
 // small pooled maps, the BN with batch statistics when `bn` is in training mode (running
 // statistics and num_batches_tracked updated as BatchNorm2d does). bn: the module's spatial BN
-// or null. The kernels are NCHW: a channels-last x is copied in and the output copied back.
+// or null. x contiguous NCHW or channels-last; the output and dx keep its layout.
 torch::Tensor fused_cbam_train(const torch::Tensor& x, const ChannelMlp& mlp,
                                const torch::Tensor& conv_weight, const torch::Tensor& conv_bias,
                                torch::nn::BatchNorm2dImpl* bn, bool max_first);
