@@ -1,4 +1,5 @@
-// Convolution kernel selection for inference.
+// Convolution kernels chosen by measurement: for inference (conv2d_forward) and, for the narrow
+// same-padded convolutions of the attention gates, in training too (same_conv2d).
 //
 // ATen picks its CPU convolution kernel with a fixed heuristic: a single image whose input has
 // at most 20480 elements goes to the im2col + GEMM kernel ("thnn"), everything else to oneDNN.
