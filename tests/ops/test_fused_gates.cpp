@@ -5,6 +5,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -232,6 +233,39 @@ void expect_as_accurate(const std::vector<torch::Tensor>& fused,
   }
 }
 
+// One forward and backward of a module in training through its fused node (selection on, float)
+// or ATen (selection off, or double), its buffers first reset to buffers0: the output, the input
+// gradient, every parameter's gradient and every buffer afterwards. Checks that exactly the
+// fused path counted a kernel call and that the output keeps x0's layout.
+std::vector<torch::Tensor> train_step(torch::nn::AnyModule& m, const torch::Tensor& x0,
+                                      const torch::Tensor& dy,
+                                      const std::vector<torch::Tensor>& buffers0, bool selection,
+                                      torch::Dtype dtype, const std::string& spec) {
+  SelectionGuard guard;
+  set_conv2d_kernel_selection(selection);
+  m.ptr()->to(torch::kFloat);
+  auto buffers = m.ptr()->buffers();
+  EXPECT_EQ(buffers.size(), buffers0.size()) << spec;
+  for (size_t i = 0; i < std::min(buffers.size(), buffers0.size()); ++i)
+    buffers[i].data().copy_(buffers0[i]);
+  m.ptr()->to(dtype);
+  for (auto& p : m.ptr()->parameters()) p.mutable_grad() = torch::Tensor();
+  auto x = x0.to(dtype).clone().requires_grad_();
+  const int64_t before = fused_gates_calls();
+  auto y = m.forward<torch::Tensor>(x);
+  EXPECT_EQ(fused_gates_calls(), before + (selection && dtype == torch::kFloat ? 1 : 0)) << spec;
+  const bool cl = !x0.is_contiguous();
+  EXPECT_TRUE(
+      y.is_contiguous(cl ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::Contiguous))
+      << spec;
+  (y * dy.to(dtype)).sum().backward();
+  std::vector<torch::Tensor> out{y.detach(), x.grad()};
+  for (auto& p : m.ptr()->parameters()) out.push_back(p.grad().clone());
+  for (auto& b : m.ptr()->buffers()) out.push_back(b.clone());
+  m.ptr()->to(torch::kFloat);
+  return out;
+}
+
 // SE and ECA train through one fused autograd node: same outputs and gradients (input and every
 // weight) as the ATen operators, in both layouts, for batch 1 and more, odd maps, both gates.
 // The reference is the ATen path in double precision: the float sums of both paths round
@@ -251,20 +285,7 @@ TEST(FusedGates, TrainingFormsMatchTheAtenGradients) {
         if (cl) x0 = x0.contiguous(torch::MemoryFormat::ChannelsLast);
         const auto dy = torch::randn(shape);
         auto run = [&](bool selection, torch::Dtype dtype) {
-          SelectionGuard guard;
-          set_conv2d_kernel_selection(selection);
-          m.ptr()->to(dtype);
-          for (auto& p : m.ptr()->parameters()) p.mutable_grad() = torch::Tensor();
-          auto x = x0.to(dtype).clone().requires_grad_();
-          const int64_t before = fused_gates_calls();
-          auto y = m.forward<torch::Tensor>(x);
-          EXPECT_EQ(fused_gates_calls(), before + (selection && dtype == torch::kFloat ? 1 : 0))
-              << spec;
-          (y * dy.to(dtype)).sum().backward();
-          std::vector<torch::Tensor> out{y.detach(), x.grad()};
-          for (auto& p : m.ptr()->parameters()) out.push_back(p.grad().clone());
-          m.ptr()->to(torch::kFloat);
-          return out;
+          return train_step(m, x0, dy, {}, selection, dtype, spec);
         };
         const auto fused = run(true, torch::kFloat), exact = run(true, torch::kDouble);
         std::ostringstream what;
@@ -297,27 +318,7 @@ TEST(FusedGates, CbamTrainingFormMatchesTheAtenGradients) {
           if (cl) x0 = x0.contiguous(torch::MemoryFormat::ChannelsLast);
           const auto dy = torch::randn(shape);
           auto run = [&](bool selection, torch::Dtype dtype) {
-            SelectionGuard guard;
-            set_conv2d_kernel_selection(selection);
-            m.ptr()->to(torch::kFloat);
-            auto buffers = m.ptr()->buffers();
-            for (size_t i = 0; i < buffers.size(); ++i) buffers[i].data().copy_(buffers0[i]);
-            m.ptr()->to(dtype);
-            for (auto& p : m.ptr()->parameters()) p.mutable_grad() = torch::Tensor();
-            auto x = x0.to(dtype).clone().requires_grad_();
-            const int64_t before = fused_gates_calls();
-            auto y = m.forward<torch::Tensor>(x);
-            EXPECT_EQ(fused_gates_calls(), before + (selection && dtype == torch::kFloat ? 1 : 0))
-                << spec;
-            EXPECT_TRUE(y.is_contiguous(cl ? torch::MemoryFormat::ChannelsLast
-                                           : torch::MemoryFormat::Contiguous))
-                << spec;
-            (y * dy.to(dtype)).sum().backward();
-            std::vector<torch::Tensor> out{y.detach(), x.grad()};
-            for (auto& p : m.ptr()->parameters()) out.push_back(p.grad().clone());
-            for (auto& b : m.ptr()->buffers()) out.push_back(b.clone());
-            m.ptr()->to(torch::kFloat);
-            return out;
+            return train_step(m, x0, dy, buffers0, selection, dtype, spec);
           };
           const auto fused = run(true, torch::kFloat), exact = run(true, torch::kDouble);
           std::ostringstream what;
@@ -349,27 +350,7 @@ TEST(FusedGates, BamTrainingFormMatchesTheAtenGradients) {
           if (cl) x0 = x0.contiguous(torch::MemoryFormat::ChannelsLast);
           const auto dy = torch::randn(shape);
           auto run = [&](bool selection, torch::Dtype dtype) {
-            SelectionGuard guard;
-            set_conv2d_kernel_selection(selection);
-            m.ptr()->to(torch::kFloat);
-            auto buffers = m.ptr()->buffers();
-            for (size_t i = 0; i < buffers.size(); ++i) buffers[i].data().copy_(buffers0[i]);
-            m.ptr()->to(dtype);
-            for (auto& p : m.ptr()->parameters()) p.mutable_grad() = torch::Tensor();
-            auto x = x0.to(dtype).clone().requires_grad_();
-            const int64_t before = fused_gates_calls();
-            auto y = m.forward<torch::Tensor>(x);
-            EXPECT_EQ(fused_gates_calls(), before + (selection && dtype == torch::kFloat ? 1 : 0))
-                << spec;
-            EXPECT_TRUE(y.is_contiguous(cl ? torch::MemoryFormat::ChannelsLast
-                                           : torch::MemoryFormat::Contiguous))
-                << spec;
-            (y * dy.to(dtype)).sum().backward();
-            std::vector<torch::Tensor> out{y.detach(), x.grad()};
-            for (auto& p : m.ptr()->parameters()) out.push_back(p.grad().clone());
-            for (auto& b : m.ptr()->buffers()) out.push_back(b.clone());
-            m.ptr()->to(torch::kFloat);
-            return out;
+            return train_step(m, x0, dy, buffers0, selection, dtype, spec);
           };
           const auto fused = run(true, torch::kFloat), exact = run(true, torch::kDouble);
           std::ostringstream what;
