@@ -266,6 +266,22 @@ std::vector<torch::Tensor> train_step(torch::nn::AnyModule& m, const torch::Tens
   return out;
 }
 
+// One training-form case of module m: snapshots its buffers, draws x (in the layout asked for)
+// and dy, and checks the fused float run and ATen's float run against ATen in double.
+void expect_training_form_matches(torch::nn::AnyModule& m, const std::vector<int64_t>& shape,
+                                  bool cl, const std::string& spec, const std::string& what,
+                                  double abs_floor = 0.0) {
+  std::vector<torch::Tensor> buffers0;
+  for (auto& b : m.ptr()->buffers()) buffers0.push_back(b.clone());
+  auto x0 = torch::randn(shape);
+  if (cl) x0 = x0.contiguous(torch::MemoryFormat::ChannelsLast);
+  const auto dy = torch::randn(shape);
+  const auto fused = train_step(m, x0, dy, buffers0, true, torch::kFloat, spec);
+  const auto exact = train_step(m, x0, dy, buffers0, true, torch::kDouble, spec);
+  expect_as_accurate(fused, train_step(m, x0, dy, buffers0, false, torch::kFloat, spec), exact,
+                     what, abs_floor);
+}
+
 // SE and ECA train through one fused autograd node: same outputs and gradients (input and every
 // weight) as the ATen operators, in both layouts, for batch 1 and more, odd maps, both gates.
 // The reference is the ATen path in double precision: the float sums of both paths round
@@ -281,16 +297,9 @@ TEST(FusedGates, TrainingFormsMatchTheAtenGradients) {
         m.ptr()->train();
         // Hard sigmoid: logits spread over its linear and flat parts.
         for (auto& p : m.ptr()->parameters()) p.data().mul_(4);
-        auto x0 = torch::randn(shape);
-        if (cl) x0 = x0.contiguous(torch::MemoryFormat::ChannelsLast);
-        const auto dy = torch::randn(shape);
-        auto run = [&](bool selection, torch::Dtype dtype) {
-          return train_step(m, x0, dy, {}, selection, dtype, spec);
-        };
-        const auto fused = run(true, torch::kFloat), exact = run(true, torch::kDouble);
         std::ostringstream what;
         what << spec << " shape " << shape << " cl " << cl;
-        expect_as_accurate(fused, run(false, torch::kFloat), exact, what.str());
+        expect_training_form_matches(m, shape, cl, spec, what.str());
       }
     }
   }
@@ -312,25 +321,16 @@ TEST(FusedGates, CbamTrainingFormMatchesTheAtenGradients) {
           if (train && shape[2] * shape[3] == 1) continue;
           auto m = make(spec, shape[1], 23);
           m.ptr()->train(train);
-          std::vector<torch::Tensor> buffers0;
-          for (auto& b : m.ptr()->buffers()) buffers0.push_back(b.clone());
-          auto x0 = torch::randn(shape);
-          if (cl) x0 = x0.contiguous(torch::MemoryFormat::ChannelsLast);
-          const auto dy = torch::randn(shape);
-          auto run = [&](bool selection, torch::Dtype dtype) {
-            return train_step(m, x0, dy, buffers0, selection, dtype, spec);
-          };
-          const auto fused = run(true, torch::kFloat), exact = run(true, torch::kDouble);
           std::ostringstream what;
           what << spec << " shape " << shape << " cl " << cl << " train " << train;
-          expect_as_accurate(fused, run(false, torch::kFloat), exact, what.str());
+          expect_training_form_matches(m, shape, cl, spec, what.str());
         }
       }
     }
   }
 }
 
-// BAM trains with its combine as one fused autograd node (the branches stay ATen operators):
+// BAM trains with its combine as one fused autograd node (the branches stay modules):
 // outputs, gradients of the input and of every weight, and the BN statistics as the ATen path
 // computes them in double. Scaled weights push logits past the range where the sum form factors
 // the sigmoid (|logit| > 80), so both of its code paths run.
@@ -344,20 +344,11 @@ TEST(FusedGates, BamTrainingFormMatchesTheAtenGradients) {
           auto m = make(spec, shape[1], 29);
           m.ptr()->train();
           for (auto& p : m.ptr()->parameters()) p.data().mul_(scale);
-          std::vector<torch::Tensor> buffers0;
-          for (auto& b : m.ptr()->buffers()) buffers0.push_back(b.clone());
-          auto x0 = torch::randn(shape);
-          if (cl) x0 = x0.contiguous(torch::MemoryFormat::ChannelsLast);
-          const auto dy = torch::randn(shape);
-          auto run = [&](bool selection, torch::Dtype dtype) {
-            return train_step(m, x0, dy, buffers0, selection, dtype, spec);
-          };
-          const auto fused = run(true, torch::kFloat), exact = run(true, torch::kDouble);
           std::ostringstream what;
           what << spec << " shape " << shape << " cl " << cl << " scale " << scale;
           // The conv and linear biases before a training BN get zero gradient in exact
           // arithmetic; with dy ~ N(0, 1), float rounding leaves ~1e-8 .. 1e-6 there.
-          expect_as_accurate(fused, run(false, torch::kFloat), exact, what.str(), 1e-5);
+          expect_training_form_matches(m, shape, cl, spec, what.str(), 1e-5);
         }
       }
     }
