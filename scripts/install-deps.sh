@@ -8,6 +8,7 @@ packages=(
   build-essential cmake pkg-config
   ninja-build             # the build generator: adding a source rebuilds only that source
   libtorch-dev            # LibTorch 1.13 with oneDNN
+  libdnnl-dev             # oneDNN headers: Winograd conv stacks (the library LibTorch links)
   libopenblas0-openmp     # fast BLAS; without it matrix products use reference BLAS
   libcli11-dev libfmt-dev libspdlog-dev nlohmann-json3-dev
   libpng-dev zlib1g-dev

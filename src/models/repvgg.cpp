@@ -179,6 +179,10 @@ torch::Tensor RepVGGImpl::forward(const torch::Tensor& x) {
   const bool plain = std::all_of(all.begin(), all.end(),
                                  [](const RepVGGBlock& b) { return !b->rbr_reparam.is_empty(); });
   if (plain && onednn_chain_applicable(x)) {
+    std::vector<const torch::nn::Conv2dImpl*> convs;
+    for (const auto& block : all) convs.push_back(block->rbr_reparam.get());
+    if (OnednnConvStack::supports(convs) && x.numel() > 0)
+      return linear(conv_stack_.forward(convs, x).mean({2, 3}));
     auto y = x.contiguous().to_mkldnn();
     for (auto block : all) y = block->forward_onednn(y);
     return linear(y.to_dense().mean({2, 3}));
@@ -186,6 +190,10 @@ torch::Tensor RepVGGImpl::forward(const torch::Tensor& x) {
   auto y = stage0(x);
   for (auto& stage : stages) y = stage->forward(y);
   return linear(y.mean({2, 3}));
+}
+
+std::vector<std::string> RepVGGImpl::onednn_implementations() const {
+  return conv_stack_.implementations();
 }
 
 std::vector<std::string> RepVGGImpl::reparameterize() {

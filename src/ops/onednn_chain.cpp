@@ -2,6 +2,7 @@
 
 #include "dynattn/core/compat.h"
 #include "dynattn/ops/conv2d.h"
+#include "dynattn/profile/mac_counter.h"
 
 namespace dynattn {
 
@@ -41,5 +42,394 @@ torch::Tensor PackedConv2d::forward(const torch::nn::Conv2dImpl& conv, const tor
   return at::mkldnn_convolution(x, weight, conv.bias.defined() ? conv.bias : torch::Tensor(),
                                 **padding, *o.stride(), *o.dilation(), o.groups());
 }
+
+}  // namespace dynattn
+
+#ifdef DYNATTN_HAVE_ONEDNN
+#include <dnnl.hpp>
+#endif
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <limits>
+#include <unordered_map>
+
+namespace dynattn {
+
+namespace {
+std::atomic<int> winograd_policy{static_cast<int>(WinogradPolicy::kMeasured)};
+}  // namespace
+
+void set_onednn_winograd(WinogradPolicy policy) {
+  winograd_policy = static_cast<int>(policy);
+}
+WinogradPolicy onednn_winograd() {
+  return static_cast<WinogradPolicy>(winograd_policy.load());
+}
+
+OnednnConvStack::OnednnConvStack() = default;
+OnednnConvStack::~OnednnConvStack() = default;
+OnednnConvStack::OnednnConvStack(const OnednnConvStack&) {}
+OnednnConvStack& OnednnConvStack::operator=(const OnednnConvStack&) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  plans_.clear();
+  last_.reset();
+  return *this;
+}
+
+bool OnednnConvStack::supports(const std::vector<const torch::nn::Conv2dImpl*>& convs) {
+  if (!available() || convs.empty()) return false;
+  for (const auto* conv : convs) {
+    const auto& o = conv->options;
+    if (variant_get_if<torch::enumtype::kZeros>(&o.padding_mode()) == nullptr ||
+        variant_get_if<torch::ExpandingArray<2>>(&o.padding()) == nullptr)
+      return false;
+    if (!conv->weight.is_cpu() || conv->weight.scalar_type() != torch::kFloat) return false;
+    if (conv->bias.defined() && conv->bias.scalar_type() != torch::kFloat) return false;
+  }
+  return true;
+}
+
+#ifndef DYNATTN_HAVE_ONEDNN
+
+struct OnednnConvStack::Plan {};
+bool OnednnConvStack::available() {
+  return false;
+}
+torch::Tensor OnednnConvStack::forward(const std::vector<const torch::nn::Conv2dImpl*>&,
+                                       const torch::Tensor&) {
+  TORCH_CHECK(false, "OnednnConvStack: dynattn was built without the oneDNN library (libdnnl)");
+}
+std::vector<std::string> OnednnConvStack::implementations() const {
+  return {};
+}
+
+#else
+
+namespace {
+
+using dnnl::memory;
+using Tag = memory::format_tag;
+
+dnnl::engine& cpu_engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+memory::dims to_dims(torch::IntArrayRef sizes) {
+  return memory::dims(sizes.begin(), sizes.end());
+}
+
+// A buffer for a oneDNN memory descriptor, from LibTorch's allocator (64-byte aligned).
+torch::Tensor buffer_for(const memory::desc& desc) {
+  return torch::empty({static_cast<int64_t>(std::max<size_t>(desc.get_size(), 1))},
+                      torch::TensorOptions().dtype(torch::kByte));
+}
+
+// One weight's identity and version, to see when the cached copy is stale.
+struct Stamp {
+  const void* impl = nullptr;
+  int64_t version = -1;
+  bool operator==(const Stamp& o) const { return impl == o.impl && version == o.version; }
+};
+Stamp stamp_of(const torch::Tensor& t) {
+  if (!t.defined()) return {};
+  return {t.unsafeGetTensorImpl(), t.is_inference() ? -1 : static_cast<int64_t>(t._version())};
+}
+
+}  // namespace
+
+struct OnednnConvStack::Plan {
+  struct Layer {
+    dnnl::convolution_forward primitive;
+    memory::desc src, dst, scratchpad;
+    memory weights, bias;
+    bool has_bias = false;
+    std::string implementation;
+    int64_t macs = 0;  // of the direct convolution, whatever the algorithm
+  };
+  std::vector<int64_t> input_sizes;
+  bool channels_last = false;
+  std::vector<Stamp> stamps;  // weight, bias per layer
+  std::vector<Layer> layers;
+  std::vector<int64_t> output_sizes;
+  size_t scratchpad_bytes = 0;
+
+  bool matches(const torch::Tensor& x, bool cl, const std::vector<Stamp>& s) const {
+    return channels_last == cl && x.sizes().vec() == input_sizes && stamps == s;
+  }
+};
+
+bool OnednnConvStack::available() {
+  return true;
+}
+
+namespace {
+
+// Median-free quick timing: the best of a few runs, enough to tell algorithms 1.2x apart.
+double best_time_ms(dnnl::convolution_forward& prim, const memory::desc& src_desc,
+                    const memory::desc& dst_desc, const memory::desc& scratch_desc,
+                    const memory& weights, const memory& bias, bool has_bias) {
+  auto& engine = cpu_engine();
+  dnnl::stream stream(engine);
+  auto src_buf = buffer_for(src_desc).zero_();
+  auto dst_buf = buffer_for(dst_desc);
+  auto scratch_buf = buffer_for(scratch_desc);
+  memory src(src_desc, engine, src_buf.data_ptr()), dst(dst_desc, engine, dst_buf.data_ptr()),
+      scratch(scratch_desc, engine, scratch_buf.data_ptr());
+  std::unordered_map<int, memory> args = {{DNNL_ARG_SRC, src},
+                                          {DNNL_ARG_WEIGHTS, weights},
+                                          {DNNL_ARG_DST, dst},
+                                          {DNNL_ARG_SCRATCHPAD, scratch}};
+  if (has_bias) args[DNNL_ARG_BIAS] = bias;
+  prim.execute(stream, args);  // warm-up: first-touch of buffers, JIT caches
+  stream.wait();
+  double best = std::numeric_limits<double>::infinity();
+  for (int run = 0; run < 3; ++run) {
+    const auto start = std::chrono::steady_clock::now();
+    prim.execute(stream, args);
+    stream.wait();
+    best = std::min(
+        best, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start)
+                  .count());
+  }
+  return best;
+}
+
+}  // namespace
+
+void OnednnConvStack::build(Plan& plan, const std::vector<const torch::nn::Conv2dImpl*>& convs,
+                            bool may_measure) {
+  auto& engine = cpu_engine();
+  dnnl::stream stream(engine);
+  const auto policy = onednn_winograd();
+  dnnl::primitive_attr attr;
+  dnnl::post_ops relu;
+  relu.append_eltwise(1.f, dnnl::algorithm::eltwise_relu, 0.f, 0.f);
+  attr.set_post_ops(relu);
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  auto any = [](const memory::dims& dims) {
+    return memory::desc(dims, memory::data_type::f32, Tag::any);
+  };
+  // Activations in the 16-channel blocked layout wherever the channels allow: left to choose
+  // (`any`), oneDNN 2.6 picks NHWC for strided convs, which ran 5-8x slower here.
+  auto activations = [&](const std::vector<int64_t>& dims) {
+    return dims[1] % 16 == 0 ? memory::desc(to_dims(dims), memory::data_type::f32, Tag::nChw16c)
+                             : any(to_dims(dims));
+  };
+
+  std::vector<int64_t> sizes = plan.input_sizes;
+  for (size_t i = 0; i < convs.size(); ++i) {
+    const auto& conv = *convs[i];
+    const auto& o = conv.options;
+    const std::string where = "OnednnConvStack: layer " + std::to_string(i);
+    TORCH_CHECK(sizes[1] == o.in_channels(), where, " expects ", o.in_channels(),
+                " input channels, the layer before gives ", sizes[1]);
+    const auto& padding = **variant_get_if<torch::ExpandingArray<2>>(&o.padding());
+    const auto& kernel = *o.kernel_size();
+    const auto& stride = *o.stride();
+    const auto& dilation = *o.dilation();
+    std::vector<int64_t> out = {sizes[0], o.out_channels(), 0, 0};
+    for (int d = 0; d < 2; ++d) {
+      out[2 + d] =
+          (sizes[2 + d] + 2 * padding[d] - dilation[d] * (kernel[d] - 1) - 1) / stride[d] + 1;
+      TORCH_CHECK(out[2 + d] > 0, where, ": input ", torch::IntArrayRef(sizes),
+                  " is too small for its kernel, dilation and padding");
+    }
+    const int64_t groups = o.groups();
+    auto weight = conv.weight.detach().contiguous();
+    memory::dims weight_dims = groups == 1 ? to_dims(weight.sizes())
+                                           : memory::dims{groups, o.out_channels() / groups,
+                                                          weight.size(1), kernel[0], kernel[1]};
+    const memory::desc user_weights(weight_dims, memory::data_type::f32,
+                                    groups == 1 ? Tag::oihw : Tag::goihw);
+    const bool has_bias = conv.bias.defined();
+    const memory::desc bias_desc({o.out_channels()}, memory::data_type::f32, Tag::a);
+    const memory::dims strides = {stride[0], stride[1]},
+                       dilates = {dilation[0] - 1, dilation[1] - 1},
+                       pads = {padding[0], padding[1]};
+
+    auto make = [&](dnnl::algorithm alg) {
+      const auto desc =
+          has_bias
+              ? dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference, alg,
+                                                activations(sizes), any(weight_dims), bias_desc,
+                                                activations(out), strides, dilates, pads, pads)
+              : dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference, alg,
+                                                activations(sizes), any(weight_dims),
+                                                activations(out), strides, dilates, pads, pads);
+      return dnnl::convolution_forward::primitive_desc(desc, attr, engine);
+    };
+    std::vector<dnnl::convolution_forward::primitive_desc> candidates = {
+        make(dnnl::algorithm::convolution_direct)};
+    if (policy != WinogradPolicy::kNever) {
+      try {
+        candidates.push_back(make(dnnl::algorithm::convolution_winograd));
+      } catch (const dnnl::error&) {
+        // Not supported for this shape or CPU (needs 3x3, stride 1, AVX-512): direct only.
+      }
+    }
+
+    // Timing only when the plan is kept (cached) and there is a choice; otherwise Winograd
+    // exactly when the policy insists on it.
+    const bool measure =
+        may_measure && policy == WinogradPolicy::kMeasured && candidates.size() > 1;
+    if (!measure) {
+      const size_t chosen = policy == WinogradPolicy::kWhenSupported ? candidates.size() - 1 : 0;
+      candidates = {candidates[chosen]};
+    }
+    Plan::Layer best;
+    double best_ms = std::numeric_limits<double>::infinity();
+    for (const auto& pd : candidates) {
+      Plan::Layer layer;
+      layer.primitive = dnnl::convolution_forward(pd);
+      layer.src = pd.src_desc();
+      layer.dst = pd.dst_desc();
+      layer.scratchpad = pd.scratchpad_desc();
+      layer.has_bias = has_bias;
+      layer.implementation = pd.impl_info_str();
+      layer.weights = memory(pd.weights_desc(), engine);
+      memory user(user_weights, engine, weight.data_ptr());
+      dnnl::reorder(user, layer.weights).execute(stream, user, layer.weights);
+      if (has_bias) {
+        layer.bias = memory(bias_desc, engine);
+        std::memcpy(layer.bias.get_data_handle(), conv.bias.detach().contiguous().data_ptr<float>(),
+                    sizeof(float) * o.out_channels());
+      }
+      stream.wait();
+      const double ms = measure
+                            ? best_time_ms(layer.primitive, layer.src, layer.dst, layer.scratchpad,
+                                           layer.weights, layer.bias, has_bias)
+                            : 0.0;
+      if (!best.primitive || ms < best_ms) {
+        best_ms = ms;
+        best = std::move(layer);
+      }
+    }
+    best.macs = out[0] * out[2] * out[3] * conv.weight.numel();
+    plan.scratchpad_bytes = std::max(plan.scratchpad_bytes, best.scratchpad.get_size());
+    plan.layers.push_back(std::move(best));
+    sizes = out;
+  }
+  plan.output_sizes = sizes;
+}
+
+torch::Tensor OnednnConvStack::run(const Plan& plan, const torch::Tensor& x) {
+  auto& engine = cpu_engine();
+  dnnl::stream stream(engine);
+  auto scratch_buf =
+      torch::empty({static_cast<int64_t>(std::max<size_t>(plan.scratchpad_bytes, 1))},
+                   torch::TensorOptions().dtype(torch::kByte));
+  const memory::desc user_src(to_dims(x.sizes()), memory::data_type::f32,
+                              plan.channels_last ? Tag::nhwc : Tag::nchw);
+  memory current(user_src, engine, x.data_ptr());
+  torch::Tensor current_buf;  // keeps `current`'s storage alive
+  for (const auto& layer : plan.layers) {
+    if (current.get_desc() != layer.src) {
+      auto buf = buffer_for(layer.src);
+      memory reordered(layer.src, engine, buf.data_ptr());
+      dnnl::reorder(current, reordered).execute(stream, current, reordered);
+      current = reordered;
+      current_buf = buf;
+    }
+    auto dst_buf = buffer_for(layer.dst);
+    memory dst(layer.dst, engine, dst_buf.data_ptr());
+    memory scratch(layer.scratchpad, engine, scratch_buf.data_ptr());
+    std::unordered_map<int, memory> args = {{DNNL_ARG_SRC, current},
+                                            {DNNL_ARG_WEIGHTS, layer.weights},
+                                            {DNNL_ARG_DST, dst},
+                                            {DNNL_ARG_SCRATCHPAD, scratch}};
+    if (layer.has_bias) args[DNNL_ARG_BIAS] = layer.bias;
+    // Outside ATen's operators: counted as aten::convolution would count it.
+    record_macs("dynattn::onednn_conv", layer.macs);
+    layer.primitive.execute(stream, args);
+    current = dst;
+    current_buf = dst_buf;
+  }
+  const memory::desc out_desc(to_dims(plan.output_sizes), memory::data_type::f32, Tag::nchw);
+  if (current.get_desc() == out_desc) {
+    stream.wait();
+    return current_buf.view(torch::kFloat)
+        .narrow(0, 0, out_desc.get_size() / sizeof(float))
+        .view(plan.output_sizes);
+  }
+  auto out = torch::empty(plan.output_sizes, x.options());
+  memory result(out_desc, engine, out.data_ptr());
+  dnnl::reorder(current, result).execute(stream, current, result);
+  stream.wait();
+  return out;
+}
+
+torch::Tensor OnednnConvStack::forward(const std::vector<const torch::nn::Conv2dImpl*>& convs,
+                                       const torch::Tensor& input) {
+  TORCH_CHECK(!convs.empty(), "OnednnConvStack: no layers");
+  TORCH_CHECK(supports(convs),
+              "OnednnConvStack: every conv needs zero padding given as numbers and float CPU "
+              "weights");
+  TORCH_CHECK(input.dim() == 4 && input.is_cpu() && input.scalar_type() == torch::kFloat &&
+                  input.layout() == torch::kStrided,
+              "OnednnConvStack: expected a dense float CPU tensor [N, C, H, W], got ",
+              input.sizes(), " ", input.scalar_type(), " on ", input.device());
+  TORCH_CHECK(input.numel() > 0, "OnednnConvStack: empty input ", input.sizes());
+  TORCH_CHECK(input.size(1) == convs.front()->options.in_channels(),
+              "OnednnConvStack: layer 0 expects ", convs.front()->options.in_channels(),
+              " input channels, got ", input.sizes());
+  const bool channels_last =
+      input.is_contiguous(torch::MemoryFormat::ChannelsLast) && !input.is_contiguous();
+  const auto x = input.contiguous(channels_last ? torch::MemoryFormat::ChannelsLast
+                                                : torch::MemoryFormat::Contiguous);
+  std::vector<Stamp> stamps;
+  bool cacheable = true;
+  for (const auto* conv : convs) {
+    stamps.push_back(stamp_of(conv->weight));
+    stamps.push_back(stamp_of(conv->bias));
+    cacheable = cacheable && !conv->weight.is_inference() &&
+                !(conv->bias.defined() && conv->bias.is_inference());
+  }
+
+  std::shared_ptr<Plan> plan;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (const auto& p : plans_)
+      if (p->matches(x, channels_last, stamps)) plan = p;
+    if (!plan) {
+      plan = std::make_shared<Plan>();
+      plan->input_sizes = x.sizes().vec();
+      plan->channels_last = channels_last;
+      plan->stamps = stamps;
+      try {
+        build(*plan, convs, cacheable);
+      } catch (const dnnl::error& e) {
+        TORCH_CHECK(false, "OnednnConvStack: oneDNN refused the layers for input ", x.sizes(), ": ",
+                    e.what());
+      }
+      if (cacheable) {
+        // Plans for other weights are stale; other shapes stay (batch 1 and 64 alternate).
+        plans_.erase(std::remove_if(plans_.begin(), plans_.end(),
+                                    [&](const auto& p) { return !(p->stamps == stamps); }),
+                     plans_.end());
+        if (plans_.size() >= 8) plans_.erase(plans_.begin());
+        plans_.push_back(plan);
+      }
+    }
+    last_ = plan;
+  }
+  try {
+    return run(*plan, x);
+  } catch (const dnnl::error& e) {
+    TORCH_CHECK(false, "OnednnConvStack: oneDNN failed on input ", x.sizes(), ": ", e.what());
+  }
+}
+
+std::vector<std::string> OnednnConvStack::implementations() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<std::string> out;
+  if (last_)
+    for (const auto& layer : last_->layers) out.push_back(layer.implementation);
+  return out;
+}
+
+#endif
 
 }  // namespace dynattn

@@ -22,7 +22,8 @@ struct GlobalOptions {
   std::string malloc = "tuned";  // allocator policy
   std::string device = "cpu";
   bool quiet = false;
-  std::string kernels = "dynattn";  // "aten": ATen's own CPU kernel choices (ops/conv2d.h)
+  std::string kernels = "dynattn";    // "aten": ATen's own CPU kernel choices (ops/conv2d.h)
+  std::string winograd = "measured";  // oneDNN conv stacks: never, measured, always
 };
 
 // Applies threads and the allocator policy, logs the runtime banner (and the reference-BLAS

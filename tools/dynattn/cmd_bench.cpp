@@ -13,6 +13,7 @@
 #include "dynattn/data/fashion_mnist.h"
 #include "dynattn/io/atomic_file.h"
 #include "dynattn/io/checkpoint.h"
+#include "dynattn/models/repvgg.h"
 #include "dynattn/profile/model_bench.h"
 #include "dynattn/reparam/deploy.h"
 
@@ -46,6 +47,7 @@ nlohmann::json bench_json(const std::string& spec, int threads, const BenchArgs&
                    {"channels_last", a.channels_last},
                    {"malloc", g.malloc},
                    {"kernels", g.kernels},
+                   {"winograd", g.winograd},
                    {"device", g.device},
                    {"parameters", r.parameters},
                    {"macs_per_image", r.macs_per_image},
@@ -225,6 +227,17 @@ void run_bench(const BenchArgs& a, const GlobalOptions& g) {
                 deployed.spec.c_str(), deployed_result.macs_per_image / 1e6);
     j["deployed"]["conv_peak_gflops"] = peak;
     print_result(j["deployed"]);
+    if (auto* repvgg = dynamic_cast<RepVGGImpl*>(deployed.ptr().get())) {
+      const auto kernels = repvgg->onednn_implementations();
+      if (!kernels.empty()) {
+        const auto winograd = std::count_if(kernels.begin(), kernels.end(), [](const auto& k) {
+          return k.find("wino") != std::string::npos;
+        });
+        std::printf("  oneDNN conv stack (last batch): %lld of %zu convs as Winograd\n",
+                    static_cast<long long>(winograd), kernels.size());
+        j["deployed"]["onednn_kernels"] = kernels;
+      }
+    }
     for (const auto& s : j["deployed_speedup"])
       std::printf("  batch %4lld  deployed speed-up %.2fx\n",
                   static_cast<long long>(s["batch"].get<int64_t>()), s["speedup"].get<double>());

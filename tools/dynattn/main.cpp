@@ -11,6 +11,7 @@
 #include "dynattn/io/key_map.h"
 #include "dynattn/io/safetensors.h"
 #include "dynattn/ops/conv2d.h"
+#include "dynattn/ops/onednn_chain.h"
 
 namespace dynattn::cli {
 
@@ -18,6 +19,9 @@ int setup_runtime(const GlobalOptions& g) {
   apply_malloc_policy(parse_malloc_policy(g.malloc));
   const int threads = configure_threads(g.threads);
   set_conv2d_kernel_selection(g.kernels == "dynattn");
+  set_onednn_winograd(g.winograd == "never"    ? WinogradPolicy::kNever
+                      : g.winograd == "always" ? WinogradPolicy::kWhenSupported
+                                               : WinogradPolicy::kMeasured);
   if (!g.quiet) {
     const BlasInfo blas = detect_blas();
     std::fprintf(stderr, "%s\n",
@@ -110,6 +114,12 @@ int main(int argc, char** argv) {
                  "(ATen's own)")
       ->capture_default_str()
       ->check(CLI::IsMember({"dynattn", "aten"}));
+  app.add_option("--winograd", g.winograd,
+                 "Winograd convolutions in deployed conv stacks (ops/onednn_chain.h): measured "
+                 "(per layer, where timed faster on first use), always (where oneDNN supports "
+                 "it) or never")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"measured", "always", "never"}));
   add_train_command(app, g);
   add_eval_command(app, g);
   add_bench_command(app, g);

@@ -81,8 +81,12 @@ class RepVGGImpl : public torch::nn::Cloneable<RepVGGImpl>, public Reparameteriz
   explicit RepVGGImpl(RepVGGOptions options = {});
   void reset() override;
   // Deployed, in CPU float inference, the whole stack runs in oneDNN's blocked layout (see
-  // ops/onednn_chain.h): same maths, fewer memory passes.
+  // ops/onednn_chain.h): same maths, fewer memory passes. With the oneDNN library at build
+  // time, the convs also carry their ReLUs and may run as Winograd convolutions.
   torch::Tensor forward(const torch::Tensor& x);
+  // The oneDNN implementation of each block's conv in the last call that used the stack
+  // (empty otherwise), e.g. for `dynattn bench` to say which layers ran as Winograd.
+  std::vector<std::string> onednn_implementations() const;
   // Marks the options deployed (the blocks merge themselves when deploy() reaches them).
   std::vector<std::string> reparameterize() override;
   std::vector<RepVGGBlock> blocks() const;
@@ -91,6 +95,9 @@ class RepVGGImpl : public torch::nn::Cloneable<RepVGGImpl>, public Reparameteriz
   RepVGGBlock stage0{nullptr};
   std::vector<torch::nn::Sequential> stages;  // stage1..stage4
   torch::nn::Linear linear{nullptr};
+
+ private:
+  OnednnConvStack conv_stack_;
 };
 TORCH_MODULE(RepVGG);
 
