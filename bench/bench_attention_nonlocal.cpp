@@ -3,12 +3,14 @@
 // Counters for the overhead rule (see bench_attention_channel.cpp): MACs per image, and the
 // non-local block's memory passes over the C x H x W map beyond its convolutions: 3 (BN, the
 // residual add, and the softmax over the affinity, which at these shapes is as large as the map).
-// Run: build/bench/dynattn_bench --benchmark_filter='NonLocal|Conv3x3BN'
+// Run: build/bench/dynattn_bench --benchmark_filter='NonLocal|Conv3x3BN|SoftmaxAttention'
 #include <benchmark/benchmark.h>
 #include <torch/torch.h>
 
 #include "dynattn/attention/non_local.h"
 #include "dynattn/core/compat.h"
+#include "dynattn/ops/conv2d.h"
+#include "dynattn/ops/softmax_attention.h"
 #include "dynattn/profile/mac_counter.h"
 
 namespace {
@@ -71,6 +73,36 @@ void BM_Conv3x3BN(benchmark::State& state) {
   state.SetItemsProcessed(state.iterations() * batch);
 }
 
+// The attention product of the softmax modes alone, g softmax(theta^T phi)^T, as the oneDNN op
+// (ops/softmax_attention.h) and as ATen's bmm/softmax/bmm, side by side.
+// Args: D (= Dv), Q, K, N, backward, oneDNN op.
+void BM_SoftmaxAttention(benchmark::State& state) {
+  const int64_t d = state.range(0), q = state.range(1), k = state.range(2), n = state.range(3);
+  const bool backward = state.range(4) != 0, fused = state.range(5) != 0;
+  auto theta = torch::randn({n, d, q}).requires_grad_(backward);
+  auto phi = torch::randn({n, d, k}).requires_grad_(backward);
+  auto g = torch::randn({n, d, k}).requires_grad_(backward);
+  if (fused && !dynattn::softmax_attention_applicable(theta, phi, g)) {
+    state.SkipWithError("built without the oneDNN library");
+    return;
+  }
+  auto product = [&] {
+    return fused
+               ? dynattn::softmax_attention(theta, phi, g)
+               : torch::bmm(
+                     g, torch::softmax(torch::bmm(theta.transpose(1, 2), phi), 2).transpose(1, 2));
+  };
+  for (auto _ : state) {
+    if (backward) {
+      product().sum().backward();
+    } else {
+      torch::NoGradGuard no_grad;
+      benchmark::DoNotOptimize(product());
+    }
+  }
+  state.SetItemsProcessed(state.iterations() * n);
+}
+
 void shapes(benchmark::internal::Benchmark* b, bool with_subsample_axis) {
   b->ArgNames({"C", "HW", "N", "sub", "bwd"});
   for (auto [c, hw] : {std::pair<int64_t, int64_t>{32, 14}, {64, 7}}) {
@@ -91,6 +123,12 @@ void shapes(benchmark::internal::Benchmark* b, bool with_subsample_axis) {
 
 BENCHMARK(BM_NonLocal)
     ->Apply([](benchmark::internal::Benchmark* b) { shapes(b, true); })
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
+BENCHMARK(BM_SoftmaxAttention)
+    ->ArgNames({"D", "Q", "K", "N", "bwd", "onednn"})
+    ->ArgsProduct({{16}, {196}, {49}, {64}, {0, 1}, {0, 1}})
+    ->ArgsProduct({{32}, {49}, {9}, {64}, {0, 1}, {0, 1}})
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 BENCHMARK(BM_Conv3x3BN)

@@ -88,6 +88,24 @@ def micro_table(micro):
     return sorted(rows, key=lambda r: (r["module"], r["pass"], r["shape"], r["batch"], r["channels_last"]))
 
 
+def attention_product_table(micro):
+    """BM_SoftmaxAttention pairs: the same shape with ATen's operators and with the oneDNN op."""
+    if not micro:
+        return []
+    t = {b["name"]: b for b in micro["benchmarks"] if b.get("run_type", "iteration") == "iteration"}
+    pat = re.compile(r"BM_SoftmaxAttention/D:(\d+)/Q:(\d+)/K:(\d+)/N:(\d+)/bwd:(\d)/onednn:1/real_time")
+    rows = []
+    for name, b in t.items():
+        m = pat.fullmatch(name)
+        aten = t.get(name.replace("/onednn:1/", "/onednn:0/"))
+        if not m or not aten or b.get("error_occurred") or aten.get("error_occurred"):
+            continue
+        rows.append({"D": int(m.group(1)), "Q": int(m.group(2)), "K": int(m.group(3)), "N": int(m.group(4)),
+                     "pass": "forward+backward" if m.group(5) == "1" else "forward",
+                     "aten_ms": aten["real_time"] / 1e3, "op_ms": b["real_time"] / 1e3})
+    return sorted(rows, key=lambda r: (-r["Q"], r["pass"]))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", required=True)
@@ -130,9 +148,12 @@ def main():
             if ref and m:
                 cost.append({"model": m["name"], "params_overhead": m["parameters"] / ref["parameters"] - 1,
                              "macs_overhead": m["macs_per_image"] / ref["macs_per_image"] - 1})
-    micro = micro_table(load(os.path.join(a.run, "micro.json")))
+    micro_json = load(os.path.join(a.run, "micro.json"))
+    micro = micro_table(micro_json)
+    products = attention_product_table(micro_json)
     out = {"command": "experiments/attention", "machine": cpu_name(), "recipe": a.recipe,
-           "epochs": a.epochs, "seeds": a.seeds, "results": results, "cost": cost, "micro": micro}
+           "epochs": a.epochs, "seeds": a.seeds, "results": results, "cost": cost, "micro": micro,
+           "attention_product": products}
     with open(a.out + ".json", "w") as f:
         json.dump(out, f, indent=2)
         f.write("\n")
@@ -206,6 +227,15 @@ def main():
                          f"{m['module']} {m['pass']} {m['shape']} N={m['batch']} "
                          f"{'channels-last' if m['channels_last'] else 'contiguous'} ({m['ratio']:.2f} vs {m['budget']:.2f})"
                          for m in bad) + "."))
+        L.append("")
+    if products:
+        L += ["### The non-local attention product: oneDNN op vs ATen\n",
+              "`g softmax(theta^T phi)^T` alone (`BM_SoftmaxAttention`, same run, one thread): the op of "
+              "ops/softmax_attention.h, which the softmax modes of `nl` use, against ATen's bmm, softmax, bmm.\n",
+              "| D | Q | K | N | pass | ATen ms | oneDNN op ms | speed-up |", "|---|---|---|---|---|---|---|---|"]
+        for r in products:
+            L.append(f"| {r['D']} | {r['Q']} | {r['K']} | {r['N']} | {r['pass']} | {r['aten_ms']:.3f} | "
+                     f"{r['op_ms']:.3f} | {r['aten_ms'] / r['op_ms']:.2f}x |")
         L.append("")
     pngs = [p for p in ("cbam", "bam", "nl") if os.path.exists(os.path.join(os.path.dirname(a.out), f"attention_{p}.png"))]
     if pngs:

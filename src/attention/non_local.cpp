@@ -1,5 +1,7 @@
 #include "dynattn/attention/non_local.h"
 
+#include "dynattn/ops/softmax_attention.h"
+
 #include <algorithm>
 #include <cmath>
 
@@ -250,7 +252,10 @@ torch::Tensor NonLocalBlockImpl::run(const torch::Tensor& x, AttentionMaps* maps
   const int64_t per_chunk =
       std::max<int64_t>(1, options.max_affinity_elements() / std::max<int64_t>(1, batch * keys));
   torch::Tensor y;
-  if (per_chunk >= queries) {
+  const bool softmax_mode = mode_ == Mode::Embedded || mode_ == Mode::Gaussian;
+  if (per_chunk >= queries && softmax_mode && softmax_attention_applicable(p.theta, p.phi, p.g)) {
+    y = softmax_attention(p.theta, p.phi, p.g);
+  } else if (per_chunk >= queries) {
     y = attend(affinity(p, p.theta, p.concat_queries, keys_last));
   } else {
     std::vector<torch::Tensor> parts;

@@ -45,9 +45,7 @@ torch::Tensor PackedConv2d::forward(const torch::nn::Conv2dImpl& conv, const tor
 
 }  // namespace dynattn
 
-#ifdef DYNATTN_HAVE_ONEDNN
-#include <dnnl.hpp>
-#endif
+#include "onednn_engine.h"
 
 #include <atomic>
 #include <chrono>
@@ -113,8 +111,7 @@ using dnnl::memory;
 using Tag = memory::format_tag;
 
 dnnl::engine& cpu_engine() {
-  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
-  return engine;
+  return detail::onednn_cpu_engine();
 }
 
 memory::dims to_dims(torch::IntArrayRef sizes) {

@@ -11,6 +11,8 @@
 #include "dynattn/io/safetensors.h"
 #include "dynattn/models/attention_slot.h"
 #include "dynattn/models/cifar_resnet.h"
+#include "dynattn/ops/conv2d.h"
+#include "dynattn/ops/softmax_attention.h"
 #include "dynattn/profile/mac_counter.h"
 #include "gradcheck.h"
 #include "test_util.h"
@@ -24,6 +26,12 @@ using ::testing::HasSubstr;
 namespace {
 
 const std::vector<std::string> kModes = {"embedded", "gaussian", "dot", "concat"};
+
+// Whether float CPU blocks run their softmax attention as the oneDNN op (ops/softmax_attention.h).
+bool fused_attention_applies() {
+  const auto t = torch::zeros({1, 1, 1});
+  return dynattn::softmax_attention_applicable(t, t, t);
+}
 
 // Every parameter N(0, std), BN running statistics away from (0, 1): nothing is trivially zero.
 void randomise(torch::nn::Module& m, double std = 0.5) {
@@ -398,7 +406,11 @@ TEST(NonLocalBlock, ChunkedAffinityEqualsUnchunked) {
       const auto parts = dynattn::count_macs([&] { chunked->forward(x); });
       EXPECT_EQ(parts.macs, whole.macs);
       if (mode != "concat") {
-        EXPECT_EQ(whole.calls.at("aten::bmm"), 2);
+        // Unchunked, the softmax modes run as one oneDNN op where it applies.
+        if ((mode == "embedded" || mode == "gaussian") && fused_attention_applies())
+          EXPECT_EQ(whole.calls.at("dynattn::softmax_attention"), 1);
+        else
+          EXPECT_EQ(whole.calls.at("aten::bmm"), 2);
         EXPECT_EQ(parts.calls.at("aten::bmm"), 2 * c.chunks);
       }
 
@@ -501,7 +513,8 @@ TEST(NonLocalBlock, CountsConvolutionAndAffinityMacs) {
   const auto count = dynattn::count_macs([&] { first->forward(x); });
   // theta 16*8*4 + phi 4*8*4 + g 4*8*4 + z 16*4*8 = 1280; theta^T phi 16*4*4 + g a^T 4*4*16 = 512
   EXPECT_EQ(count.macs, 1280 + 512);
-  EXPECT_EQ(count.by_op.at("aten::bmm"), 512);
+  EXPECT_EQ(count.by_op.at(fused_attention_applies() ? "dynattn::softmax_attention" : "aten::bmm"),
+            512);
   NonLocalBlock after(NonLocalOptions(8).pool_first(false));
   EXPECT_EQ(dynattn::count_macs([&] { after->forward(x); }).macs, 4 * 512 + 512);
   NonLocalBlock full(NonLocalOptions(8).subsample(false));
@@ -633,4 +646,49 @@ TEST(NonLocalSlot, GivesItsAffinityThroughABackbone) {
   EXPECT_EQ(result.maps.at("stage_attn1.affinity").sizes(), (std::vector<int64_t>{2, 1, 196}));
   EXPECT_EQ(result.maps.at("stage_attn2.affinity").sizes(), (std::vector<int64_t>{2, 1, 49}));
   EXPECT_TRUE(torch::equal(result.output, net->forward(x)));
+}
+
+TEST(NonLocalBlock, OneDnnAttentionGivesTheAtenFormsOutputAndGradients) {
+  if (!fused_attention_applies()) GTEST_SKIP() << "built without the oneDNN library";
+  for (const std::string mode : {"embedded", "gaussian"}) {
+    for (bool subsample : {true, false}) {
+      SCOPED_TRACE(mode + (subsample ? " subsampled" : ""));
+      torch::manual_seed(9);
+      NonLocalBlock block(NonLocalOptions(8).mode(mode).subsample(subsample));
+      randomise(*block);
+      block->eval();  // batch statistics would make z's bias gradient a sum of rounding errors
+      auto block64 = clone_of(block);
+      block64->to(torch::kDouble);
+      const auto x = torch::randn({3, 8, 6, 5});
+      // Output, input gradient and parameter gradients of one backward.
+      auto run = [&](auto& b, bool fused) {
+        const bool previous = dynattn::conv2d_kernel_selection_enabled();
+        dynattn::set_conv2d_kernel_selection(fused);
+        b->zero_grad();
+        const auto xx =
+            x.to(b->g.ptr()->parameters()[0].scalar_type()).detach().clone().requires_grad_();
+        const auto y = b->forward(xx);
+        y.mul(torch::linspace(-1, 1, y.numel(), y.options()).view(y.sizes())).sum().backward();
+        dynattn::set_conv2d_kernel_selection(previous);
+        std::vector<torch::Tensor> out = {y.detach(), xx.grad()};
+        for (const auto& p : b->parameters()) out.push_back(p.grad().clone());
+        return out;
+      };
+      const auto fused = run(block, true);
+      const auto aten = run(block, false);
+      const auto exact = run(block64, false);
+      ASSERT_EQ(fused.size(), exact.size());
+      // Against double: within 1e-5 of each tensor's scale, or no worse than twice ATen's own
+      // float error (phi's bias gradient is zero in exact arithmetic: only rounding is left).
+      for (size_t i = 0; i < fused.size(); ++i) {
+        SCOPED_TRACE("tensor " + std::to_string(i));
+        const double fused_error =
+            (fused[i].to(torch::kDouble) - exact[i]).abs().max().item<double>();
+        const double aten_error =
+            (aten[i].to(torch::kDouble) - exact[i]).abs().max().item<double>();
+        EXPECT_LE(fused_error,
+                  std::max(2 * aten_error, 1e-5 * exact[i].abs().max().item<double>()));
+      }
+    }
+  }
 }
