@@ -692,3 +692,28 @@ TEST(NonLocalBlock, OneDnnAttentionGivesTheAtenFormsOutputAndGradients) {
     }
   }
 }
+
+TEST(NonLocalBlock, InferencePoolingEqualsTheAutogradPath) {
+  // Without autograd the 2x max-pool of phi/g runs as a direct loop; with autograd as max_pool.
+  // Same maxima, for 1-, 2- and 3-D inputs with odd sizes, pooled first or after the convs.
+  const std::vector<std::vector<int64_t>> shapes = {{2, 4, 9}, {2, 4, 5, 7}, {1, 4, 3, 5, 3}};
+  for (const auto& shape : shapes) {
+    for (bool pool_first : {true, false}) {
+      SCOPED_TRACE(std::to_string(shape.size() - 2) + "-D" + (pool_first ? " pool first" : ""));
+      torch::manual_seed(2);
+      NonLocalBlock block(NonLocalOptions(4)
+                              .dims(static_cast<int64_t>(shape.size()) - 2)
+                              .pool_first(pool_first));
+      randomise(*block);
+      block->eval();
+      const auto x = torch::randn(shape);
+      torch::Tensor direct;
+      {
+        torch::NoGradGuard no_grad;
+        direct = block->forward(x);
+      }
+      const auto pooled = block->forward(x.clone().requires_grad_()).detach();
+      EXPECT_TRUE(direct.allclose(pooled, 1e-6, 1e-6));
+    }
+  }
+}
