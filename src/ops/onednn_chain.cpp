@@ -3,6 +3,13 @@
 #include "dynattn/core/compat.h"
 #include "dynattn/ops/conv2d.h"
 #include "dynattn/profile/mac_counter.h"
+#include "onednn_engine.h"
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <limits>
+#include <unordered_map>
 
 namespace dynattn {
 
@@ -42,18 +49,6 @@ torch::Tensor PackedConv2d::forward(const torch::nn::Conv2dImpl& conv, const tor
   return at::mkldnn_convolution(x, weight, conv.bias.defined() ? conv.bias : torch::Tensor(),
                                 **padding, *o.stride(), *o.dilation(), o.groups());
 }
-
-}  // namespace dynattn
-
-#include "onednn_engine.h"
-
-#include <atomic>
-#include <chrono>
-#include <cstring>
-#include <limits>
-#include <unordered_map>
-
-namespace dynattn {
 
 namespace {
 std::atomic<int> winograd_policy{static_cast<int>(WinogradPolicy::kMeasured)};
@@ -110,18 +105,17 @@ namespace {
 using dnnl::memory;
 using Tag = memory::format_tag;
 
-dnnl::engine& cpu_engine() {
-  return detail::onednn_cpu_engine();
-}
-
 memory::dims to_dims(torch::IntArrayRef sizes) {
   return memory::dims(sizes.begin(), sizes.end());
 }
 
-// A buffer for a oneDNN memory descriptor, from LibTorch's allocator (64-byte aligned).
-torch::Tensor buffer_for(const memory::desc& desc) {
-  return torch::empty({static_cast<int64_t>(std::max<size_t>(desc.get_size(), 1))},
+// Bytes from LibTorch's allocator (64-byte aligned), for oneDNN memory objects.
+torch::Tensor byte_buffer(size_t bytes) {
+  return torch::empty({static_cast<int64_t>(std::max<size_t>(bytes, 1))},
                       torch::TensorOptions().dtype(torch::kByte));
+}
+torch::Tensor buffer_for(const memory::desc& desc) {
+  return byte_buffer(desc.get_size());
 }
 
 // One weight's identity and version, to see when the cached copy is stale.
@@ -168,7 +162,7 @@ namespace {
 double best_time_ms(dnnl::convolution_forward& prim, const memory::desc& src_desc,
                     const memory::desc& dst_desc, const memory::desc& scratch_desc,
                     const memory& weights, const memory& bias, bool has_bias) {
-  auto& engine = cpu_engine();
+  auto& engine = detail::onednn_cpu_engine();
   dnnl::stream stream(engine);
   auto src_buf = buffer_for(src_desc).zero_();
   auto dst_buf = buffer_for(dst_desc);
@@ -198,7 +192,7 @@ double best_time_ms(dnnl::convolution_forward& prim, const memory::desc& src_des
 
 void OnednnConvStack::build(Plan& plan, const std::vector<const torch::nn::Conv2dImpl*>& convs,
                             bool may_measure) {
-  auto& engine = cpu_engine();
+  auto& engine = detail::onednn_cpu_engine();
   dnnl::stream stream(engine);
   const auto policy = onednn_winograd();
   dnnl::primitive_attr attr;
@@ -258,8 +252,8 @@ void OnednnConvStack::build(Plan& plan, const std::vector<const torch::nn::Conv2
                                                 activations(out), strides, dilates, pads, pads);
       return dnnl::convolution_forward::primitive_desc(desc, attr, engine);
     };
-    std::vector<dnnl::convolution_forward::primitive_desc> candidates = {
-        make(dnnl::algorithm::convolution_direct)};
+    std::vector<dnnl::convolution_forward::primitive_desc> candidates;
+    candidates.push_back(make(dnnl::algorithm::convolution_direct));
     if (policy != WinogradPolicy::kNever) {
       try {
         candidates.push_back(make(dnnl::algorithm::convolution_winograd));
@@ -273,8 +267,10 @@ void OnednnConvStack::build(Plan& plan, const std::vector<const torch::nn::Conv2
     const bool measure =
         may_measure && policy == WinogradPolicy::kMeasured && candidates.size() > 1;
     if (!measure) {
-      const size_t chosen = policy == WinogradPolicy::kWhenSupported ? candidates.size() - 1 : 0;
-      candidates = {candidates[chosen]};
+      // The direct conv is first, Winograd (when oneDNN offers it) last.
+      if (policy == WinogradPolicy::kWhenSupported && candidates.size() > 1)
+        candidates.erase(candidates.begin());
+      candidates.resize(1);
     }
     Plan::Layer best;
     double best_ms = std::numeric_limits<double>::infinity();
@@ -313,11 +309,9 @@ void OnednnConvStack::build(Plan& plan, const std::vector<const torch::nn::Conv2
 }
 
 torch::Tensor OnednnConvStack::run(const Plan& plan, const torch::Tensor& x) {
-  auto& engine = cpu_engine();
+  auto& engine = detail::onednn_cpu_engine();
   dnnl::stream stream(engine);
-  auto scratch_buf =
-      torch::empty({static_cast<int64_t>(std::max<size_t>(plan.scratchpad_bytes, 1))},
-                   torch::TensorOptions().dtype(torch::kByte));
+  auto scratch_buf = byte_buffer(plan.scratchpad_bytes);
   const memory::desc user_src(to_dims(x.sizes()), memory::data_type::f32,
                               plan.channels_last ? Tag::nhwc : Tag::nchw);
   memory current(user_src, engine, x.data_ptr());

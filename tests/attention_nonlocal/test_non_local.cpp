@@ -701,9 +701,8 @@ TEST(NonLocalBlock, InferencePoolingEqualsTheAutogradPath) {
     for (bool pool_first : {true, false}) {
       SCOPED_TRACE(std::to_string(shape.size() - 2) + "-D" + (pool_first ? " pool first" : ""));
       torch::manual_seed(2);
-      NonLocalBlock block(NonLocalOptions(4)
-                              .dims(static_cast<int64_t>(shape.size()) - 2)
-                              .pool_first(pool_first));
+      NonLocalBlock block(
+          NonLocalOptions(4).dims(static_cast<int64_t>(shape.size()) - 2).pool_first(pool_first));
       randomise(*block);
       block->eval();
       const auto x = torch::randn(shape);
