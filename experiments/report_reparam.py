@@ -112,7 +112,7 @@ def main():
               f"and {direct['b1_speedup']:.2f}x at batch 1 (NCHW), against {rv['b64_speedup']:.2f}x and "
               f"{rv['b1_speedup']:.2f}x with it. Winograd is what the RepVGG paper counts on for 3x3 convs; "
               "ATen never asks oneDNN for it, so the train form's convs run without it. Its rounding error is "
-              "a few times a direct conv's (~2e-6 of the output scale per layer, measured); the tests hold the "
+              "a few times a direct conv's; the tests hold the "
               "stack to 1e-5 of the output scale against ATen in double. GFLOP/s figures count the direct "
               "convolution's MACs, so Winograd layers can exceed the conv peak.\n"]
     if accuracy:

@@ -204,7 +204,8 @@ void OnednnConvStack::build(Plan& plan, const std::vector<const torch::nn::Conv2
     return memory::desc(dims, memory::data_type::f32, Tag::any);
   };
   // Activations in the 16-channel blocked layout wherever the channels allow: left to choose
-  // (`any`), oneDNN 2.6 picks NHWC for strided convs, which ran 5-8x slower here.
+  // (`any`), oneDNN 2.6 picks NHWC for strided convs, which ran several times slower here
+  // (3-5x for RepVGG-A0's stride-2 layers at batch 64, in one side-by-side run).
   auto activations = [&](const std::vector<int64_t>& dims) {
     return dims[1] % 16 == 0 ? memory::desc(to_dims(dims), memory::data_type::f32, Tag::nChw16c)
                              : any(to_dims(dims));

@@ -51,10 +51,11 @@ class PackedConv2d {
 // - each layer may run as a Winograd convolution (oneDNN's F(4x4,3x3) / F(2x2,3x3) kernels for
 //   AVX-512), which ATen never requests. Winograd does 2.25-4x fewer multiplications for 3x3
 //   stride-1 convs, at the price of a rounding error a few times larger than a direct
-//   convolution's (measured here ~2e-6 of the output scale per layer).
+//   convolution's (tests/ops/test_onednn_chain.cpp bounds it at 1e-5 of the output scale).
 // Algorithms are chosen per layer and input shape: with WinogradPolicy::kMeasured (default) both
-// are timed on the first call with that shape, like cudnn.benchmark, and the faster kept (on
-// this machine Winograd wins 3x at 192 channels on 4x4 maps and loses 8x at 96 on 7x7).
+// are timed on the first call with that shape, like cudnn.benchmark, and the faster kept: which
+// one wins depends on channels, map size and batch (`dynattn bench --compare-deployed` prints
+// how many layers chose Winograd; experiments/reparam compares with `--winograd never`).
 // Plans (primitives and reordered weights) are cached per input shape and rebuilt when a weight
 // changes. Without oneDNN at build time (DYNATTN_HAVE_ONEDNN unset), available() is false and
 // callers keep the PackedConv2d path.
