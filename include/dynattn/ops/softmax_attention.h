@@ -6,11 +6,11 @@
 //                                                     g [N, Dv, K]  ->  y [N, Dv, Q]
 //
 // Why: LibTorch 1.13 runs torch::bmm on the CPU as one BLAS call per sample plus a select per
-// operand, and its softmax over 49-key rows at ~1.5 ns per element. At the shapes of a non-local
-// block in stage 2 of a CIFAR ResNet (N = 64, Q = 196, K = 49, D = 16, one thread) oneDNN's
-// brgemm matmul does each product in 0.2-0.3 ms against 0.9-1.4 ms, and its softmax in 0.5 vs
-// 0.9 ms. The backward (dtheta, dphi, dg) is four more batched products and oneDNN's softmax
-// backward, on the softmax output saved by the forward (what ATen's own backward saves too).
+// operand; oneDNN's brgemm matmul takes the whole batch in one call. BM_SoftmaxAttention
+// (bench/bench_attention_nonlocal.cpp) times this op against ATen's bmm/softmax/bmm at the
+// shapes of a non-local block in stages 2 and 3 of a CIFAR ResNet. The backward (dtheta, dphi, dg)
+// is four more batched products and oneDNN's softmax backward, on the softmax output saved by the
+// forward (what ATen's own backward saves too).
 //
 // Applies to CPU float tensors when dynattn was built with the oneDNN library and the kernel
 // selection switch (ops/conv2d.h) is on; callers keep the ATen form otherwise. Double backward
