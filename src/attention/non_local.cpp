@@ -1,9 +1,14 @@
 #include "dynattn/attention/non_local.h"
 
+#include "../ops/attention_kernel.h"
+#include "../ops/shared_weight_matmul.h"
+#include "dynattn/ops/conv2d.h"
 #include "dynattn/ops/softmax_attention.h"
+#include "dynattn/profile/mac_counter.h"
 
 #include <algorithm>
 #include <cmath>
+#include <mutex>
 
 namespace dynattn {
 namespace {
@@ -113,12 +118,43 @@ NonLocalOptions timm_non_local_options(int64_t channels) {
 
 // What forward needs once per input: the query side (theta, scaled) and the key side (phi, g).
 struct NonLocalBlockImpl::Projections {
-  torch::Tensor theta;           // [N, D, Q], logit scale (or 1/keys for dot) folded in
+  torch::Tensor theta;           // [N, D, Q], not yet scaled
+  double theta_factor = 1.0;     // the logit scale (1/keys for dot), for theta
   torch::Tensor phi;             // [N, D, K]
   torch::Tensor g;               // [N, inter, K]
   torch::Tensor concat_queries;  // concat: w_theta^T theta_i / K, [N, 1, Q]
   torch::Tensor concat_keys;     // concat: w_phi^T phi_j / K, [N, K, 1]
 };
+
+// The weights of the inference path, folded from the modules' parameters, and the products'
+// primitives. Rebuilt when a parameter or buffer is replaced or written to (its version).
+struct NonLocalBlockImpl::InferencePlan {
+  std::mutex mutex;
+  std::vector<std::pair<const void*, int64_t>> versions;
+  torch::Tensor w_theta, b_theta;  // [inter, C], [inter] (embedded)
+  torch::Tensor w_keys;            // [phi; g] [2 inter, C] (embedded), g [inter, C] (gaussian)
+  torch::Tensor w_z;               // [C, inter + 1]: z with BN and g's bias folded; bias column
+#ifdef DYNATTN_HAVE_ONEDNN
+  detail::SharedWeightMatmul theta_product, keys_product, z_product;
+#endif
+};
+
+namespace {
+
+double batch_norm_eps(const torch::nn::AnyModule& bn) {
+  if (const auto* b = bn.ptr()->as<torch::nn::BatchNorm1d>()) return b->options.eps();
+  if (const auto* b = bn.ptr()->as<torch::nn::BatchNorm2d>()) return b->options.eps();
+  return bn.ptr()->as<torch::nn::BatchNorm3d>()->options.eps();
+}
+
+std::vector<std::pair<const void*, int64_t>> tensor_versions(const torch::nn::Module& m) {
+  std::vector<std::pair<const void*, int64_t>> out;
+  for (const auto& t : m.parameters()) out.emplace_back(t.data_ptr(), t._version());
+  for (const auto& t : m.buffers()) out.emplace_back(t.data_ptr(), t._version());
+  return out;
+}
+
+}  // namespace
 
 NonLocalBlockImpl::NonLocalBlockImpl(NonLocalOptions options_) : options(std::move(options_)) {
   reset();
@@ -188,6 +224,8 @@ void NonLocalBlockImpl::reset() {
                         torch::nn::Conv2d(torch::nn::Conv2dOptions(2 * inter_, 1, 1).bias(false)));
   }
 
+  inference_ = std::make_shared<InferencePlan>();
+
   // The official code's init: convs N(0, 0.01) with zero bias; BN gamma 0 makes the block the
   // identity at the start, so it can be inserted into a pretrained network.
   torch::NoGradGuard no_grad;
@@ -244,9 +282,8 @@ NonLocalBlockImpl::Projections NonLocalBlockImpl::project(const torch::Tensor& x
       return p;
     }
   }
-  // Folding the factor into theta costs N*D*Q multiplications instead of N*Q*K.
-  const double factor = mode_ == Mode::Dot ? 1.0 / static_cast<double>(keys) : logit_scale_;
-  if (factor != 1.0) p.theta = p.theta * factor;
+  // Applied to theta (N*D*Q multiplications instead of N*Q*K), or inside softmax_attention.
+  p.theta_factor = mode_ == Mode::Dot ? 1.0 / static_cast<double>(keys) : logit_scale_;
   return p;
 }
 
@@ -272,7 +309,8 @@ torch::Tensor NonLocalBlockImpl::affinity(const Projections& p, const torch::Ten
 
 torch::Tensor NonLocalBlockImpl::run(const torch::Tensor& x, AttentionMaps* maps) {
   check_attention_input(kModule, x, options.channels(), options.dims());
-  const Projections p = project(x);
+  if (maps == nullptr && inference_path_applies(x)) return run_inference(x);
+  Projections p = project(x);
   const int64_t batch = x.size(0);
   const int64_t queries = p.theta.size(2);
   const int64_t keys = p.g.size(2);
@@ -287,8 +325,12 @@ torch::Tensor NonLocalBlockImpl::run(const torch::Tensor& x, AttentionMaps* maps
       std::max<int64_t>(1, options.max_affinity_elements() / std::max<int64_t>(1, batch * keys));
   torch::Tensor y;
   const bool softmax_mode = mode_ == Mode::Embedded || mode_ == Mode::Gaussian;
-  if (per_chunk >= queries && softmax_mode && softmax_attention_applicable(p.theta, p.phi, p.g)) {
-    y = softmax_attention(p.theta, p.phi, p.g);
+  const bool fused =
+      per_chunk >= queries && softmax_mode && softmax_attention_applicable(p.theta, p.phi, p.g);
+  if (fused) y = softmax_attention(p.theta, p.phi, p.g, p.theta_factor);
+  if (p.theta_factor != 1.0 && (!fused || maps != nullptr)) p.theta = p.theta * p.theta_factor;
+  if (fused) {
+    // done
   } else if (per_chunk >= queries) {
     y = attend(affinity(p, p.theta, p.concat_queries, keys_last));
   } else {
@@ -326,6 +368,139 @@ torch::Tensor NonLocalBlockImpl::run(const torch::Tensor& x, AttentionMaps* maps
     (*maps)["affinity"] = keys_last ? rows : rows.transpose(1, 2).contiguous();
   }
   return out;
+}
+
+bool NonLocalBlockImpl::inference_path_applies(const torch::Tensor& x) const {
+#ifdef DYNATTN_HAVE_ONEDNN
+  if (is_training() || !(mode_ == Mode::Embedded || mode_ == Mode::Gaussian) ||
+      !conv2d_kernel_selection_enabled() || !x.is_cpu() || x.scalar_type() != torch::kFloat ||
+      !x.is_contiguous() || x.numel() == 0)
+    return false;
+  if (torch::GradMode::is_enabled()) {
+    if (x.requires_grad()) return false;
+    for (const auto& p : parameters())
+      if (p.requires_grad()) return false;
+  }
+  const int64_t pooled_dims = std::min<int64_t>(options.dims(), 2);
+  int64_t keys = 1;
+  for (int64_t d = x.dim() - options.dims(); d < x.dim(); ++d) {
+    const bool pooled = options.subsample() && d >= x.dim() - pooled_dims;
+    if (pooled && x.size(d) < 2) return false;  // run() reports it
+    keys *= pooled ? x.size(d) / 2 : x.size(d);
+  }
+  const int64_t d = mode_ == Mode::Gaussian ? options.channels() : inter_;
+  const auto bn_buffers = bn.ptr()->named_buffers();
+  return detail::attention_kernel_suits(d, inter_, keys) && bn_buffers.contains("running_mean") &&
+         bn_buffers["running_mean"].defined();
+#else
+  return false;
+#endif
+}
+
+torch::Tensor NonLocalBlockImpl::run_inference(const torch::Tensor& x) {
+#ifndef DYNATTN_HAVE_ONEDNN
+  TORCH_CHECK(false, kModule, ": built without the oneDNN library");
+#else
+  torch::NoGradGuard no_grad;
+  InferencePlan& plan = *inference_;
+  std::lock_guard<std::mutex> lock(plan.mutex);
+  const bool gaussian = mode_ == Mode::Gaussian;
+  const int64_t c = options.channels(), inter = inter_;
+  auto versions = tensor_versions(*this);
+  if (versions != plan.versions) {
+    auto matrix = [&](torch::nn::AnyModule& conv, int64_t rows, int64_t cols) {
+      return conv.ptr()->named_parameters()["weight"].reshape({rows, cols});
+    };
+    auto bias = [](torch::nn::AnyModule& m) { return m.ptr()->named_parameters()["bias"]; };
+    // phi's bias adds theta_i^T b to every logit of query i: the softmax cancels it. g's bias
+    // adds b to every y_i (the probabilities sum to 1), which z maps to W_z b: folded into z's
+    // bias, with BN's affine map of the running statistics.
+    const auto bn_params = bn.ptr()->named_parameters();
+    const auto bn_buffers = bn.ptr()->named_buffers();
+    const auto inv_std =
+        bn_params["weight"] / torch::sqrt(bn_buffers["running_var"] + batch_norm_eps(bn));
+    const auto w_z = matrix(z, c, inter);
+    const auto z_bias = bias(z) + torch::mv(w_z, bias(g));
+    const auto shift = (z_bias - bn_buffers["running_mean"]) * inv_std + bn_params["bias"];
+    plan.w_z = torch::cat({w_z * inv_std.unsqueeze(1), shift.unsqueeze(1)}, 1).contiguous();
+    if (gaussian) {
+      plan.w_keys = matrix(g, inter, c).contiguous();
+    } else {
+      plan.w_theta = matrix(theta, inter, c).contiguous();
+      plan.b_theta = bias(theta).contiguous();
+      plan.w_keys = torch::cat({matrix(phi, inter, c), matrix(g, inter, c)}, 0).contiguous();
+    }
+    plan.versions = std::move(versions);
+  }
+
+  const int64_t n = x.size(0), q = x.numel() / (n * c);
+  const int64_t pooled_dims = std::min<int64_t>(options.dims(), 2);
+  const bool subsample = options.subsample(), pool_first = options.pool_first();
+  // Key side: [phi; g] (embedded) or g (gaussian) of the (pooled) input, pooled after if asked.
+  const auto keys_in = subsample && pool_first ? halve_by_max(x, pooled_dims) : x;
+  const int64_t keys_in_count = keys_in.numel() / (n * c), key_rows = plan.w_keys.size(0);
+  auto key_shape = keys_in.sizes().vec();
+  key_shape[1] = key_rows;
+  auto keys = torch::empty(key_shape, x.options());
+  plan.keys_product.run(
+      {key_rows, c, n, keys_in_count, c * keys_in_count, key_rows * keys_in_count, false},
+      plan.w_keys.data_ptr<float>(), keys_in.data_ptr<float>(), keys.data_ptr<float>());
+  record_macs("dynattn::shared_weight_matmul", n * key_rows * c * keys_in_count);
+  if (subsample && !pool_first) keys = halve_by_max(keys, pooled_dims);
+  const int64_t k = keys.numel() / (n * key_rows);
+
+  detail::AttentionKernelArgs a;
+  torch::Tensor theta_out, phi_in;
+  if (gaussian) {
+    phi_in = !subsample ? x : pool_first ? keys_in : halve_by_max(x, pooled_dims);
+    a.theta = x.data_ptr<float>();
+    a.theta_stride = c * q;
+    a.phi = phi_in.data_ptr<float>();
+    a.phi_stride = c * k;
+    a.g = keys.data_ptr<float>();
+    a.d = c;
+  } else {
+    theta_out = torch::empty({n, inter, q}, x.options());
+    plan.theta_product.run({inter, c, n, q, c * q, inter * q, false},
+                           plan.w_theta.data_ptr<float>(), x.data_ptr<float>(),
+                           theta_out.data_ptr<float>());
+    record_macs("dynattn::shared_weight_matmul", n * inter * c * q);
+    a.theta = theta_out.data_ptr<float>();
+    a.theta_stride = inter * q;
+    a.theta_bias = plan.b_theta.data_ptr<float>();
+    a.phi = keys.data_ptr<float>();
+    a.phi_stride = key_rows * k;
+    a.g = a.phi + inter * k;
+    a.d = inter;
+  }
+  a.g_stride = key_rows * k;
+  // y with a row of ones under it: z's bias column multiplies it.
+  auto y = torch::empty({n, inter + 1, q}, x.options());
+  a.y_stride = (inter + 1) * q;
+  a.y_ones_row = true;
+  a.dv = inter;
+  a.q = q;
+  a.k = k;
+  a.scale = static_cast<float>(logit_scale_);
+  float* y_data = y.data_ptr<float>();
+  const float *theta0 = a.theta, *phi0 = a.phi, *g0 = a.g;
+  at::parallel_for(0, n, 1, [&](int64_t n0, int64_t n1) {
+    detail::AttentionKernelArgs part = a;
+    part.theta = theta0 + n0 * a.theta_stride;
+    part.phi = phi0 + n0 * a.phi_stride;
+    part.g = g0 + n0 * a.g_stride;
+    part.y = y_data + n0 * a.y_stride;
+    part.count = n1 - n0;
+    detail::attention_kernel_forward(part);
+  });
+  record_macs("dynattn::softmax_attention", n * q * k * (a.d + inter));
+
+  auto out = torch::empty_like(x);
+  plan.z_product.run({c, inter + 1, n, q, (inter + 1) * q, c * q, true}, plan.w_z.data_ptr<float>(),
+                     y_data, out.data_ptr<float>(), x.data_ptr<float>());
+  record_macs("dynattn::shared_weight_matmul", n * c * inter * q);
+  return out;
+#endif
 }
 
 torch::Tensor NonLocalBlockImpl::forward(const torch::Tensor& x) {

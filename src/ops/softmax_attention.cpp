@@ -1,8 +1,11 @@
 #include "dynattn/ops/softmax_attention.h"
 
+#include "attention_kernel.h"
 #include "dynattn/ops/conv2d.h"
 #include "dynattn/profile/mac_counter.h"
 #include "onednn_engine.h"
+
+#include <cmath>
 
 namespace dynattn {
 
@@ -18,22 +21,85 @@ void check_shapes(const torch::Tensor& theta, const torch::Tensor& phi, const to
               theta.sizes(), ", ", phi.sizes(), " and ", g.sizes());
 }
 
+// Outside ATen's operators: counted as the two torch::bmm calls would be.
+void record_attention_macs(const torch::Tensor& theta, const torch::Tensor& phi,
+                           const torch::Tensor& g) {
+  record_macs("dynattn::softmax_attention",
+              theta.size(0) * theta.size(2) * phi.size(2) * (theta.size(1) + g.size(1)));
+}
+
+bool kernel_fits(const torch::Tensor& phi, const torch::Tensor& g) {
+  return detail::attention_kernel_suits(phi.size(1), g.size(1), phi.size(2));
+}
+
+// The hand-written kernel (attention_kernel.h), images split across threads.
+struct KernelAttentionFunction : torch::autograd::Function<KernelAttentionFunction> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& theta,
+                               const torch::Tensor& phi, const torch::Tensor& g, double scale,
+                               bool save) {
+    const int64_t n = theta.size(0), d = theta.size(1), q = theta.size(2), k = phi.size(2),
+                  dv = g.size(1);
+    auto y = torch::empty({n, dv, q}, theta.options());
+    const int64_t probs_size = detail::attention_kernel_probs_size(q, k);
+    auto probs = save ? torch::empty({n, probs_size}, theta.options()) : torch::Tensor();
+    const float *t = theta.data_ptr<float>(), *p = phi.data_ptr<float>(), *v = g.data_ptr<float>();
+    float* out = y.data_ptr<float>();
+    float* pr = save ? probs.data_ptr<float>() : nullptr;
+    at::parallel_for(0, n, 1, [&](int64_t n0, int64_t n1) {
+      detail::AttentionKernelArgs a;
+      a.theta = t + n0 * d * q;
+      a.theta_stride = d * q;
+      a.phi = p + n0 * d * k;
+      a.phi_stride = d * k;
+      a.g = v + n0 * dv * k;
+      a.g_stride = dv * k;
+      a.y = out + n0 * dv * q;
+      a.y_stride = dv * q;
+      a.probs = pr ? pr + n0 * probs_size : nullptr;
+      a.count = n1 - n0;
+      a.d = d;
+      a.dv = dv;
+      a.q = q;
+      a.k = k;
+      a.scale = static_cast<float>(scale);
+      detail::attention_kernel_forward(a);
+    });
+    record_attention_macs(theta, phi, g);
+    ctx->save_for_backward({theta, phi, g, probs});
+    ctx->saved_data["scale"] = scale;
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto &theta = saved[0], &phi = saved[1], &g = saved[2], &probs = saved[3];
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const auto dy = grads[0].contiguous();
+    const int64_t n = theta.size(0), d = theta.size(1), q = theta.size(2), k = phi.size(2),
+                  dv = g.size(1);
+    auto grad_or_none = [&](int index, const torch::Tensor& like) {
+      return ctx->needs_input_grad(index) ? torch::empty_like(like) : torch::Tensor();
+    };
+    auto d_theta = grad_or_none(0, theta), d_phi = grad_or_none(1, phi), d_g = grad_or_none(2, g);
+    auto ptr = [](torch::Tensor& t, int64_t offset) {
+      return t.defined() ? t.data_ptr<float>() + offset : nullptr;
+    };
+    const int64_t probs_size = probs.size(1);
+    at::parallel_for(0, n, 1, [&](int64_t n0, int64_t n1) {
+      detail::attention_kernel_backward(
+          theta.data_ptr<float>() + n0 * d * q, phi.data_ptr<float>() + n0 * d * k,
+          g.data_ptr<float>() + n0 * dv * k, probs.data_ptr<float>() + n0 * probs_size,
+          dy.data_ptr<float>() + n0 * dv * q, ptr(d_theta, n0 * d * q), ptr(d_phi, n0 * d * k),
+          ptr(d_g, n0 * dv * k), n1 - n0, d, dv, q, k, static_cast<float>(scale));
+    });
+    return {d_theta, d_phi, d_g, torch::Tensor(), torch::Tensor()};
+  }
+};
+
 }  // namespace
 
-#ifndef DYNATTN_HAVE_ONEDNN
-
-bool softmax_attention_applicable(const torch::Tensor&, const torch::Tensor&,
-                                  const torch::Tensor&) {
-  return false;
-}
-
-torch::Tensor softmax_attention(const torch::Tensor& theta, const torch::Tensor& phi,
-                                const torch::Tensor& g) {
-  check_shapes(theta, phi, g);
-  TORCH_CHECK(false, "softmax_attention: dynattn was built without the oneDNN library (libdnnl)");
-}
-
-#else
+#ifdef DYNATTN_HAVE_ONEDNN
 
 namespace {
 
@@ -75,8 +141,7 @@ dnnl::softmax_forward::primitive_desc softmax_pd(const memory::desc& desc) {
 // Forward on contiguous float tensors: y, and the softmax output A [N, Q, K] for the backward.
 std::pair<torch::Tensor, torch::Tensor> attend(const torch::Tensor& theta, const torch::Tensor& phi,
                                                const torch::Tensor& g) {
-  const int64_t n = theta.size(0), d = theta.size(1), q = theta.size(2), k = phi.size(2),
-                dv = g.size(1);
+  const int64_t n = theta.size(0), q = theta.size(2), k = phi.size(2), dv = g.size(1);
   dnnl::stream stream(detail::onednn_cpu_engine());
   auto a = torch::empty({n, q, k}, theta.options());
   batched_matmul(stream, theta, /*a_transposed=*/true, phi, false, a);  // logits theta^T phi
@@ -86,12 +151,11 @@ std::pair<torch::Tensor, torch::Tensor> attend(const torch::Tensor& theta, const
   auto y = torch::empty({n, dv, q}, theta.options());
   batched_matmul(stream, g, false, a, /*b_transposed=*/true, y);  // g A^T
   stream.wait();
-  // Outside ATen's operators: counted as the two torch::bmm calls would be.
-  record_macs("dynattn::softmax_attention", n * q * k * (d + dv));
+  record_attention_macs(theta, phi, g);
   return {y, a};
 }
 
-struct SoftmaxAttentionFunction : torch::autograd::Function<SoftmaxAttentionFunction> {
+struct OnednnAttentionFunction : torch::autograd::Function<OnednnAttentionFunction> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& theta,
                                const torch::Tensor& phi, const torch::Tensor& g) {
     auto [y, a] = attend(theta, phi, g);
@@ -138,30 +202,46 @@ struct SoftmaxAttentionFunction : torch::autograd::Function<SoftmaxAttentionFunc
 
 }  // namespace
 
+#endif
+
 bool softmax_attention_applicable(const torch::Tensor& theta, const torch::Tensor& phi,
                                   const torch::Tensor& g) {
   for (const auto* t : {&theta, &phi, &g})
     if (!t->defined() || !t->is_cpu() || t->scalar_type() != torch::kFloat ||
         t->layout() != torch::kStrided || t->dim() != 3 || t->numel() == 0)
       return false;
-  return conv2d_kernel_selection_enabled();
+#ifdef DYNATTN_HAVE_ONEDNN
+  const bool some_path = true;
+#else
+  const bool some_path = detail::attention_kernel_available();
+#endif
+  return some_path && conv2d_kernel_selection_enabled();
 }
 
 torch::Tensor softmax_attention(const torch::Tensor& theta, const torch::Tensor& phi,
-                                const torch::Tensor& g) {
+                                const torch::Tensor& g, double scale) {
   check_shapes(theta, phi, g);
   TORCH_CHECK(softmax_attention_applicable(theta, phi, g),
               "softmax_attention: expected non-empty float CPU tensors (and the kernel selection "
               "switch on), got ",
               theta.scalar_type(), " on ", theta.device());
-  try {
-    return SoftmaxAttentionFunction::apply(theta.contiguous(), phi.contiguous(), g.contiguous());
-  } catch (const dnnl::error& e) {
-    TORCH_CHECK(false, "softmax_attention: oneDNN failed for theta ", theta.sizes(), ", phi ",
-                phi.sizes(), ", g ", g.sizes(), ": ", e.what());
+  TORCH_CHECK(std::isfinite(scale), "softmax_attention: expected a finite scale, got ", scale);
+#ifdef DYNATTN_HAVE_ONEDNN
+  if (!kernel_fits(phi, g)) {
+    try {
+      return OnednnAttentionFunction::apply((scale == 1.0 ? theta : theta * scale).contiguous(),
+                                            phi.contiguous(), g.contiguous());
+    } catch (const dnnl::error& e) {
+      TORCH_CHECK(false, "softmax_attention: oneDNN failed for theta ", theta.sizes(), ", phi ",
+                  phi.sizes(), ", g ", g.sizes(), ": ", e.what());
+    }
   }
-}
-
 #endif
+  // Inside apply() grad mode is off: whether the backward will run is decided here.
+  const bool save = torch::GradMode::is_enabled() &&
+                    (theta.requires_grad() || phi.requires_grad() || g.requires_grad());
+  return KernelAttentionFunction::apply(theta.contiguous(), phi.contiguous(), g.contiguous(), scale,
+                                        save);
+}
 
 }  // namespace dynattn

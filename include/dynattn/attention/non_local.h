@@ -6,6 +6,7 @@
 #include <torch/torch.h>
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <ostream>
 #include <string>
@@ -81,10 +82,16 @@ class NonLocalBlockImpl : public torch::nn::Cloneable<NonLocalBlockImpl>, public
   torch::Tensor affinity(const Projections& p, const torch::Tensor& theta_columns,
                          const torch::Tensor& concat_columns, bool keys_last) const;
   torch::Tensor run(const torch::Tensor& x, AttentionMaps* maps);
+  // Inference (eval, no autograd) on float CPU input: the projections as oneDNN products with
+  // BN, g's bias and the residual folded in, and the attention kernel in between.
+  struct InferencePlan;
+  bool inference_path_applies(const torch::Tensor& x) const;
+  torch::Tensor run_inference(const torch::Tensor& x);
 
   Mode mode_ = Mode::Embedded;
   int64_t inter_ = 0;
   double logit_scale_ = 1.0;
+  std::shared_ptr<InferencePlan> inference_;  // folded weights and primitives; fresh per reset()
 };
 TORCH_MODULE(NonLocalBlock);
 

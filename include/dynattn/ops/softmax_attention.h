@@ -23,8 +23,9 @@ namespace dynattn {
 bool softmax_attention_applicable(const torch::Tensor& theta, const torch::Tensor& phi,
                                   const torch::Tensor& g);
 
-// y as above; records autograd when any input requires grad.
+// y as above with the logits scale theta^T phi (scale folded into the kernel, not a pass over
+// theta); records autograd when any input requires grad.
 torch::Tensor softmax_attention(const torch::Tensor& theta, const torch::Tensor& phi,
-                                const torch::Tensor& g);
+                                const torch::Tensor& g, double scale = 1.0);
 
 }  // namespace dynattn

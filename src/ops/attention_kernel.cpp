@@ -1,0 +1,310 @@
+#include "attention_kernel.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "vector_clones.h"
+
+namespace dynattn::detail {
+
+constexpr int64_t kLanes = 16;
+
+bool attention_kernel_suits(int64_t d, int64_t dv, int64_t k) {
+  return attention_kernel_available() && (d + dv) * k <= (int64_t{1} << 16);
+}
+
+int64_t attention_kernel_probs_size(int64_t q, int64_t k) {
+  return (q + kLanes - 1) / kLanes * k * kLanes;
+}
+
+#if defined(__GNUC__) || defined(__clang__)
+
+// The 64-byte vectors never cross a call boundary: every helper is inlined into its clone.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace {
+
+typedef float Vec __attribute__((vector_size(64)));
+typedef int32_t IVec __attribute__((vector_size(64)));
+
+// 16 lanes are one AVX-512 register; the AVX2 and baseline clones split them in two and four.
+#if defined(__x86_64__) && defined(__linux__)
+#define DYNATTN_KERNEL_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define DYNATTN_KERNEL_CLONES
+#endif
+
+#if defined(__clang__)
+#define DYNATTN_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define DYNATTN_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, IVec{__VA_ARGS__})
+#endif
+
+// n vectors of scratch, 64-byte aligned (std::vector<Vec> does not keep the vector type's
+// alignment: its template argument drops the attribute).
+class VecBuffer {
+ public:
+  explicit VecBuffer(int64_t n) : storage_(static_cast<size_t>(n + 1) * kLanes) {}
+  Vec* data() {
+    const auto address = reinterpret_cast<uintptr_t>(storage_.data());
+    return reinterpret_cast<Vec*>((address + sizeof(Vec) - 1) / sizeof(Vec) * sizeof(Vec));
+  }
+
+ private:
+  std::vector<float> storage_;
+};
+
+DYNATTN_ALWAYS_INLINE Vec splat(float s) {
+  return Vec{} + s;
+}
+
+// The first `lanes` floats at p, zeros after them.
+DYNATTN_ALWAYS_INLINE Vec load(const float* p, int64_t lanes) {
+  Vec v{};
+  if (lanes == kLanes) {
+    std::memcpy(&v, p, sizeof v);  // one unaligned vector load
+  } else {
+    std::memcpy(&v, p, static_cast<size_t>(lanes) * sizeof(float));
+  }
+  return v;
+}
+
+DYNATTN_ALWAYS_INLINE void store(float* p, Vec v, int64_t lanes) {
+  if (lanes == kLanes) {
+    std::memcpy(p, &v, sizeof v);
+  } else {
+    std::memcpy(p, &v, static_cast<size_t>(lanes) * sizeof(float));
+  }
+}
+
+DYNATTN_ALWAYS_INLINE Vec vmax(Vec a, Vec b) {
+  return a > b ? a : b;  // keeps a NaN in b, which then reaches every output of the row
+}
+
+// exp(x) for x <= 0 (logits minus their row maximum): Cephes' single-precision polynomial after
+// x = n ln2 + r, within ~2 ulp; below -87 the result is clamped to ~1.6e-38, not 0, which
+// changes a probability by less than a float's resolution. NaN stays NaN.
+DYNATTN_ALWAYS_INLINE Vec exp_nonpositive(Vec x) {
+  x = x < splat(-87.0f) ? splat(-87.0f) : x;
+  const Vec magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const Vec n = (x * 1.44269504088896341f + magic) - magic;
+  x = x - n * 0.693359375f;
+  x = x - n * -2.12194440e-4f;
+  Vec p = splat(1.9875691500e-4f);
+  p = p * x + 1.3981999507e-3f;
+  p = p * x + 8.3334519073e-3f;
+  p = p * x + 4.1665795894e-2f;
+  p = p * x + 1.6666665459e-1f;
+  p = p * x + 5.0000001201e-1f;
+  p = p * (x * x) + x + 1.0f;
+  const IVec bits = (__builtin_convertvector(n, IVec) + 127) << 23;  // 2^n, n >= -126
+  return p * (Vec)bits;  // a vector cast reinterprets the bits
+}
+
+// out[i] = sum of the lanes of v[i], for 16 vectors: a tree of pairwise half-folds, 15
+// shuffle-and-add steps instead of 16 horizontal sums.
+DYNATTN_ALWAYS_INLINE Vec sum_lanes_of_16(const Vec* v) {
+  Vec h8[8], h4[4], h2[2];
+  for (int i = 0; i < 8; ++i) {
+    const Vec a = v[2 * i], b = v[2 * i + 1];
+    h8[i] = DYNATTN_SHUFFLE(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+            DYNATTN_SHUFFLE(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const Vec a = h8[2 * i], b = h8[2 * i + 1];
+    h4[i] = DYNATTN_SHUFFLE(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+            DYNATTN_SHUFFLE(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  }
+  for (int i = 0; i < 2; ++i) {
+    const Vec a = h4[2 * i], b = h4[2 * i + 1];
+    h2[i] = DYNATTN_SHUFFLE(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+            DYNATTN_SHUFFLE(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  }
+  return DYNATTN_SHUFFLE(h2[0], h2[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         DYNATTN_SHUFFLE(h2[0], h2[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// out[j] (vectors over the block's queries) = sum_r rows[r] (vectors) * m[r * k + j] for
+// j in [0, k): the logits (rows = theta, m = phi) and the backward's dP (rows = dy, m = g).
+DYNATTN_ALWAYS_INLINE void rows_times_matrix(const Vec* rows, int64_t r_count, const float* m,
+                                             int64_t k, Vec* out) {
+  int64_t j = 0;
+  for (; j + 8 <= k; j += 8) {
+    Vec acc[8] = {};
+    for (int64_t r = 0; r < r_count; ++r) {
+      const Vec v = rows[r];
+      const float* row = m + r * k + j;
+#pragma GCC unroll 8
+      for (int t = 0; t < 8; ++t) acc[t] += v * row[t];
+    }
+    for (int t = 0; t < 8; ++t) out[j + t] = acc[t];
+  }
+  for (; j < k; ++j) {
+    Vec acc{};
+    for (int64_t r = 0; r < r_count; ++r) acc += rows[r] * m[r * k + j];
+    out[j] = acc;
+  }
+}
+
+// dst[i * stride] (first `lanes` lanes) = factor * sum_j cols[j] * m[i * k + j] for i in
+// [0, count): the output y (cols = probabilities, m = g) and dtheta (cols = dS, m = phi).
+DYNATTN_ALWAYS_INLINE void matrix_times_columns(const float* m, int64_t count, int64_t k,
+                                                const Vec* cols, float factor, float* dst,
+                                                int64_t stride, int64_t lanes) {
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    Vec acc[8] = {};
+    for (int64_t j = 0; j < k; ++j) {
+      const Vec c = cols[j];
+#pragma GCC unroll 8
+      for (int t = 0; t < 8; ++t) acc[t] += c * m[(i + t) * k + j];
+    }
+    for (int t = 0; t < 8; ++t) store(dst + (i + t) * stride, acc[t] * factor, lanes);
+  }
+  for (; i < count; ++i) {
+    Vec acc{};
+    for (int64_t j = 0; j < k; ++j) acc += cols[j] * m[i * k + j];
+    store(dst + i * stride, acc * factor, lanes);
+  }
+}
+
+// out [rows, k] = sum over blocks b and lanes of a[b][r] * c[b][j], in 4 x 4 tiles whose 16
+// lane sums are folded together (a: blocks of a_count vectors, c: blocks of k vectors): the
+// products that reduce over queries, dg = dy P and dphi = theta dS.
+DYNATTN_ALWAYS_INLINE void reduce_over_queries(const Vec* a, int64_t a_count, const Vec* c,
+                                               int64_t k, int64_t blocks, float* out) {
+  for (int64_t r0 = 0; r0 < a_count; r0 += 4) {
+    for (int64_t j0 = 0; j0 < k; j0 += 4) {
+      int64_t rs[4], js[4];
+      for (int t = 0; t < 4; ++t) {  // edge tiles repeat the last row/column, stored once
+        rs[t] = std::min(r0 + t, a_count - 1);
+        js[t] = std::min(j0 + t, k - 1);
+      }
+      Vec acc[16] = {};
+      for (int64_t b = 0; b < blocks; ++b) {
+        const Vec* ab = a + b * a_count;
+        const Vec* cb = c + b * k;
+        const Vec c0 = cb[js[0]], c1 = cb[js[1]], c2 = cb[js[2]], c3 = cb[js[3]];
+#pragma GCC unroll 4
+        for (int t = 0; t < 4; ++t) {
+          const Vec v = ab[rs[t]];
+          acc[4 * t] += v * c0;
+          acc[4 * t + 1] += v * c1;
+          acc[4 * t + 2] += v * c2;
+          acc[4 * t + 3] += v * c3;
+        }
+      }
+      const Vec sums = sum_lanes_of_16(acc);
+      for (int t = 0; t < 4 && r0 + t < a_count; ++t)
+        for (int u = 0; u < 4 && j0 + u < k; ++u) out[(r0 + t) * k + j0 + u] = sums[4 * t + u];
+    }
+  }
+}
+
+DYNATTN_KERNEL_CLONES
+void forward_impl(const float* theta, const float* phi, const float* g, const float* theta_bias,
+                  float* y, float* probs, int64_t d, int64_t dv, int64_t q, int64_t k, float scale,
+                  Vec* t, Vec* s) {
+  for (int64_t q0 = 0; q0 < q; q0 += kLanes) {
+    const int64_t lanes = std::min(kLanes, q - q0);
+    for (int64_t i = 0; i < d; ++i) {
+      t[i] = load(theta + i * q + q0, lanes);
+      if (theta_bias != nullptr) t[i] += theta_bias[i];
+      t[i] *= scale;
+    }
+    rows_times_matrix(t, d, phi, k, s);
+    Vec top = splat(-std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < k; ++j) top = vmax(s[j], top);
+    Vec total{};
+    for (int64_t j = 0; j < k; ++j) {
+      s[j] = exp_nonpositive(s[j] - top);
+      total += s[j];
+    }
+    Vec inv = 1.0f / total;
+    // Padding lanes get probability 0, so the backward's sums over queries can include them.
+    for (int64_t l = lanes; l < kLanes; ++l) inv[l] = 0.0f;
+    for (int64_t j = 0; j < k; ++j) s[j] *= inv;
+    if (probs != nullptr) {
+      std::memcpy(probs + q0 / kLanes * k * kLanes, s, static_cast<size_t>(k) * sizeof(Vec));
+    }
+    matrix_times_columns(g, dv, k, s, 1.0f, y + q0, q, lanes);
+  }
+}
+
+DYNATTN_KERNEL_CLONES
+void backward_impl(const float* theta, const float* phi, const float* g, const float* probs,
+                   const float* dy, float* d_theta, float* d_phi, float* d_g, int64_t d, int64_t dv,
+                   int64_t q, int64_t k, float scale, Vec* scratch) {
+  const int64_t blocks = (q + kLanes - 1) / kLanes;
+  Vec* tb = scratch;            // [blocks][d], scaled theta
+  Vec* dyb = tb + blocks * d;   // [blocks][dv]
+  Vec* ds = dyb + blocks * dv;  // [blocks][k], the logits' gradient
+  Vec* dp = ds + blocks * k;    // [k], the probabilities' gradient of one block
+  const Vec* pb = reinterpret_cast<const Vec*>(probs);
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t q0 = b * kLanes, lanes = std::min(kLanes, q - q0);
+    for (int64_t i = 0; i < d; ++i) tb[b * d + i] = load(theta + i * q + q0, lanes) * scale;
+    for (int64_t i = 0; i < dv; ++i) dyb[b * dv + i] = load(dy + i * q + q0, lanes);
+    rows_times_matrix(dyb + b * dv, dv, g, k, dp);
+    const Vec* p = pb + b * k;
+    Vec dot{};
+    for (int64_t j = 0; j < k; ++j) dot += p[j] * dp[j];
+    for (int64_t j = 0; j < k; ++j) ds[b * k + j] = p[j] * (dp[j] - dot);
+    if (d_theta != nullptr)
+      matrix_times_columns(phi, d, k, ds + b * k, scale, d_theta + q0, q, lanes);
+  }
+  if (d_g != nullptr) reduce_over_queries(dyb, dv, pb, k, blocks, d_g);
+  if (d_phi != nullptr) reduce_over_queries(tb, d, ds, k, blocks, d_phi);
+}
+
+}  // namespace
+
+bool attention_kernel_available() {
+  return true;
+}
+
+void attention_kernel_forward(const AttentionKernelArgs& a) {
+  VecBuffer scratch(a.d + a.k);
+  const int64_t probs_size = attention_kernel_probs_size(a.q, a.k);
+  for (int64_t n = 0; n < a.count; ++n) {
+    float* y = a.y + n * a.y_stride;
+    forward_impl(a.theta + n * a.theta_stride, a.phi + n * a.phi_stride, a.g + n * a.g_stride,
+                 a.theta_bias, y, a.probs == nullptr ? nullptr : a.probs + n * probs_size, a.d,
+                 a.dv, a.q, a.k, a.scale, scratch.data(), scratch.data() + a.d);
+    if (a.y_ones_row) std::fill(y + a.dv * a.q, y + (a.dv + 1) * a.q, 1.0f);
+  }
+}
+
+void attention_kernel_backward(const float* theta, const float* phi, const float* g,
+                               const float* probs, const float* dy, float* d_theta, float* d_phi,
+                               float* d_g, int64_t count, int64_t d, int64_t dv, int64_t q,
+                               int64_t k, float scale) {
+  const int64_t blocks = (q + kLanes - 1) / kLanes;
+  VecBuffer scratch(blocks * (d + dv + k) + k);
+  const int64_t probs_size = attention_kernel_probs_size(q, k);
+  for (int64_t n = 0; n < count; ++n) {
+    backward_impl(theta + n * d * q, phi + n * d * k, g + n * dv * k, probs + n * probs_size,
+                  dy + n * dv * q, d_theta == nullptr ? nullptr : d_theta + n * d * q,
+                  d_phi == nullptr ? nullptr : d_phi + n * d * k,
+                  d_g == nullptr ? nullptr : d_g + n * dv * k, d, dv, q, k, scale, scratch.data());
+  }
+}
+
+#else
+
+bool attention_kernel_available() {
+  return false;
+}
+
+void attention_kernel_forward(const AttentionKernelArgs&) {}
+
+void attention_kernel_backward(const float*, const float*, const float*, const float*, const float*,
+                               float*, float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t,
+                               float) {}
+
+#endif
+
+}  // namespace dynattn::detail
