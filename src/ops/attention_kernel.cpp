@@ -6,83 +6,27 @@
 #include <limits>
 #include <vector>
 
-#include "vector_clones.h"
+#include "vec16.h"
 
 namespace dynattn::detail {
 
-constexpr int64_t kLanes = 16;
+namespace {
+constexpr int64_t kQueryBlock = 16;  // queries per vector
+}  // namespace
 
 bool attention_kernel_suits(int64_t d, int64_t dv, int64_t k) {
   return attention_kernel_available() && (d + dv) * k <= (int64_t{1} << 16);
 }
 
 int64_t attention_kernel_probs_size(int64_t q, int64_t k) {
-  return (q + kLanes - 1) / kLanes * k * kLanes;
+  return (q + kQueryBlock - 1) / kQueryBlock * k * kQueryBlock;
 }
 
-#if defined(__GNUC__) || defined(__clang__)
-
-// The 64-byte vectors never cross a call boundary: every helper is inlined into its clone.
-#pragma GCC diagnostic ignored "-Wpsabi"
+#ifdef DYNATTN_HAVE_VEC16
 
 namespace {
 
-typedef float Vec __attribute__((vector_size(64)));
-typedef int32_t IVec __attribute__((vector_size(64)));
-
-// 16 lanes are one AVX-512 register; the AVX2 and baseline clones split them in two and four.
-#if defined(__x86_64__) && defined(__linux__)
-#define DYNATTN_KERNEL_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define DYNATTN_KERNEL_CLONES
-#endif
-
-#if defined(__clang__)
-#define DYNATTN_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
-#else
-#define DYNATTN_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, IVec{__VA_ARGS__})
-#endif
-
-// n vectors of scratch, 64-byte aligned (std::vector<Vec> does not keep the vector type's
-// alignment: its template argument drops the attribute).
-class VecBuffer {
- public:
-  explicit VecBuffer(int64_t n) : storage_(static_cast<size_t>(n + 1) * kLanes) {}
-  Vec* data() {
-    const auto address = reinterpret_cast<uintptr_t>(storage_.data());
-    return reinterpret_cast<Vec*>((address + sizeof(Vec) - 1) / sizeof(Vec) * sizeof(Vec));
-  }
-
- private:
-  std::vector<float> storage_;
-};
-
-DYNATTN_ALWAYS_INLINE Vec splat(float s) {
-  return Vec{} + s;
-}
-
-// The first `lanes` floats at p, zeros after them.
-DYNATTN_ALWAYS_INLINE Vec load(const float* p, int64_t lanes) {
-  Vec v{};
-  if (lanes == kLanes) {
-    std::memcpy(&v, p, sizeof v);  // one unaligned vector load
-  } else {
-    std::memcpy(&v, p, static_cast<size_t>(lanes) * sizeof(float));
-  }
-  return v;
-}
-
-DYNATTN_ALWAYS_INLINE void store(float* p, Vec v, int64_t lanes) {
-  if (lanes == kLanes) {
-    std::memcpy(p, &v, sizeof v);
-  } else {
-    std::memcpy(p, &v, static_cast<size_t>(lanes) * sizeof(float));
-  }
-}
-
-DYNATTN_ALWAYS_INLINE Vec vmax(Vec a, Vec b) {
-  return a > b ? a : b;  // keeps a NaN in b, which then reaches every output of the row
-}
+using namespace vec16;
 
 // exp(x) for x <= 0 (logits minus their row maximum): Cephes' single-precision polynomial after
 // x = n ln2 + r, within ~2 ulp; below -87 the result is clamped to ~1.6e-38, not 0, which
@@ -152,7 +96,7 @@ DYNATTN_ALWAYS_INLINE void rows_times_matrix(const Vec* rows, int64_t r_count, c
 // dst[i * stride] (first `lanes` lanes) = factor * sum_j cols[j] * m[i * k + j] for i in
 // [0, count): the output y (cols = probabilities, m = g) and dtheta (cols = dS, m = phi).
 DYNATTN_ALWAYS_INLINE void matrix_times_columns(const float* m, int64_t count, int64_t k,
-                                                const Vec* cols, float factor, float* dst,
+                                                const Vec* cols, Vec factor, float* dst,
                                                 int64_t stride, int64_t lanes) {
   int64_t i = 0;
   for (; i + 8 <= count; i += 8) {
@@ -216,21 +160,30 @@ void forward_impl(const float* theta, const float* phi, const float* g, const fl
       t[i] *= scale;
     }
     rows_times_matrix(t, d, phi, k, s);
-    Vec top = splat(-std::numeric_limits<float>::infinity());
-    for (int64_t j = 0; j < k; ++j) top = vmax(s[j], top);
-    Vec total{};
-    for (int64_t j = 0; j < k; ++j) {
-      s[j] = exp_nonpositive(s[j] - top);
-      total += s[j];
+    // Four partial maxima and sums: one chain of dependent max/add would take their latency
+    // once per key.
+    const Vec lowest = splat(-std::numeric_limits<float>::infinity());
+    Vec top[4] = {lowest, lowest, lowest, lowest};
+    int64_t j = 0;
+    for (; j + 4 <= k; j += 4)
+      for (int u = 0; u < 4; ++u) top[u] = vmax(s[j + u], top[u]);
+    for (; j < k; ++j) top[0] = vmax(s[j], top[0]);
+    const Vec row_max = vmax(vmax(top[0], top[1]), vmax(top[2], top[3]));
+    Vec total[4] = {};
+    for (j = 0; j < k; ++j) {
+      s[j] = exp_nonpositive(s[j] - row_max);
+      total[j & 3] += s[j];
     }
-    Vec inv = 1.0f / total;
+    Vec inv = 1.0f / ((total[0] + total[1]) + (total[2] + total[3]));
     // Padding lanes get probability 0, so the backward's sums over queries can include them.
     for (int64_t l = lanes; l < kLanes; ++l) inv[l] = 0.0f;
-    for (int64_t j = 0; j < k; ++j) s[j] *= inv;
     if (probs != nullptr) {
+      for (j = 0; j < k; ++j) s[j] *= inv;
       std::memcpy(probs + q0 / kLanes * k * kLanes, s, static_cast<size_t>(k) * sizeof(Vec));
+      inv = splat(1.0f);
     }
-    matrix_times_columns(g, dv, k, s, 1.0f, y + q0, q, lanes);
+    // Without probs to save, the normalisation scales the dv outputs instead of the k weights.
+    matrix_times_columns(g, dv, k, s, inv, y + q0, q, lanes);
   }
 }
 
@@ -254,7 +207,7 @@ void backward_impl(const float* theta, const float* phi, const float* g, const f
     for (int64_t j = 0; j < k; ++j) dot += p[j] * dp[j];
     for (int64_t j = 0; j < k; ++j) ds[b * k + j] = p[j] * (dp[j] - dot);
     if (d_theta != nullptr)
-      matrix_times_columns(phi, d, k, ds + b * k, scale, d_theta + q0, q, lanes);
+      matrix_times_columns(phi, d, k, ds + b * k, splat(scale), d_theta + q0, q, lanes);
   }
   if (d_g != nullptr) reduce_over_queries(dyb, dv, pb, k, blocks, d_g);
   if (d_phi != nullptr) reduce_over_queries(tb, d, ds, k, blocks, d_phi);
