@@ -72,13 +72,88 @@ torch::Tensor halve_by_max_direct(const torch::Tensor& t, int64_t count) {
   return out;
 }
 
+// halve_by_max with autograd on a contiguous float CPU tensor, with max_pool's gradient (to
+// the window's first maximum, or its last NaN): LibTorch 1.13's CPU max_pool2d took 2.5 ms
+// forward and 1.5 ms backward at N=64, C=32, 14x14 under the profiler, most of a non-local
+// block's training step.
+struct HalveByMaxFunction : torch::autograd::Function<HalveByMaxFunction> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& t,
+                               int64_t count) {
+    const int64_t w = t.size(-1), h = count == 2 ? t.size(-2) : 1;
+    const int64_t ow = w / 2, oh = count == 2 ? h / 2 : 1, window_rows = count == 2 ? 2 : 1;
+    auto sizes = t.sizes().vec();
+    sizes.back() = ow;
+    if (count == 2) sizes[sizes.size() - 2] = oh;
+    auto out = torch::empty(sizes, t.options());
+    auto which = torch::empty(sizes, t.options().dtype(torch::kUInt8));
+    const int64_t planes = t.numel() / (h * w);
+    const float* src = t.data_ptr<float>();
+    float* dst = out.data_ptr<float>();
+    uint8_t* arg = which.data_ptr<uint8_t>();
+    at::parallel_for(0, planes, std::max<int64_t>(1, 16384 / (h * w)), [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        for (int64_t i = 0; i < oh; ++i) {
+          const float* r0 = src + (p * h + i * window_rows) * w;
+          const int64_t o = (p * oh + i) * ow;
+          for (int64_t j = 0; j < ow; ++j) {
+            // max_pool's scan: row-major over the window, a later element wins when larger or NaN.
+            float best = r0[2 * j];
+            uint8_t index = 0;
+            for (uint8_t e = 1; e < 2 * window_rows; ++e) {
+              const float v = r0[(e / 2) * w + 2 * j + (e % 2)];
+              const bool take = (v > best) | (v != v);
+              best = take ? v : best;
+              index = take ? e : index;
+            }
+            dst[o + j] = best;
+            arg[o + j] = index;
+          }
+        }
+      }
+    });
+    ctx->save_for_backward({which});
+    ctx->saved_data["sizes"] = t.sizes().vec();
+    ctx->saved_data["count"] = count;
+    return out;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto which = ctx->get_saved_variables()[0];
+    const auto sizes = ctx->saved_data["sizes"].toIntVector();
+    const int64_t count = ctx->saved_data["count"].toInt();
+    const auto dy = grads[0].contiguous();
+    auto dx = torch::zeros(sizes, dy.options());
+    const int64_t w = sizes.back(), h = count == 2 ? sizes[sizes.size() - 2] : 1;
+    const int64_t ow = w / 2, oh = count == 2 ? h / 2 : 1, window_rows = count == 2 ? 2 : 1;
+    const int64_t planes = dx.numel() / (h * w);
+    const float* g = dy.data_ptr<float>();
+    const uint8_t* arg = which.data_ptr<uint8_t>();
+    float* out = dx.data_ptr<float>();
+    at::parallel_for(0, planes, std::max<int64_t>(1, 16384 / (h * w)), [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        for (int64_t i = 0; i < oh; ++i) {
+          float* r0 = out + (p * h + i * window_rows) * w;
+          const int64_t o = (p * oh + i) * ow;
+          for (int64_t j = 0; j < ow; ++j)
+            r0[(arg[o + j] / 2) * w + 2 * j + arg[o + j] % 2] = g[o + j];
+        }
+      }
+    });
+    return {dx, torch::Tensor()};
+  }
+};
+
 // Max-pooling by 2 over the last `count` dimensions (the paper's video models pool space only,
-// 1x2x2), floor for odd sizes. Without autograd, in one direct pass (contiguous float CPU
-// tensors) or as maxima of strided slices: the same values at a tenth of the time of LibTorch
-// 1.13's CPU max_pool kernel at these shapes; with autograd, max_pool, whose backward is
-// cheaper than maximum's.
+// 1x2x2), floor for odd sizes. Contiguous float CPU tensors take a direct pass (with the kernel
+// selection switch on, also under autograd): a tenth of the time of LibTorch 1.13's CPU
+// max_pool kernel at these shapes. Otherwise max_pool under autograd (its backward is cheaper
+// than maximum's), maxima of strided slices without.
 torch::Tensor halve_by_max(torch::Tensor t, int64_t count) {
+  const bool direct =
+      t.is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous() && t.numel() > 0;
   if (torch::GradMode::is_enabled() && t.requires_grad()) {
+    if (direct && conv2d_kernel_selection_enabled()) return HalveByMaxFunction::apply(t, count);
     switch (count) {
       case 1:
         return torch::max_pool1d(t, {2}, {2});
@@ -87,8 +162,7 @@ torch::Tensor halve_by_max(torch::Tensor t, int64_t count) {
         return torch::max_pool3d(t, {1, 2, 2}, {1, 2, 2});
     }
   }
-  if (t.is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous() && t.numel() > 0)
-    return halve_by_max_direct(t, count);
+  if (direct) return halve_by_max_direct(t, count);
   for (int64_t d = t.dim() - count; d < t.dim(); ++d) {
     const int64_t half = t.size(d) / 2;
     t = torch::maximum(t.slice(d, 0, 2 * half, 2), t.slice(d, 1, 2 * half, 2));
