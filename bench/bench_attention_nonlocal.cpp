@@ -3,13 +3,15 @@
 // Counters for the overhead rule (see bench_attention_channel.cpp): MACs per image, and the
 // non-local block's memory passes over the C x H x W map beyond its convolutions: 3 (BN, the
 // residual add, and the softmax over the affinity, which at these shapes is as large as the map).
-// Run: build/bench/dynattn_bench --benchmark_filter='NonLocal|Conv3x3BN|SoftmaxAttention'
+// Run: build/bench/dynattn_bench
+// --benchmark_filter='NonLocal|Conv3x3BN|SoftmaxAttention|PointwiseConv'
 #include <benchmark/benchmark.h>
 #include <torch/torch.h>
 
 #include "dynattn/attention/non_local.h"
 #include "dynattn/core/compat.h"
 #include "dynattn/ops/conv2d.h"
+#include "dynattn/ops/pointwise_conv.h"
 #include "dynattn/ops/softmax_attention.h"
 #include "dynattn/profile/mac_counter.h"
 
@@ -103,6 +105,31 @@ void BM_SoftmaxAttention(benchmark::State& state) {
   state.SetItemsProcessed(state.iterations() * n);
 }
 
+// A 1x1 convolution with bias of an NCHW batch, as ops/pointwise_conv.h and as torch::conv2d,
+// side by side. Args: C_in, C_out, size, N, backward, dynattn op.
+void BM_PointwiseConv(benchmark::State& state) {
+  const int64_t c_in = state.range(0), c_out = state.range(1), size = state.range(2),
+                n = state.range(3);
+  const bool backward = state.range(4) != 0, ours = state.range(5) != 0;
+  const auto x = torch::randn({n, c_in, size, size}).requires_grad_(backward);
+  const auto w = torch::randn({c_out, c_in, 1, 1}).requires_grad_(backward);
+  const auto b = torch::randn({c_out}).requires_grad_(backward);
+  if (ours && !dynattn::pointwise_conv_applicable(x, w)) {
+    state.SkipWithError("built without the oneDNN library");
+    return;
+  }
+  auto conv = [&] { return ours ? dynattn::pointwise_conv(x, w, b) : torch::conv2d(x, w, b); };
+  for (auto _ : state) {
+    if (backward) {
+      conv().sum().backward();
+    } else {
+      torch::NoGradGuard no_grad;
+      benchmark::DoNotOptimize(conv());
+    }
+  }
+  state.SetItemsProcessed(state.iterations() * n);
+}
+
 void shapes(benchmark::internal::Benchmark* b, bool with_subsample_axis) {
   b->ArgNames({"C", "HW", "N", "sub", "bwd"});
   for (auto [c, hw] : {std::pair<int64_t, int64_t>{32, 14}, {64, 7}}) {
@@ -129,6 +156,12 @@ BENCHMARK(BM_SoftmaxAttention)
     ->ArgNames({"D", "Q", "K", "N", "bwd", "onednn"})
     ->ArgsProduct({{16}, {196}, {49}, {64}, {0, 1}, {0, 1}})
     ->ArgsProduct({{32}, {49}, {9}, {64}, {0, 1}, {0, 1}})
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
+BENCHMARK(BM_PointwiseConv)
+    ->ArgNames({"Cin", "Cout", "HW", "N", "bwd", "dynattn"})
+    ->ArgsProduct({{32}, {16}, {14}, {64}, {0, 1}, {0, 1}})
+    ->ArgsProduct({{64}, {32}, {7}, {64}, {0, 1}, {0, 1}})
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 BENCHMARK(BM_Conv3x3BN)

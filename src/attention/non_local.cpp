@@ -1,8 +1,9 @@
 #include "dynattn/attention/non_local.h"
 
 #include "../ops/attention_kernel.h"
-#include "../ops/shared_weight_matmul.h"
+#include "../ops/strided_matmul.h"
 #include "dynattn/ops/conv2d.h"
+#include "dynattn/ops/pointwise_conv.h"
 #include "dynattn/ops/softmax_attention.h"
 #include "dynattn/profile/mac_counter.h"
 
@@ -72,71 +73,65 @@ torch::Tensor halve_by_max_direct(const torch::Tensor& t, int64_t count) {
   return out;
 }
 
-// halve_by_max with autograd on a contiguous float CPU tensor, with max_pool's gradient (to
-// the window's first maximum, or its last NaN): LibTorch 1.13's CPU max_pool2d took 2.5 ms
-// forward and 1.5 ms backward at N=64, C=32, 14x14 under the profiler, most of a non-local
-// block's training step.
+// The gradient of one pooling window of two (w1, w2 absent) or four elements: to its first
+// maximum, or to its last NaN when the maximum is NaN (max_pool's scan, in double). Branch-free
+// masks, so the loop vectorises: a branch on a comparison is a coin toss on real data.
+inline void window_gradient(float m, float g, const float* r0, const float* r1, float* d0,
+                            float* d1, int64_t j) {
+  const float v0 = r0[2 * j], v1 = r0[2 * j + 1], v2 = r1[2 * j], v3 = r1[2 * j + 1];
+  const bool nan = m != m;
+  const bool e0 = nan ? (v0 != v0) & (v1 == v1) & (v2 == v2) & (v3 == v3) : v0 == m;
+  const bool e1 = nan ? (v1 != v1) & (v2 == v2) & (v3 == v3) : (v1 == m) & !e0;
+  const bool e2 = nan ? (v2 != v2) & (v3 == v3) : (v2 == m) & !e0 & !e1;
+  const bool e3 = nan ? v3 != v3 : (v3 == m) & !e0 & !e1 & !e2;
+  d0[2 * j] = e0 ? g : 0.0f;
+  d0[2 * j + 1] = e1 ? g : 0.0f;
+  d1[2 * j] = e2 ? g : 0.0f;
+  d1[2 * j + 1] = e3 ? g : 0.0f;
+}
+
+// halve_by_max under autograd on a contiguous float CPU tensor: the direct forward, and a
+// backward that finds each window's maximum again from the saved input and output. LibTorch
+// 1.13's CPU max_pool2d took 2.5 ms forward and 1.5 ms backward at N=64, C=32, 14x14 under the
+// profiler, most of a non-local block's training step.
 struct HalveByMaxFunction : torch::autograd::Function<HalveByMaxFunction> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& t,
                                int64_t count) {
-    const int64_t w = t.size(-1), h = count == 2 ? t.size(-2) : 1;
-    const int64_t ow = w / 2, oh = count == 2 ? h / 2 : 1, window_rows = count == 2 ? 2 : 1;
-    auto sizes = t.sizes().vec();
-    sizes.back() = ow;
-    if (count == 2) sizes[sizes.size() - 2] = oh;
-    auto out = torch::empty(sizes, t.options());
-    auto which = torch::empty(sizes, t.options().dtype(torch::kUInt8));
-    const int64_t planes = t.numel() / (h * w);
-    const float* src = t.data_ptr<float>();
-    float* dst = out.data_ptr<float>();
-    uint8_t* arg = which.data_ptr<uint8_t>();
-    at::parallel_for(0, planes, std::max<int64_t>(1, 16384 / (h * w)), [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        for (int64_t i = 0; i < oh; ++i) {
-          const float* r0 = src + (p * h + i * window_rows) * w;
-          const int64_t o = (p * oh + i) * ow;
-          for (int64_t j = 0; j < ow; ++j) {
-            // max_pool's scan: row-major over the window, a later element wins when larger or NaN.
-            float best = r0[2 * j];
-            uint8_t index = 0;
-            for (uint8_t e = 1; e < 2 * window_rows; ++e) {
-              const float v = r0[(e / 2) * w + 2 * j + (e % 2)];
-              const bool take = (v > best) | (v != v);
-              best = take ? v : best;
-              index = take ? e : index;
-            }
-            dst[o + j] = best;
-            arg[o + j] = index;
-          }
-        }
-      }
-    });
-    ctx->save_for_backward({which});
-    ctx->saved_data["sizes"] = t.sizes().vec();
+    auto out = halve_by_max_direct(t, count);
+    ctx->save_for_backward({t, out});
     ctx->saved_data["count"] = count;
     return out;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    const auto which = ctx->get_saved_variables()[0];
-    const auto sizes = ctx->saved_data["sizes"].toIntVector();
+    const auto saved = ctx->get_saved_variables();
+    const auto &t = saved[0], &pooled = saved[1];
     const int64_t count = ctx->saved_data["count"].toInt();
     const auto dy = grads[0].contiguous();
-    auto dx = torch::zeros(sizes, dy.options());
-    const int64_t w = sizes.back(), h = count == 2 ? sizes[sizes.size() - 2] : 1;
-    const int64_t ow = w / 2, oh = count == 2 ? h / 2 : 1, window_rows = count == 2 ? 2 : 1;
-    const int64_t planes = dx.numel() / (h * w);
-    const float* g = dy.data_ptr<float>();
-    const uint8_t* arg = which.data_ptr<uint8_t>();
+    const int64_t w = t.size(-1), h = count == 2 ? t.size(-2) : 1;
+    const int64_t ow = w / 2, oh = count == 2 ? h / 2 : 1;
+    // Every element of a window is written; only an odd size leaves elements outside them.
+    auto dx = (w % 2 != 0 || h % 2 != 0) ? torch::zeros_like(t) : torch::empty_like(t);
+    const int64_t planes = t.numel() / (h * w);
+    const float *x = t.data_ptr<float>(), *m = pooled.data_ptr<float>(), *g = dy.data_ptr<float>();
     float* out = dx.data_ptr<float>();
     at::parallel_for(0, planes, std::max<int64_t>(1, 16384 / (h * w)), [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         for (int64_t i = 0; i < oh; ++i) {
-          float* r0 = out + (p * h + i * window_rows) * w;
-          const int64_t o = (p * oh + i) * ow;
-          for (int64_t j = 0; j < ow; ++j)
-            r0[(arg[o + j] / 2) * w + 2 * j + arg[o + j] % 2] = g[o + j];
+          const int64_t row = (p * h + i * (count == 2 ? 2 : 1)) * w, o = (p * oh + i) * ow;
+          if (count == 2) {
+            for (int64_t j = 0; j < ow; ++j)
+              window_gradient(m[o + j], g[o + j], x + row, x + row + w, out + row, out + row + w,
+                              j);
+          } else {
+            for (int64_t j = 0; j < ow; ++j) {
+              const float v0 = x[row + 2 * j], v1 = x[row + 2 * j + 1], top = m[o + j];
+              const bool second = top != top ? v1 != v1 : (v1 == top) & (v0 != top);
+              out[row + 2 * j] = second ? 0.0f : g[o + j];
+              out[row + 2 * j + 1] = second ? g[o + j] : 0.0f;
+            }
+          }
         }
       }
     });
@@ -212,9 +207,6 @@ struct NonLocalBlockImpl::InferencePlan {
   torch::Tensor w_theta, b_theta;  // [inter, C], [inter] (embedded)
   torch::Tensor w_keys;            // [phi; g] [2 inter, C] (embedded), g [inter, C] (gaussian)
   torch::Tensor w_z;               // [C, inter + 1]: z with BN and g's bias folded; bias column
-#ifdef DYNATTN_HAVE_ONEDNN
-  detail::SharedWeightMatmul theta_product, keys_product, z_product;
-#endif
 };
 
 namespace {
@@ -319,6 +311,19 @@ void NonLocalBlockImpl::reset() {
   }
 }
 
+namespace {
+
+// One of the block's 1x1 convolutions: as ops/pointwise_conv.h where it applies (float CPU,
+// oneDNN), else the module's own forward.
+torch::Tensor pointwise(torch::nn::AnyModule& conv, const torch::Tensor& x) {
+  const auto params = conv.ptr()->named_parameters(/*recurse=*/false);
+  const auto& weight = params["weight"];
+  if (!pointwise_conv_applicable(x, weight)) return conv.forward(x);
+  return pointwise_conv(x, weight, params.contains("bias") ? params["bias"] : torch::Tensor());
+}
+
+}  // namespace
+
 NonLocalBlockImpl::Projections NonLocalBlockImpl::project(const torch::Tensor& x) {
   const bool subsample = options.subsample();
   const int64_t pooled_dims = std::min<int64_t>(options.dims(), 2);
@@ -331,7 +336,7 @@ NonLocalBlockImpl::Projections NonLocalBlockImpl::project(const torch::Tensor& x
   Projections p;
   const auto keys_in = subsample && options.pool_first() ? halve_by_max(x, pooled_dims) : x;
   auto key_projection = [&](torch::nn::AnyModule& conv) {
-    auto out = conv.forward(keys_in);
+    auto out = pointwise(conv, keys_in);
     if (subsample && !options.pool_first()) out = halve_by_max(out, pooled_dims);
     return out.flatten(2);
   };
@@ -345,7 +350,7 @@ NonLocalBlockImpl::Projections NonLocalBlockImpl::project(const torch::Tensor& x
       break;
     case Mode::Embedded:
     case Mode::Dot:
-      p.theta = theta.forward(x).flatten(2);
+      p.theta = pointwise(theta, x).flatten(2);
       p.phi = key_projection(phi);
       break;
     case Mode::Concat: {
@@ -353,7 +358,7 @@ NonLocalBlockImpl::Projections NonLocalBlockImpl::project(const torch::Tensor& x
       // instead of materialising the [2*inter, Q, K] concatenation.
       const auto w = concat_project->weight.view({2, inter_});
       const double inv_keys = 1.0 / static_cast<double>(keys);
-      p.theta = theta.forward(x).flatten(2);
+      p.theta = pointwise(theta, x).flatten(2);
       p.phi = key_projection(phi);
       p.concat_queries = torch::matmul(w[0], p.theta).unsqueeze(1).mul(inv_keys);
       p.concat_keys = torch::matmul(w[1], p.phi).unsqueeze(2).mul(inv_keys);
@@ -423,7 +428,7 @@ torch::Tensor NonLocalBlockImpl::run(const torch::Tensor& x, AttentionMaps* maps
   }
   auto shape = x.sizes().vec();
   shape[1] = inter_;
-  auto out = bn.forward(z.forward(y.view(shape)));
+  auto out = bn.forward(pointwise(z, y.view(shape)));
   // In place is safe: BN's backward does not need its output.
   out.add_(x);
 
@@ -520,10 +525,10 @@ torch::Tensor NonLocalBlockImpl::run_inference(const torch::Tensor& x) {
   auto key_shape = keys_in.sizes().vec();
   key_shape[1] = key_rows;
   auto keys = torch::empty(key_shape, x.options());
-  plan.keys_product.run(
-      {key_rows, c, n, keys_in_count, c * keys_in_count, key_rows * keys_in_count, false},
-      plan.w_keys.data_ptr<float>(), keys_in.data_ptr<float>(), keys.data_ptr<float>());
-  record_macs("dynattn::shared_weight_matmul", n * key_rows * c * keys_in_count);
+  detail::strided_matmul(detail::row_major(1, key_rows, c), plan.w_keys.data_ptr<float>(),
+                         detail::row_major(n, c, keys_in_count), keys_in.data_ptr<float>(),
+                         detail::row_major(n, key_rows, keys_in_count), keys.data_ptr<float>());
+  record_macs("dynattn::pointwise_conv", n * key_rows * c * keys_in_count);
   if (subsample && !pool_first) keys = halve_by_max(keys, pooled_dims);
   const int64_t k = keys.numel() / (n * key_rows);
 
@@ -539,10 +544,10 @@ torch::Tensor NonLocalBlockImpl::run_inference(const torch::Tensor& x) {
     a.d = c;
   } else {
     theta_out = torch::empty({n, inter, q}, x.options());
-    plan.theta_product.run({inter, c, n, q, c * q, inter * q, false},
-                           plan.w_theta.data_ptr<float>(), x.data_ptr<float>(),
-                           theta_out.data_ptr<float>());
-    record_macs("dynattn::shared_weight_matmul", n * inter * c * q);
+    detail::strided_matmul(detail::row_major(1, inter, c), plan.w_theta.data_ptr<float>(),
+                           detail::row_major(n, c, q), x.data_ptr<float>(),
+                           detail::row_major(n, inter, q), theta_out.data_ptr<float>());
+    record_macs("dynattn::pointwise_conv", n * inter * c * q);
     a.theta = theta_out.data_ptr<float>();
     a.theta_stride = inter * q;
     a.theta_bias = plan.b_theta.data_ptr<float>();
@@ -574,9 +579,10 @@ torch::Tensor NonLocalBlockImpl::run_inference(const torch::Tensor& x) {
   record_macs("dynattn::softmax_attention", n * q * k * (a.d + inter));
 
   auto out = torch::empty_like(x);
-  plan.z_product.run({c, inter + 1, n, q, (inter + 1) * q, c * q, true}, plan.w_z.data_ptr<float>(),
-                     y_data, out.data_ptr<float>(), x.data_ptr<float>());
-  record_macs("dynattn::shared_weight_matmul", n * c * inter * q);
+  detail::strided_matmul(detail::row_major(1, c, inter + 1), plan.w_z.data_ptr<float>(),
+                         detail::row_major(n, inter + 1, q), y_data, detail::row_major(n, c, q),
+                         out.data_ptr<float>(), x.data_ptr<float>());
+  record_macs("dynattn::pointwise_conv", n * c * inter * q);
   return out;
 #endif
 }

@@ -737,7 +737,7 @@ TEST(NonLocalBlock, InferencePathEqualsTheDoubleAtenForm) {
           return count;
         };
         const auto count = check();
-        if (fused_attention_applies() && count.calls.count("dynattn::shared_weight_matmul") == 0)
+        if (fused_attention_applies() && count.calls.count("dynattn::pointwise_conv") == 0)
           ADD_FAILURE() << "the inference path did not run";
         {
           torch::NoGradGuard no_grad;
