@@ -4,12 +4,13 @@
 // non-local block's memory passes over the C x H x W map beyond its convolutions: 3 (BN, the
 // residual add, and the softmax over the affinity, which at these shapes is as large as the map).
 // Run: build/bench/dynattn_bench
-// --benchmark_filter='NonLocal|Conv3x3BN|SoftmaxAttention|PointwiseConv'
+// --benchmark_filter='NonLocal|Conv3x3BN|SoftmaxAttention|PointwiseConv|BatchNormAdd'
 #include <benchmark/benchmark.h>
 #include <torch/torch.h>
 
 #include "dynattn/attention/non_local.h"
 #include "dynattn/core/compat.h"
+#include "dynattn/ops/batch_norm_add.h"
 #include "dynattn/ops/conv2d.h"
 #include "dynattn/ops/pointwise_conv.h"
 #include "dynattn/ops/softmax_attention.h"
@@ -130,6 +131,24 @@ void BM_PointwiseConv(benchmark::State& state) {
   state.SetItemsProcessed(state.iterations() * n);
 }
 
+// Training-mode BN + residual add, forward and backward, as ops/batch_norm_add.h and as
+// torch::batch_norm + add, side by side. Args: C, size, N, dynattn op.
+void BM_BatchNormAdd(benchmark::State& state) {
+  const int64_t c = state.range(0), size = state.range(1), n = state.range(2);
+  const bool ours = state.range(3) != 0;
+  const auto z = torch::randn({n, c, size, size}).requires_grad_();
+  const auto residual = torch::randn({n, c, size, size}).requires_grad_();
+  const auto weight = torch::ones({c}).requires_grad_(), bias = torch::zeros({c}).requires_grad_();
+  auto mean = torch::zeros({c}), var = torch::ones({c});
+  for (auto _ : state) {
+    const auto out =
+        ours ? dynattn::batch_norm_add(z, residual, weight, bias, mean, var, 0.1, 1e-5)
+             : torch::batch_norm(z, weight, bias, mean, var, true, 0.1, 1e-5, false) + residual;
+    out.sum().backward();
+  }
+  state.SetItemsProcessed(state.iterations() * n);
+}
+
 void shapes(benchmark::internal::Benchmark* b, bool with_subsample_axis) {
   b->ArgNames({"C", "HW", "N", "sub", "bwd"});
   for (auto [c, hw] : {std::pair<int64_t, int64_t>{32, 14}, {64, 7}}) {
@@ -162,6 +181,12 @@ BENCHMARK(BM_PointwiseConv)
     ->ArgNames({"Cin", "Cout", "HW", "N", "bwd", "dynattn"})
     ->ArgsProduct({{32}, {16}, {14}, {64}, {0, 1}, {0, 1}})
     ->ArgsProduct({{64}, {32}, {7}, {64}, {0, 1}, {0, 1}})
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
+BENCHMARK(BM_BatchNormAdd)
+    ->ArgNames({"C", "HW", "N", "dynattn"})
+    ->ArgsProduct({{32}, {14}, {64}, {0, 1}})
+    ->ArgsProduct({{64}, {7}, {64}, {0, 1}})
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 BENCHMARK(BM_Conv3x3BN)

@@ -2,6 +2,7 @@
 
 #include "../ops/attention_kernel.h"
 #include "../ops/strided_matmul.h"
+#include "dynattn/ops/batch_norm_add.h"
 #include "dynattn/ops/conv2d.h"
 #include "dynattn/ops/pointwise_conv.h"
 #include "dynattn/ops/softmax_attention.h"
@@ -211,16 +212,22 @@ struct NonLocalBlockImpl::InferencePlan {
 
 namespace {
 
-double batch_norm_eps(const torch::nn::AnyModule& bn) {
-  if (const auto* b = bn.ptr()->as<torch::nn::BatchNorm1d>()) return b->options.eps();
-  if (const auto* b = bn.ptr()->as<torch::nn::BatchNorm2d>()) return b->options.eps();
-  return bn.ptr()->as<torch::nn::BatchNorm3d>()->options.eps();
+const torch::nn::BatchNormOptions& batch_norm_options(const torch::nn::AnyModule& bn) {
+  if (const auto* b = bn.ptr()->as<torch::nn::BatchNorm1d>()) return b->options;
+  if (const auto* b = bn.ptr()->as<torch::nn::BatchNorm2d>()) return b->options;
+  return bn.ptr()->as<torch::nn::BatchNorm3d>()->options;
 }
 
+// Each parameter's and buffer's storage and version; empty when one is an inference tensor
+// (made under InferenceMode: it keeps no version, so nothing derived from it can be cached).
 std::vector<std::pair<const void*, int64_t>> tensor_versions(const torch::nn::Module& m) {
   std::vector<std::pair<const void*, int64_t>> out;
-  for (const auto& t : m.parameters()) out.emplace_back(t.data_ptr(), t._version());
-  for (const auto& t : m.buffers()) out.emplace_back(t.data_ptr(), t._version());
+  for (const auto& list : {m.parameters(), m.buffers()}) {
+    for (const auto& t : list) {
+      if (t.is_inference()) return {};
+      out.emplace_back(t.data_ptr(), t._version());
+    }
+  }
   return out;
 }
 
@@ -428,9 +435,32 @@ torch::Tensor NonLocalBlockImpl::run(const torch::Tensor& x, AttentionMaps* maps
   }
   auto shape = x.sizes().vec();
   shape[1] = inter_;
-  auto out = bn.forward(pointwise(z, y.view(shape)));
-  // In place is safe: BN's backward does not need its output.
-  out.add_(x);
+  const auto projected = pointwise(z, y.view(shape));
+  torch::Tensor out;
+  const auto& bn_options = batch_norm_options(bn);
+  if (is_training() && bn_options.affine() && batch_norm_add_applicable(projected, x)) {
+    // BN with batch statistics and the residual add in one op; the running statistics and
+    // their count as torch::nn::BatchNorm keeps them.
+    const auto buffers = bn.ptr()->named_buffers();
+    const auto params = bn.ptr()->named_parameters();
+    double factor = bn_options.momentum().has_value() ? *bn_options.momentum() : 0.0;
+    torch::Tensor running_mean, running_var;
+    if (bn_options.track_running_stats()) {
+      auto count = buffers["num_batches_tracked"];
+      {
+        torch::NoGradGuard no_grad;
+        count.add_(1);
+      }
+      if (!bn_options.momentum().has_value()) factor = 1.0 / count.item<double>();
+      running_mean = buffers["running_mean"];
+      running_var = buffers["running_var"];
+    }
+    out = batch_norm_add(projected, x, params["weight"], params["bias"], running_mean, running_var,
+                         factor, bn_options.eps());
+  } else {
+    out = bn.forward(projected);
+    out.add_(x);  // in place is safe: BN's backward does not need its output
+  }
 
   if (maps != nullptr) {
     std::vector<int64_t> selected = options.map_queries();
@@ -490,7 +520,7 @@ torch::Tensor NonLocalBlockImpl::run_inference(const torch::Tensor& x) {
   const bool gaussian = mode_ == Mode::Gaussian;
   const int64_t c = options.channels(), inter = inter_;
   auto versions = tensor_versions(*this);
-  if (versions != plan.versions) {
+  if (versions.empty() || versions != plan.versions) {
     auto matrix = [&](torch::nn::AnyModule& conv, int64_t rows, int64_t cols) {
       return conv.ptr()->named_parameters()["weight"].reshape({rows, cols});
     };
@@ -501,7 +531,7 @@ torch::Tensor NonLocalBlockImpl::run_inference(const torch::Tensor& x) {
     const auto bn_params = bn.ptr()->named_parameters();
     const auto bn_buffers = bn.ptr()->named_buffers();
     const auto inv_std =
-        bn_params["weight"] / torch::sqrt(bn_buffers["running_var"] + batch_norm_eps(bn));
+        bn_params["weight"] / torch::sqrt(bn_buffers["running_var"] + batch_norm_options(bn).eps());
     const auto w_z = matrix(z, c, inter);
     const auto z_bias = bias(z) + torch::mv(w_z, bias(g));
     const auto shift = (z_bias - bn_buffers["running_mean"]) * inv_std + bn_params["bias"];

@@ -780,6 +780,25 @@ TEST(NonLocalBlock, PoolingGradientGoesToTheFirstMaximum) {
   }
 }
 
+TEST(NonLocalBlock, InferencePathWithParametersMadeUnderInferenceMode) {
+  // Inference tensors keep no version counter: nothing folded from them may be reused after an
+  // in-place change.
+  c10::InferenceMode inference;
+  torch::manual_seed(13);
+  NonLocalBlock block(NonLocalOptions(8));
+  randomise(*block);
+  block->eval();
+  const auto x = torch::randn({2, 8, 6, 6});
+  auto reference = [&] {
+    auto block64 = clone_of(block);
+    block64->to(torch::kDouble);
+    return block64->forward(x.to(torch::kDouble));
+  };
+  expect_close(block->forward(x), reference(), 1e-5);
+  block->named_parameters()["z.weight"].mul_(-3.0);
+  expect_close(block->forward(x), reference(), 1e-5);
+}
+
 TEST(NonLocalBlock, InferencePoolingEqualsTheAutogradPath) {
   // Without autograd the 2x max-pool of phi/g runs as a direct loop; with autograd as max_pool.
   // Same maxima, for 1-, 2- and 3-D inputs with odd sizes, pooled first or after the convs.
