@@ -76,9 +76,9 @@ void BM_Conv3x3BN(benchmark::State& state) {
   state.SetItemsProcessed(state.iterations() * batch);
 }
 
-// The attention product of the softmax modes alone, g softmax(theta^T phi)^T, as the oneDNN op
+// The attention product of the softmax modes alone, g softmax(theta^T phi)^T, as dynattn's op
 // (ops/softmax_attention.h) and as ATen's bmm/softmax/bmm, side by side.
-// Args: D (= Dv), Q, K, N, backward, oneDNN op.
+// Args: D (= Dv), Q, K, N, backward, dynattn op.
 void BM_SoftmaxAttention(benchmark::State& state) {
   const int64_t d = state.range(0), q = state.range(1), k = state.range(2), n = state.range(3);
   const bool backward = state.range(4) != 0, fused = state.range(5) != 0;
@@ -86,7 +86,7 @@ void BM_SoftmaxAttention(benchmark::State& state) {
   auto phi = torch::randn({n, d, k}).requires_grad_(backward);
   auto g = torch::randn({n, d, k}).requires_grad_(backward);
   if (fused && !dynattn::softmax_attention_applicable(theta, phi, g)) {
-    state.SkipWithError("built without the oneDNN library");
+    state.SkipWithError("no attention kernel in this build");
     return;
   }
   auto product = [&] {
@@ -172,7 +172,7 @@ BENCHMARK(BM_NonLocal)
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 BENCHMARK(BM_SoftmaxAttention)
-    ->ArgNames({"D", "Q", "K", "N", "bwd", "onednn"})
+    ->ArgNames({"D", "Q", "K", "N", "bwd", "dynattn"})
     ->ArgsProduct({{16}, {196}, {49}, {64}, {0, 1}, {0, 1}})
     ->ArgsProduct({{32}, {49}, {9}, {64}, {0, 1}, {0, 1}})
     ->Unit(benchmark::kMicrosecond)

@@ -88,22 +88,32 @@ def micro_table(micro):
     return sorted(rows, key=lambda r: (r["module"], r["pass"], r["shape"], r["batch"], r["channels_last"]))
 
 
-def attention_product_table(micro):
-    """BM_SoftmaxAttention pairs: the same shape with ATen's operators and with the oneDNN op."""
+def op_table(micro):
+    """The ops of the non-local block's paths next to the ATen form they replace, same run:
+    BM_SoftmaxAttention, BM_PointwiseConv, BM_BatchNormAdd (dynattn:1 vs dynattn:0)."""
     if not micro:
         return []
     t = {b["name"]: b for b in micro["benchmarks"] if b.get("run_type", "iteration") == "iteration"}
-    pat = re.compile(r"BM_SoftmaxAttention/D:(\d+)/Q:(\d+)/K:(\d+)/N:(\d+)/bwd:(\d)/onednn:1/real_time")
+    kinds = [
+        (re.compile(r"BM_SoftmaxAttention/D:(\d+)/Q:(\d+)/K:(\d+)/N:(\d+)/bwd:(\d)/dynattn:1/real_time"),
+         lambda m: ("g softmax(theta^T phi)^T", f"D={m[1]}, Q={m[2]}, K={m[3]}", m[4], m[5] == "1")),
+        (re.compile(r"BM_PointwiseConv/Cin:(\d+)/Cout:(\d+)/HW:(\d+)/N:(\d+)/bwd:(\d)/dynattn:1/real_time"),
+         lambda m: ("1x1 conv + bias", f"{m[1]} -> {m[2]}, {m[3]}x{m[3]}", m[4], m[5] == "1")),
+        (re.compile(r"BM_BatchNormAdd/C:(\d+)/HW:(\d+)/N:(\d+)/dynattn:1/real_time"),
+         lambda m: ("training BN + residual add", f"C={m[1]}, {m[2]}x{m[2]}", m[3], True)),
+    ]
     rows = []
     for name, b in t.items():
-        m = pat.fullmatch(name)
-        aten = t.get(name.replace("/onednn:1/", "/onednn:0/"))
-        if not m or not aten or b.get("error_occurred") or aten.get("error_occurred"):
-            continue
-        rows.append({"D": int(m.group(1)), "Q": int(m.group(2)), "K": int(m.group(3)), "N": int(m.group(4)),
-                     "pass": "forward+backward" if m.group(5) == "1" else "forward",
-                     "aten_ms": aten["real_time"] / 1e3, "op_ms": b["real_time"] / 1e3})
-    return sorted(rows, key=lambda r: (-r["Q"], r["pass"]))
+        for pat, describe in kinds:
+            m = pat.fullmatch(name)
+            aten = t.get(name.replace("/dynattn:1/", "/dynattn:0/"))
+            if not m or not aten or b.get("error_occurred") or aten.get("error_occurred"):
+                continue
+            op, shape, n, backward = describe(m)
+            rows.append({"op": op, "shape": shape, "N": int(n),
+                         "pass": "forward+backward" if backward else "forward",
+                         "aten_ms": aten["real_time"] / 1e3, "op_ms": b["real_time"] / 1e3})
+    return sorted(rows, key=lambda r: (r["op"], r["shape"], r["pass"]))
 
 
 def main():
@@ -150,7 +160,7 @@ def main():
                              "macs_overhead": m["macs_per_image"] / ref["macs_per_image"] - 1})
     micro_json = load(os.path.join(a.run, "micro.json"))
     micro = micro_table(micro_json)
-    products = attention_product_table(micro_json)
+    products = op_table(micro_json)
     out = {"command": "experiments/attention", "machine": cpu_name(), "recipe": a.recipe,
            "epochs": a.epochs, "seeds": a.seeds, "results": results, "cost": cost, "micro": micro,
            "attention_product": products}
@@ -229,12 +239,14 @@ def main():
                          for m in bad) + "."))
         L.append("")
     if products:
-        L += ["### The non-local attention product: oneDNN op vs ATen\n",
-              "`g softmax(theta^T phi)^T` alone (`BM_SoftmaxAttention`, same run, one thread): the op of "
-              "ops/softmax_attention.h, which the softmax modes of `nl` use, against ATen's bmm, softmax, bmm.\n",
-              "| D | Q | K | N | pass | ATen ms | oneDNN op ms | speed-up |", "|---|---|---|---|---|---|---|---|"]
+        L += ["### The non-local block's ops vs the ATen form they replace\n",
+              "Same run, one thread: `BM_SoftmaxAttention` (ops/softmax_attention.h against ATen's bmm, "
+              "softmax, bmm), `BM_PointwiseConv` (ops/pointwise_conv.h against torch::conv2d), "
+              "`BM_BatchNormAdd` (ops/batch_norm_add.h against torch::batch_norm + add). `nl` uses them "
+              "on float CPU input (the kernel selection switch on).\n",
+              "| op | shape | N | pass | ATen ms | dynattn ms | speed-up |", "|---|---|---|---|---|---|---|"]
         for r in products:
-            L.append(f"| {r['D']} | {r['Q']} | {r['K']} | {r['N']} | {r['pass']} | {r['aten_ms']:.3f} | "
+            L.append(f"| {r['op']} | {r['shape']} | {r['N']} | {r['pass']} | {r['aten_ms']:.3f} | "
                      f"{r['op_ms']:.3f} | {r['aten_ms'] / r['op_ms']:.2f}x |")
         L.append("")
     pngs = [p for p in ("cbam", "bam", "nl") if os.path.exists(os.path.join(os.path.dirname(a.out), f"attention_{p}.png"))]

@@ -18,17 +18,15 @@ using namespace detail::vec16;
 DYNATTN_KERNEL_CLONES
 double segment_sum(const float* data, int64_t count, int64_t length, int64_t stride, bool squares,
                    float centre) {
-  Vec acc[2] = {};
+  Vec acc{};
   double tail = 0.0;
   for (int64_t s = 0; s < count; ++s) {
     const float* p = data + s * stride;
     int64_t i = 0;
-    for (; i + 2 * kLanes <= length; i += 2 * kLanes) {
-      for (int u = 0; u < 2; ++u) {
-        const Vec v = load(p + i + u * kLanes, kLanes);
-        const Vec d = v - centre;
-        acc[u] += squares ? d * d : v;
-      }
+    for (; i + kLanes <= length; i += kLanes) {
+      const Vec v = load(p + i, kLanes);
+      const Vec d = v - centre;
+      acc += squares ? d * d : v;
     }
     for (; i < length; ++i) {
       const double d = static_cast<double>(p[i]) - (squares ? centre : 0.0);
@@ -36,8 +34,7 @@ double segment_sum(const float* data, int64_t count, int64_t length, int64_t str
     }
   }
   double total = tail;
-  for (int u = 0; u < 2; ++u)
-    for (int l = 0; l < kLanes; ++l) total += acc[u][l];
+  for (int l = 0; l < kLanes; ++l) total += acc[l];
   return total;
 }
 

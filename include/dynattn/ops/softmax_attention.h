@@ -1,20 +1,21 @@
 // The attention product of the non-local block's softmax modes (embedded and plain gaussian,
-// Wang et al., CVPR 2018, eq. 2-3), as one op with its own backward on oneDNN's batched matmul
-// and softmax kernels:
+// Wang et al., CVPR 2018, eq. 2-3), as one op with its own backward:
 //
-//   y[n] = g[n] softmax_keys(theta[n]^T phi[n])^T     theta [N, D, Q], phi [N, D, K],
-//                                                     g [N, Dv, K]  ->  y [N, Dv, Q]
+//   y[n] = g[n] softmax_keys(scale theta[n]^T phi[n])^T     theta [N, D, Q], phi [N, D, K],
+//                                                           g [N, Dv, K]  ->  y [N, Dv, Q]
 //
-// Why: LibTorch 1.13 runs torch::bmm on the CPU as one BLAS call per sample plus a select per
-// operand; oneDNN's brgemm matmul takes the whole batch in one call. BM_SoftmaxAttention
-// (bench/bench_attention_nonlocal.cpp) times this op against ATen's bmm/softmax/bmm at the
-// shapes of a non-local block in stages 2 and 3 of a CIFAR ResNet. The backward (dtheta, dphi, dg)
-// is four more batched products and oneDNN's softmax backward, on the softmax output saved by the
-// forward (what ATen's own backward saves too).
+// Two implementations. A hand-written CPU kernel (src/ops/attention_kernel.h): 16 queries per
+// vector, the logits, softmax and both products of a block in registers and L1, the affinity
+// never written out in [Q, K] form; used while phi and g of one image fit in L2 ((D + Dv) K <=
+// 2^16 floats). Beyond that, oneDNN's batched matmul and softmax (when built with the oneDNN
+// library), whose GEMMs reuse large operands better. BM_SoftmaxAttention
+// (bench/bench_attention_nonlocal.cpp) times the op against ATen's bmm/softmax/bmm at the shapes
+// of a non-local block in stages 2 and 3 of a CIFAR ResNet. The backward (dtheta, dphi, dg) works
+// from the softmax output the forward saves (what ATen's own backward saves too).
 //
-// Applies to CPU float tensors when dynattn was built with the oneDNN library and the kernel
-// selection switch (ops/conv2d.h) is on; callers keep the ATen form otherwise. Double backward
-// is not supported (the ATen form, `--kernels aten`, supports it).
+// Applies to CPU float tensors when either implementation is in the build (the kernel needs GCC
+// or Clang) and the kernel selection switch (ops/conv2d.h) is on; callers keep the ATen form
+// otherwise. Double backward is not supported (the ATen form, `--kernels aten`, supports it).
 #pragma once
 #include <torch/torch.h>
 
