@@ -1,6 +1,7 @@
 #include "dynattn/attention/non_local.h"
 
 #include "../ops/attention_kernel.h"
+#include "../ops/batch_norm_add_kernels.h"
 #include "../ops/strided_matmul.h"
 #include "dynattn/ops/batch_norm_add.h"
 #include "dynattn/ops/conv2d.h"
@@ -91,6 +92,38 @@ inline void window_gradient(float m, float g, const float* r0, const float* r1, 
   d1[2 * j + 1] = e3 ? g : 0.0f;
 }
 
+// The input gradient of halve_by_max_direct(t, count) = pooled for the output gradient dy
+// (contiguous): each window's gradient to its first maximum, or its last NaN.
+torch::Tensor halve_by_max_gradient(const torch::Tensor& t, const torch::Tensor& pooled,
+                                    const torch::Tensor& dy, int64_t count) {
+  const int64_t w = t.size(-1), h = count == 2 ? t.size(-2) : 1;
+  const int64_t ow = w / 2, oh = count == 2 ? h / 2 : 1;
+  // Every element of a window is written; only an odd size leaves elements outside them.
+  auto dx = (w % 2 != 0 || h % 2 != 0) ? torch::zeros_like(t) : torch::empty_like(t);
+  const int64_t planes = t.numel() / (h * w);
+  const float *x = t.data_ptr<float>(), *m = pooled.data_ptr<float>(), *g = dy.data_ptr<float>();
+  float* out = dx.data_ptr<float>();
+  at::parallel_for(0, planes, std::max<int64_t>(1, 16384 / (h * w)), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t i = 0; i < oh; ++i) {
+        const int64_t row = (p * h + i * (count == 2 ? 2 : 1)) * w, o = (p * oh + i) * ow;
+        if (count == 2) {
+          for (int64_t j = 0; j < ow; ++j)
+            window_gradient(m[o + j], g[o + j], x + row, x + row + w, out + row, out + row + w, j);
+        } else {
+          for (int64_t j = 0; j < ow; ++j) {
+            const float v0 = x[row + 2 * j], v1 = x[row + 2 * j + 1], top = m[o + j];
+            const bool second = top != top ? v1 != v1 : (v1 == top) & (v0 != top);
+            out[row + 2 * j] = second ? 0.0f : g[o + j];
+            out[row + 2 * j + 1] = second ? g[o + j] : 0.0f;
+          }
+        }
+      }
+    }
+  });
+  return dx;
+}
+
 // halve_by_max under autograd on a contiguous float CPU tensor: the direct forward, and a
 // backward that finds each window's maximum again from the saved input and output. LibTorch
 // 1.13's CPU max_pool2d took 2.5 ms forward and 1.5 ms backward at N=64, C=32, 14x14 under the
@@ -107,36 +140,9 @@ struct HalveByMaxFunction : torch::autograd::Function<HalveByMaxFunction> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const auto &t = saved[0], &pooled = saved[1];
-    const int64_t count = ctx->saved_data["count"].toInt();
-    const auto dy = grads[0].contiguous();
-    const int64_t w = t.size(-1), h = count == 2 ? t.size(-2) : 1;
-    const int64_t ow = w / 2, oh = count == 2 ? h / 2 : 1;
-    // Every element of a window is written; only an odd size leaves elements outside them.
-    auto dx = (w % 2 != 0 || h % 2 != 0) ? torch::zeros_like(t) : torch::empty_like(t);
-    const int64_t planes = t.numel() / (h * w);
-    const float *x = t.data_ptr<float>(), *m = pooled.data_ptr<float>(), *g = dy.data_ptr<float>();
-    float* out = dx.data_ptr<float>();
-    at::parallel_for(0, planes, std::max<int64_t>(1, 16384 / (h * w)), [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        for (int64_t i = 0; i < oh; ++i) {
-          const int64_t row = (p * h + i * (count == 2 ? 2 : 1)) * w, o = (p * oh + i) * ow;
-          if (count == 2) {
-            for (int64_t j = 0; j < ow; ++j)
-              window_gradient(m[o + j], g[o + j], x + row, x + row + w, out + row, out + row + w,
-                              j);
-          } else {
-            for (int64_t j = 0; j < ow; ++j) {
-              const float v0 = x[row + 2 * j], v1 = x[row + 2 * j + 1], top = m[o + j];
-              const bool second = top != top ? v1 != v1 : (v1 == top) & (v0 != top);
-              out[row + 2 * j] = second ? 0.0f : g[o + j];
-              out[row + 2 * j + 1] = second ? g[o + j] : 0.0f;
-            }
-          }
-        }
-      }
-    });
-    return {dx, torch::Tensor()};
+    return {halve_by_max_gradient(saved[0], saved[1], grads[0].contiguous(),
+                                  ctx->saved_data["count"].toInt()),
+            torch::Tensor()};
   }
 };
 
@@ -397,9 +403,244 @@ torch::Tensor NonLocalBlockImpl::affinity(const Projections& p, const torch::Ten
   }
 }
 
+#ifdef DYNATTN_HAVE_ONEDNN
+namespace {
+
+// Sum over the batch of out[n] = a[n] b[n]^T, a [N, r, m] and b [N, c, m] contiguous: a weight's
+// gradient [r, c] from its output gradient and input.
+torch::Tensor weight_gradient(const torch::Tensor& a, const torch::Tensor& b) {
+  const int64_t n = a.size(0), r = a.size(1), m = a.size(2), c = b.size(1);
+  auto per_sample = torch::empty({n, r, c}, a.options());
+  detail::strided_matmul(detail::row_major(n, r, m), a.data_ptr<float>(),
+                         detail::transposed(n, m, c), b.data_ptr<float>(),
+                         detail::row_major(n, r, c), per_sample.data_ptr<float>());
+  return per_sample.sum(0);
+}
+
+// The embedded-gaussian block in training mode as one autograd node: the projections as
+// shared-weight products, the attention kernel, BN with batch statistics and the residual add,
+// and the backward of all of them by hand. Inputs: x, then the 2-D weights w_theta, w_phi, w_g
+// [inter, C], w_z [C, inter], theta's bias, BN's weight and bias, then the biases that cannot
+// change the output in training mode: phi's (the softmax cancels theta_i^T b for every key of
+// query i), g's and z's (a constant per channel, which BN's batch mean removes). Their
+// gradients are exactly 0; their only effect, on BN's running mean, is added by the caller.
+struct NonLocalTrainingFunction : torch::autograd::Function<NonLocalTrainingFunction> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& w_theta, const torch::Tensor& w_phi,
+                               const torch::Tensor& w_g, const torch::Tensor& w_z,
+                               const torch::Tensor& b_theta, const torch::Tensor& gamma,
+                               const torch::Tensor& beta, const torch::Tensor& b_phi,
+                               const torch::Tensor& b_g, const torch::Tensor& b_z,
+                               torch::Tensor running_mean, torch::Tensor running_var, double factor,
+                               double eps, double scale, int64_t pooled_dims) {
+    const int64_t n = x.size(0), c = x.size(1), q = x.numel() / (n * c), inter = w_theta.size(0);
+    auto theta = torch::empty({n, inter, q}, x.options());
+    detail::strided_matmul(detail::row_major(1, inter, c), w_theta.data_ptr<float>(),
+                           detail::row_major(n, c, q), x.data_ptr<float>(),
+                           detail::row_major(n, inter, q), theta.data_ptr<float>());
+    const auto pooled = pooled_dims > 0 ? halve_by_max_direct(x, pooled_dims) : x;
+    const int64_t k = pooled.numel() / (n * c);
+    const auto w_keys = torch::cat({w_phi, w_g}, 0);
+    auto keys = torch::empty({n, 2 * inter, k}, x.options());  // phi, then g, per image
+    detail::strided_matmul(detail::row_major(1, 2 * inter, c), w_keys.data_ptr<float>(),
+                           detail::row_major(n, c, k), pooled.data_ptr<float>(),
+                           detail::row_major(n, 2 * inter, k), keys.data_ptr<float>());
+    auto y = torch::empty({n, inter, q}, x.options());
+    auto probs = torch::empty({n, detail::attention_kernel_probs_size(q, k)}, x.options());
+    const auto args = kernel_args(theta, b_theta, keys, probs, n, inter, q, k, scale);
+    at::parallel_for(0, n, 1, [&](int64_t n0, int64_t n1) {
+      auto part = slice(args, n0, n1);
+      part.y = y.data_ptr<float>() + n0 * inter * q;
+      part.y_stride = inter * q;
+      detail::attention_kernel_forward(part);
+    });
+    auto z = torch::empty({n, c, q}, x.options());
+    detail::strided_matmul(detail::row_major(1, c, inter), w_z.data_ptr<float>(),
+                           detail::row_major(n, inter, q), y.data_ptr<float>(),
+                           detail::row_major(n, c, q), z.data_ptr<float>());
+    torch::Tensor out, mean, inv_std;
+    detail::batch_norm_add_forward(z, x.view({n, c, q}), gamma, beta, running_mean, running_var,
+                                   factor, eps, out, mean, inv_std);
+    record_macs("dynattn::pointwise_conv", n * inter * c * (2 * q + 2 * k));
+    record_macs("dynattn::softmax_attention", n * q * k * 2 * inter);
+    ctx->save_for_backward(
+        {x, pooled, theta, keys, probs, y, z, mean, inv_std, w_theta, w_keys, w_z, b_theta, gamma});
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["pooled_dims"] = pooled_dims;
+    return out.view(x.sizes());
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const auto &x = s[0], &pooled = s[1], &theta = s[2], &keys = s[3], &probs = s[4], &y = s[5],
+               &z = s[6], &mean = s[7], &inv_std = s[8], &w_theta = s[9], &w_keys = s[10],
+               &w_z = s[11], &b_theta = s[12], &gamma = s[13];
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const int64_t pooled_dims = ctx->saved_data["pooled_dims"].toInt();
+    const auto d_out = grads[0].contiguous();
+    const int64_t n = x.size(0), c = x.size(1), q = x.numel() / (n * c), inter = w_theta.size(0),
+                  k = keys.size(2);
+
+    torch::Tensor dz, d_gamma, d_beta;
+    detail::batch_norm_add_backward(z, gamma, mean, inv_std, d_out.view({n, c, q}), dz, d_gamma,
+                                    d_beta);
+    const auto d_wz = weight_gradient(dz, y);
+    auto dy = torch::empty({n, inter, q}, x.options());
+    detail::strided_matmul(detail::transposed(1, inter, c), w_z.data_ptr<float>(),
+                           detail::row_major(n, c, q), dz.data_ptr<float>(),
+                           detail::row_major(n, inter, q), dy.data_ptr<float>());
+
+    auto d_theta = torch::empty({n, inter, q}, x.options());
+    auto d_keys = torch::empty({n, 2 * inter, k}, x.options());
+    const auto args = kernel_args(theta, b_theta, keys, probs, n, inter, q, k, scale);
+    at::parallel_for(0, n, 1, [&](int64_t n0, int64_t n1) {
+      detail::AttentionKernelGrads g;
+      g.dy = dy.data_ptr<float>() + n0 * inter * q;
+      g.dy_stride = inter * q;
+      g.d_theta = d_theta.data_ptr<float>() + n0 * inter * q;
+      g.d_theta_stride = inter * q;
+      g.d_phi = d_keys.data_ptr<float>() + n0 * 2 * inter * k;
+      g.d_phi_stride = 2 * inter * k;
+      g.d_g = g.d_phi + inter * k;
+      g.d_g_stride = 2 * inter * k;
+      detail::attention_kernel_backward(slice(args, n0, n1), g);
+    });
+
+    const auto x3 = x.view({n, c, q});
+    const auto d_w_theta = weight_gradient(d_theta, x3);
+    const auto d_b_theta = d_theta.sum(std::vector<int64_t>{0, 2});
+    const auto d_w_keys = weight_gradient(d_keys, pooled.view({n, c, k}));
+    // dx = w_theta^T d_theta + d_out (the residual), then the key side's share.
+    auto dx = torch::empty_like(x);
+    detail::strided_matmul(detail::transposed(1, c, inter), w_theta.data_ptr<float>(),
+                           detail::row_major(n, inter, q), d_theta.data_ptr<float>(),
+                           detail::row_major(n, c, q), dx.data_ptr<float>(),
+                           d_out.data_ptr<float>());
+    auto d_pooled = torch::empty_like(pooled);
+    detail::strided_matmul(detail::transposed(1, c, 2 * inter), w_keys.data_ptr<float>(),
+                           detail::row_major(n, 2 * inter, k), d_keys.data_ptr<float>(),
+                           detail::row_major(n, c, k), d_pooled.data_ptr<float>());
+    dx.add_(pooled_dims > 0 ? halve_by_max_gradient(x, pooled, d_pooled, pooled_dims) : d_pooled);
+    return {dx,
+            d_w_theta,
+            d_w_keys.narrow(0, 0, inter),
+            d_w_keys.narrow(0, inter, inter),
+            d_wz,
+            d_b_theta,
+            d_gamma,
+            d_beta,
+            torch::zeros({inter}, x.options()),  // b_phi, b_g, b_z: exactly 0 (see above)
+            torch::zeros({inter}, x.options()),
+            torch::zeros({c}, x.options()),
+            {},
+            {},
+            {},
+            {},
+            {},
+            {}};
+  }
+
+  static detail::AttentionKernelArgs kernel_args(
+      const torch::Tensor& theta, const torch::Tensor& b_theta, const torch::Tensor& keys,
+      const torch::Tensor& probs, int64_t n, int64_t inter, int64_t q, int64_t k, double scale) {
+    detail::AttentionKernelArgs a;
+    a.theta = theta.data_ptr<float>();
+    a.theta_stride = inter * q;
+    a.theta_bias = b_theta.data_ptr<float>();
+    a.phi = keys.data_ptr<float>();
+    a.phi_stride = 2 * inter * k;
+    a.g = a.phi + inter * k;
+    a.g_stride = 2 * inter * k;
+    a.probs = const_cast<float*>(probs.data_ptr<float>());
+    a.count = n;
+    a.d = inter;
+    a.dv = inter;
+    a.q = q;
+    a.k = k;
+    a.scale = static_cast<float>(scale);
+    return a;
+  }
+
+  // Images [n0, n1) of a.
+  static detail::AttentionKernelArgs slice(detail::AttentionKernelArgs a, int64_t n0, int64_t n1) {
+    a.theta += n0 * a.theta_stride;
+    a.phi += n0 * a.phi_stride;
+    a.g += n0 * a.g_stride;
+    a.probs += n0 * detail::attention_kernel_probs_size(a.q, a.k);
+    a.count = n1 - n0;
+    return a;
+  }
+};
+
+}  // namespace
+#endif
+
+bool NonLocalBlockImpl::training_path_applies(const torch::Tensor& x) const {
+#ifdef DYNATTN_HAVE_ONEDNN
+  if (!is_training() || mode_ != Mode::Embedded || (options.subsample() && !options.pool_first()) ||
+      !conv2d_kernel_selection_enabled() || !x.is_cpu() || x.scalar_type() != torch::kFloat ||
+      !x.is_contiguous() || x.numel() == 0 || !batch_norm_options(bn).affine())
+    return false;
+  const int64_t pooled_dims = std::min<int64_t>(options.dims(), 2);
+  int64_t keys = 1;
+  for (int64_t d = x.dim() - options.dims(); d < x.dim(); ++d) {
+    const bool pooled = options.subsample() && d >= x.dim() - pooled_dims;
+    if (pooled && x.size(d) < 2) return false;  // run() reports it
+    keys *= pooled ? x.size(d) / 2 : x.size(d);
+  }
+  return detail::attention_kernel_suits(inter_, inter_, keys);
+#else
+  return false;
+#endif
+}
+
+torch::Tensor NonLocalBlockImpl::run_training(const torch::Tensor& x) {
+#ifndef DYNATTN_HAVE_ONEDNN
+  TORCH_CHECK(false, kModule, ": built without the oneDNN library");
+#else
+  const int64_t c = options.channels(), inter = inter_;
+  auto matrix = [](torch::nn::AnyModule& conv, int64_t rows, int64_t cols) {
+    return conv.ptr()->named_parameters()["weight"].view({rows, cols});
+  };
+  auto param = [](torch::nn::AnyModule& m, const char* name) {
+    return m.ptr()->named_parameters()[name];
+  };
+  const auto& bn_options = batch_norm_options(bn);
+  const auto buffers = bn.ptr()->named_buffers();
+  double factor = bn_options.momentum().has_value() ? *bn_options.momentum() : 0.0;
+  torch::Tensor running_mean = torch::empty({0}, x.options()), running_var = running_mean;
+  if (bn_options.track_running_stats()) {
+    auto count = buffers["num_batches_tracked"];
+    {
+      torch::NoGradGuard no_grad;
+      count.add_(1);
+    }
+    if (!bn_options.momentum().has_value()) factor = 1.0 / count.item<double>();
+    running_mean = buffers["running_mean"];
+    running_var = buffers["running_var"];
+  }
+  const int64_t pooled_dims = options.subsample() ? std::min<int64_t>(options.dims(), 2) : 0;
+  auto out = NonLocalTrainingFunction::apply(
+      x, matrix(theta, inter, c), matrix(phi, inter, c), matrix(g, inter, c), matrix(z, c, inter),
+      param(theta, "bias"), param(bn, "weight"), param(bn, "bias"), param(phi, "bias"),
+      param(g, "bias"), param(z, "bias"), running_mean, running_var, factor, bn_options.eps(),
+      logit_scale_, pooled_dims);
+  if (bn_options.track_running_stats()) {
+    // The batch mean BN saw was of W_z y; the block's z also adds W_z b_g + b_z (a product
+    // written as mul + sum: bookkeeping, not a MAC of the block's forward).
+    torch::NoGradGuard no_grad;
+    const auto shift = (matrix(z, c, inter) * param(g, "bias")).sum(1) + param(z, "bias");
+    running_mean.add_(shift * factor);
+  }
+  return out;
+#endif
+}
+
 torch::Tensor NonLocalBlockImpl::run(const torch::Tensor& x, AttentionMaps* maps) {
   check_attention_input(kModule, x, options.channels(), options.dims());
   if (maps == nullptr && inference_path_applies(x)) return run_inference(x);
+  if (maps == nullptr && training_path_applies(x)) return run_training(x);
   Projections p = project(x);
   const int64_t batch = x.size(0);
   const int64_t queries = p.theta.size(2);

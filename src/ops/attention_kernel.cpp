@@ -28,6 +28,13 @@ namespace {
 
 using namespace vec16;
 
+// s in the first `lanes` lanes, 0 after them.
+DYNATTN_ALWAYS_INLINE Vec load_bias(float s, int64_t lanes) {
+  Vec v{};
+  for (int64_t l = 0; l < lanes; ++l) v[l] = s;
+  return v;
+}
+
 // exp(x) for x <= 0 (logits minus their row maximum): Cephes' single-precision polynomial after
 // x = n ln2 + r, within ~2 ulp; below -87 the result is clamped to ~1.6e-38, not 0, which
 // changes a probability by less than a float's resolution. NaN stays NaN.
@@ -188,9 +195,9 @@ void forward_impl(const float* theta, const float* phi, const float* g, const fl
 }
 
 DYNATTN_KERNEL_CLONES
-void backward_impl(const float* theta, const float* phi, const float* g, const float* probs,
-                   const float* dy, float* d_theta, float* d_phi, float* d_g, int64_t d, int64_t dv,
-                   int64_t q, int64_t k, float scale, Vec* scratch) {
+void backward_impl(const float* theta, const float* phi, const float* g, const float* theta_bias,
+                   const float* probs, const float* dy, float* d_theta, float* d_phi, float* d_g,
+                   int64_t d, int64_t dv, int64_t q, int64_t k, float scale, Vec* scratch) {
   const int64_t blocks = (q + kLanes - 1) / kLanes;
   Vec* tb = scratch;            // [blocks][d], scaled theta
   Vec* dyb = tb + blocks * d;   // [blocks][dv]
@@ -199,7 +206,13 @@ void backward_impl(const float* theta, const float* phi, const float* g, const f
   const Vec* pb = reinterpret_cast<const Vec*>(probs);
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t q0 = b * kLanes, lanes = std::min(kLanes, q - q0);
-    for (int64_t i = 0; i < d; ++i) tb[b * d + i] = load(theta + i * q + q0, lanes) * scale;
+    for (int64_t i = 0; i < d; ++i) {
+      Vec t = load(theta + i * q + q0, lanes);
+      // The bias only in the real lanes: padding lanes of theta stay 0, as in the forward's sums.
+      if (theta_bias != nullptr)
+        t += (lanes == kLanes ? splat(theta_bias[i]) : load_bias(theta_bias[i], lanes));
+      tb[b * d + i] = t * scale;
+    }
     for (int64_t i = 0; i < dv; ++i) dyb[b * dv + i] = load(dy + i * q + q0, lanes);
     rows_times_matrix(dyb + b * dv, dv, g, k, dp);
     const Vec* p = pb + b * k;
@@ -231,18 +244,19 @@ void attention_kernel_forward(const AttentionKernelArgs& a) {
   }
 }
 
-void attention_kernel_backward(const float* theta, const float* phi, const float* g,
-                               const float* probs, const float* dy, float* d_theta, float* d_phi,
-                               float* d_g, int64_t count, int64_t d, int64_t dv, int64_t q,
-                               int64_t k, float scale) {
-  const int64_t blocks = (q + kLanes - 1) / kLanes;
-  VecBuffer scratch(blocks * (d + dv + k) + k);
-  const int64_t probs_size = attention_kernel_probs_size(q, k);
-  for (int64_t n = 0; n < count; ++n) {
-    backward_impl(theta + n * d * q, phi + n * d * k, g + n * dv * k, probs + n * probs_size,
-                  dy + n * dv * q, d_theta == nullptr ? nullptr : d_theta + n * d * q,
-                  d_phi == nullptr ? nullptr : d_phi + n * d * k,
-                  d_g == nullptr ? nullptr : d_g + n * dv * k, d, dv, q, k, scale, scratch.data());
+void attention_kernel_backward(const AttentionKernelArgs& a, const AttentionKernelGrads& grads) {
+  const int64_t blocks = (a.q + kLanes - 1) / kLanes;
+  VecBuffer scratch(blocks * (a.d + a.dv + a.k) + a.k);
+  const int64_t probs_size = attention_kernel_probs_size(a.q, a.k);
+  auto at = [](float* base, int64_t stride, int64_t n) {
+    return base == nullptr ? nullptr : base + n * stride;
+  };
+  for (int64_t n = 0; n < a.count; ++n) {
+    backward_impl(a.theta + n * a.theta_stride, a.phi + n * a.phi_stride, a.g + n * a.g_stride,
+                  a.theta_bias, a.probs + n * probs_size, grads.dy + n * grads.dy_stride,
+                  at(grads.d_theta, grads.d_theta_stride, n),
+                  at(grads.d_phi, grads.d_phi_stride, n), at(grads.d_g, grads.d_g_stride, n), a.d,
+                  a.dv, a.q, a.k, a.scale, scratch.data());
   }
 }
 
@@ -254,9 +268,7 @@ bool attention_kernel_available() {
 
 void attention_kernel_forward(const AttentionKernelArgs&) {}
 
-void attention_kernel_backward(const float*, const float*, const float*, const float*, const float*,
-                               float*, float*, float*, int64_t, int64_t, int64_t, int64_t, int64_t,
-                               float) {}
+void attention_kernel_backward(const AttentionKernelArgs&, const AttentionKernelGrads&) {}
 
 #endif
 

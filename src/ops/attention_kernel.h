@@ -48,11 +48,21 @@ struct AttentionKernelArgs {
 // y = g softmax_k(scale (theta + theta_bias)^T phi)^T for each image.
 void attention_kernel_forward(const AttentionKernelArgs& args);
 
-// Gradients of the forward (contiguous images, no theta bias) from the probs it saved; d_theta,
-// d_phi or d_g may be null when not needed.
-void attention_kernel_backward(const float* theta, const float* phi, const float* g,
-                               const float* probs, const float* dy, float* d_theta, float* d_phi,
-                               float* d_g, int64_t count, int64_t d, int64_t dv, int64_t q,
-                               int64_t k, float scale);
+// Output gradient and input gradients of one backward, `*_stride` floats from one image to the
+// next; d_theta, d_phi or d_g may be null when not needed (d_theta is also theta_bias's, per
+// image and query).
+struct AttentionKernelGrads {
+  const float* dy = nullptr;
+  int64_t dy_stride = 0;
+  float* d_theta = nullptr;
+  int64_t d_theta_stride = 0;
+  float* d_phi = nullptr;
+  int64_t d_phi_stride = 0;
+  float* d_g = nullptr;
+  int64_t d_g_stride = 0;
+};
+
+// Gradients of attention_kernel_forward(a) from the probs it saved (a.probs; a.y is not read).
+void attention_kernel_backward(const AttentionKernelArgs& a, const AttentionKernelGrads& grads);
 
 }  // namespace dynattn::detail

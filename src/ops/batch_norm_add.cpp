@@ -3,6 +3,7 @@
 #include <cmath>
 #include <utility>
 
+#include "batch_norm_add_kernels.h"
 #include "dynattn/ops/conv2d.h"
 #include "vec16.h"
 
@@ -87,44 +88,96 @@ double segment_sum(const float* data, int64_t count, int64_t length, int64_t str
 }
 #endif
 
+}  // namespace
+
+namespace detail {
+
+void batch_norm_add_forward(const torch::Tensor& z, const torch::Tensor& residual,
+                            const torch::Tensor& weight, const torch::Tensor& bias,
+                            const torch::Tensor& running_mean, const torch::Tensor& running_var,
+                            double factor, double eps, torch::Tensor& out, torch::Tensor& mean,
+                            torch::Tensor& inv_std) {
+  const int64_t n = z.size(0), c = z.size(1), m = z.numel() / (n * c);
+  const double count = static_cast<double>(n * m);
+  out = torch::empty_like(z);
+  mean = torch::empty({c}, z.options());
+  inv_std = torch::empty({c}, z.options());
+  const float *zp = z.data_ptr<float>(), *rp = residual.data_ptr<float>();
+  const float *w = weight.data_ptr<float>(), *b = bias.data_ptr<float>();
+  float *op = out.data_ptr<float>(), *mp = mean.data_ptr<float>(), *ip = inv_std.data_ptr<float>();
+  const bool keep = running_mean.defined() && running_mean.numel() == c;
+  float* rm = keep ? running_mean.data_ptr<float>() : nullptr;
+  float* rv = keep ? running_var.data_ptr<float>() : nullptr;
+  at::parallel_for(0, c, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      const float* first = zp + ch * m;
+      const double mu = segment_sum(first, n, m, c * m, false, 0.0f) / count;
+      const double var = segment_sum(first, n, m, c * m, true, static_cast<float>(mu)) / count;
+      const double inv = 1.0 / std::sqrt(var + eps);
+      mp[ch] = static_cast<float>(mu);
+      ip[ch] = static_cast<float>(inv);
+      const float scale = static_cast<float>(w[ch] * inv);
+      const float shift = static_cast<float>(b[ch] - mu * w[ch] * inv);
+      for (int64_t s = 0; s < n; ++s) {
+        const int64_t offset = (s * c + ch) * m;
+        for (int64_t i = 0; i < m; ++i)
+          op[offset + i] = zp[offset + i] * scale + shift + rp[offset + i];
+      }
+      if (keep) {
+        const double unbiased = count > 1 ? var * count / (count - 1) : var;
+        rm[ch] = static_cast<float>((1 - factor) * rm[ch] + factor * mu);
+        rv[ch] = static_cast<float>((1 - factor) * rv[ch] + factor * unbiased);
+      }
+    }
+  });
+}
+
+void batch_norm_add_backward(const torch::Tensor& z, const torch::Tensor& weight,
+                             const torch::Tensor& mean, const torch::Tensor& inv_std,
+                             const torch::Tensor& dy, torch::Tensor& dz, torch::Tensor& d_weight,
+                             torch::Tensor& d_bias) {
+  const int64_t n = z.size(0), c = z.size(1), m = z.numel() / (n * c);
+  const double count = static_cast<double>(n * m);
+  dz = torch::empty_like(z);
+  d_weight = torch::empty({c}, weight.options());
+  d_bias = torch::empty({c}, weight.options());
+  const float *zp = z.data_ptr<float>(), *gp = dy.data_ptr<float>(), *w = weight.data_ptr<float>(),
+              *mp = mean.data_ptr<float>(), *ip = inv_std.data_ptr<float>();
+  float *dp = dz.data_ptr<float>(), *dw = d_weight.data_ptr<float>(),
+        *db = d_bias.data_ptr<float>();
+  at::parallel_for(0, c, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      const float mu = mp[ch], inv = ip[ch];
+      const auto [sum_dy, sum_dy_centred] =
+          segment_gradient_sums(gp + ch * m, zp + ch * m, n, m, c * m, mu);
+      const double sum_dy_xhat = sum_dy_centred * inv;
+      dw[ch] = static_cast<float>(sum_dy_xhat);
+      db[ch] = static_cast<float>(sum_dy);
+      const float k = w[ch] * inv;
+      const float mean_dy = static_cast<float>(sum_dy / count);
+      const float mean_dy_xhat = static_cast<float>(sum_dy_xhat / count);
+      for (int64_t s = 0; s < n; ++s) {
+        const int64_t offset = (s * c + ch) * m;
+        for (int64_t i = 0; i < m; ++i)
+          dp[offset + i] =
+              k * (gp[offset + i] - mean_dy - (zp[offset + i] - mu) * inv * mean_dy_xhat);
+      }
+    }
+  });
+}
+
+}  // namespace detail
+
+namespace {
+
 struct BatchNormAddFunction : torch::autograd::Function<BatchNormAddFunction> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& z,
                                const torch::Tensor& residual, const torch::Tensor& weight,
                                const torch::Tensor& bias, torch::Tensor running_mean,
                                torch::Tensor running_var, double factor, double eps) {
-    const int64_t n = z.size(0), c = z.size(1), m = z.numel() / (n * c);
-    const double count = static_cast<double>(n * m);
-    auto out = torch::empty_like(z);
-    auto mean = torch::empty({c}, z.options()), inv_std = torch::empty({c}, z.options());
-    const float *zp = z.data_ptr<float>(), *rp = residual.data_ptr<float>();
-    const float *w = weight.data_ptr<float>(), *b = bias.data_ptr<float>();
-    float *op = out.data_ptr<float>(), *mp = mean.data_ptr<float>(),
-          *ip = inv_std.data_ptr<float>();
-    const bool keep = running_mean.defined() && running_mean.numel() == c;
-    float* rm = keep ? running_mean.data_ptr<float>() : nullptr;
-    float* rv = keep ? running_var.data_ptr<float>() : nullptr;
-    at::parallel_for(0, c, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t ch = c0; ch < c1; ++ch) {
-        const float* first = zp + ch * m;
-        const double mu = segment_sum(first, n, m, c * m, false, 0.0f) / count;
-        const double var = segment_sum(first, n, m, c * m, true, static_cast<float>(mu)) / count;
-        const double inv = 1.0 / std::sqrt(var + eps);
-        mp[ch] = static_cast<float>(mu);
-        ip[ch] = static_cast<float>(inv);
-        const float scale = static_cast<float>(w[ch] * inv);
-        const float shift = static_cast<float>(b[ch] - mu * w[ch] * inv);
-        for (int64_t s = 0; s < n; ++s) {
-          const int64_t offset = (s * c + ch) * m;
-          for (int64_t i = 0; i < m; ++i)
-            op[offset + i] = zp[offset + i] * scale + shift + rp[offset + i];
-        }
-        if (keep) {
-          const double unbiased = count > 1 ? var * count / (count - 1) : var;
-          rm[ch] = static_cast<float>((1 - factor) * rm[ch] + factor * mu);
-          rv[ch] = static_cast<float>((1 - factor) * rv[ch] + factor * unbiased);
-        }
-      }
-    });
+    torch::Tensor out, mean, inv_std;
+    detail::batch_norm_add_forward(z, residual, weight, bias, running_mean, running_var, factor,
+                                   eps, out, mean, inv_std);
     ctx->save_for_backward({z, weight, mean, inv_std});
     return out;
   }
@@ -132,37 +185,9 @@ struct BatchNormAddFunction : torch::autograd::Function<BatchNormAddFunction> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const auto &z = saved[0], &weight = saved[1], &mean = saved[2], &inv_std = saved[3];
-    const auto dy = grads[0].contiguous();
-    const int64_t n = z.size(0), c = z.size(1), m = z.numel() / (n * c);
-    const double count = static_cast<double>(n * m);
-    auto dz = torch::empty_like(z);
-    auto d_weight = torch::empty({c}, weight.options()),
-         d_bias = torch::empty({c}, weight.options());
-    const float *zp = z.data_ptr<float>(), *gp = dy.data_ptr<float>(),
-                *w = weight.data_ptr<float>(), *mp = mean.data_ptr<float>(),
-                *ip = inv_std.data_ptr<float>();
-    float *dp = dz.data_ptr<float>(), *dw = d_weight.data_ptr<float>(),
-          *db = d_bias.data_ptr<float>();
-    at::parallel_for(0, c, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t ch = c0; ch < c1; ++ch) {
-        const float mu = mp[ch], inv = ip[ch];
-        const auto [sum_dy, sum_dy_centred] =
-            segment_gradient_sums(gp + ch * m, zp + ch * m, n, m, c * m, mu);
-        const double sum_dy_xhat = sum_dy_centred * inv;
-        dw[ch] = static_cast<float>(sum_dy_xhat);
-        db[ch] = static_cast<float>(sum_dy);
-        const float k = w[ch] * inv;
-        const float mean_dy = static_cast<float>(sum_dy / count);
-        const float mean_dy_xhat = static_cast<float>(sum_dy_xhat / count);
-        for (int64_t s = 0; s < n; ++s) {
-          const int64_t offset = (s * c + ch) * m;
-          for (int64_t i = 0; i < m; ++i)
-            dp[offset + i] =
-                k * (gp[offset + i] - mean_dy - (zp[offset + i] - mu) * inv * mean_dy_xhat);
-        }
-      }
-    });
+    torch::Tensor dz, d_weight, d_bias;
+    detail::batch_norm_add_backward(saved[0], saved[1], saved[2], saved[3], grads[0].contiguous(),
+                                    dz, d_weight, d_bias);
     return {dz, grads[0], d_weight, d_bias, {}, {}, {}, {}};
   }
 };

@@ -87,11 +87,30 @@ struct KernelAttentionFunction : torch::autograd::Function<KernelAttentionFuncti
     };
     const int64_t probs_size = probs.size(1);
     at::parallel_for(0, n, 1, [&](int64_t n0, int64_t n1) {
-      detail::attention_kernel_backward(
-          theta.data_ptr<float>() + n0 * d * q, phi.data_ptr<float>() + n0 * d * k,
-          g.data_ptr<float>() + n0 * dv * k, probs.data_ptr<float>() + n0 * probs_size,
-          dy.data_ptr<float>() + n0 * dv * q, ptr(d_theta, n0 * d * q), ptr(d_phi, n0 * d * k),
-          ptr(d_g, n0 * dv * k), n1 - n0, d, dv, q, k, static_cast<float>(scale));
+      detail::AttentionKernelArgs a;
+      a.theta = theta.data_ptr<float>() + n0 * d * q;
+      a.theta_stride = d * q;
+      a.phi = phi.data_ptr<float>() + n0 * d * k;
+      a.phi_stride = d * k;
+      a.g = g.data_ptr<float>() + n0 * dv * k;
+      a.g_stride = dv * k;
+      a.probs = probs.data_ptr<float>() + n0 * probs_size;
+      a.count = n1 - n0;
+      a.d = d;
+      a.dv = dv;
+      a.q = q;
+      a.k = k;
+      a.scale = static_cast<float>(scale);
+      detail::AttentionKernelGrads out;
+      out.dy = dy.data_ptr<float>() + n0 * dv * q;
+      out.dy_stride = dv * q;
+      out.d_theta = ptr(d_theta, n0 * d * q);
+      out.d_theta_stride = d * q;
+      out.d_phi = ptr(d_phi, n0 * d * k);
+      out.d_phi_stride = d * k;
+      out.d_g = ptr(d_g, n0 * dv * k);
+      out.d_g_stride = dv * k;
+      detail::attention_kernel_backward(a, out);
     });
     return {d_theta, d_phi, d_g, torch::Tensor(), torch::Tensor()};
   }

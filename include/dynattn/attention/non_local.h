@@ -87,6 +87,10 @@ class NonLocalBlockImpl : public torch::nn::Cloneable<NonLocalBlockImpl>, public
   struct InferencePlan;
   bool inference_path_applies(const torch::Tensor& x) const;
   torch::Tensor run_inference(const torch::Tensor& x);
+  // Training (embedded mode) on float CPU input: one autograd node with a hand-written
+  // backward over the same products, the attention kernel and BN + residual.
+  bool training_path_applies(const torch::Tensor& x) const;
+  torch::Tensor run_training(const torch::Tensor& x);
 
   Mode mode_ = Mode::Embedded;
   int64_t inter_ = 0;
