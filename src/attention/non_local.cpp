@@ -75,31 +75,23 @@ torch::Tensor halve_by_max_direct(const torch::Tensor& t, int64_t count) {
   return out;
 }
 
-// The gradient of one pooling window of two (w1, w2 absent) or four elements: to its first
-// maximum, or to its last NaN when the maximum is NaN (max_pool's scan, in double). Branch-free
-// masks, so the loop vectorises: a branch on a comparison is a coin toss on real data.
-inline void window_gradient(float m, float g, const float* r0, const float* r1, float* d0,
-                            float* d1, int64_t j) {
-  const float v0 = r0[2 * j], v1 = r0[2 * j + 1], v2 = r1[2 * j], v3 = r1[2 * j + 1];
-  const bool nan = m != m;
-  const bool e0 = nan ? (v0 != v0) & (v1 == v1) & (v2 == v2) & (v3 == v3) : v0 == m;
-  const bool e1 = nan ? (v1 != v1) & (v2 == v2) & (v3 == v3) : (v1 == m) & !e0;
-  const bool e2 = nan ? (v2 != v2) & (v3 == v3) : (v2 == m) & !e0 & !e1;
-  const bool e3 = nan ? v3 != v3 : (v3 == m) & !e0 & !e1 & !e2;
-  d0[2 * j] = e0 ? g : 0.0f;
-  d0[2 * j + 1] = e1 ? g : 0.0f;
-  d1[2 * j] = e2 ? g : 0.0f;
-  d1[2 * j + 1] = e3 ? g : 0.0f;
+// Which element of a pooling window of four (row-major) gets its gradient: the first maximum
+// m, or the last NaN when m is NaN (max_pool's scan, in double). Integer arithmetic on the
+// comparisons instead of branches: which element is largest is a coin toss on real data.
+inline int window_argmax(float m, float v0, float v1, float v2, float v3) {
+  const int e0 = v0 == m, e1 = v1 == m, e2 = v2 == m;
+  const int first = (1 - e0) * (1 + (1 - e1) * (1 + (1 - e2)));
+  const int n1 = v1 != v1, n2 = v2 != v2, n3 = v3 != v3, nan = m != m;
+  const int last_nan = n3 * 3 + (1 - n3) * (n2 * 2 + (1 - n2) * n1);
+  return nan * last_nan + (1 - nan) * first;
 }
 
-// The input gradient of halve_by_max_direct(t, count) = pooled for the output gradient dy
-// (contiguous): each window's gradient to its first maximum, or its last NaN.
-torch::Tensor halve_by_max_gradient(const torch::Tensor& t, const torch::Tensor& pooled,
-                                    const torch::Tensor& dy, int64_t count) {
+// dx += the input gradient of halve_by_max_direct(t, count) = pooled for the output gradient
+// dy (all contiguous): each window's gradient to the element window_argmax picks.
+void add_halve_by_max_gradient(const torch::Tensor& t, const torch::Tensor& pooled,
+                               const torch::Tensor& dy, int64_t count, torch::Tensor& dx) {
   const int64_t w = t.size(-1), h = count == 2 ? t.size(-2) : 1;
   const int64_t ow = w / 2, oh = count == 2 ? h / 2 : 1;
-  // Every element of a window is written; only an odd size leaves elements outside them.
-  auto dx = (w % 2 != 0 || h % 2 != 0) ? torch::zeros_like(t) : torch::empty_like(t);
   const int64_t planes = t.numel() / (h * w);
   const float *x = t.data_ptr<float>(), *m = pooled.data_ptr<float>(), *g = dy.data_ptr<float>();
   float* out = dx.data_ptr<float>();
@@ -107,21 +99,25 @@ torch::Tensor halve_by_max_gradient(const torch::Tensor& t, const torch::Tensor&
     for (int64_t p = p0; p < p1; ++p) {
       for (int64_t i = 0; i < oh; ++i) {
         const int64_t row = (p * h + i * (count == 2 ? 2 : 1)) * w, o = (p * oh + i) * ow;
+        const float* r0 = x + row;
         if (count == 2) {
-          for (int64_t j = 0; j < ow; ++j)
-            window_gradient(m[o + j], g[o + j], x + row, x + row + w, out + row, out + row + w, j);
+          const float* r1 = r0 + w;
+          for (int64_t j = 0; j < ow; ++j) {
+            const int e =
+                window_argmax(m[o + j], r0[2 * j], r0[2 * j + 1], r1[2 * j], r1[2 * j + 1]);
+            out[row + (e >> 1) * w + 2 * j + (e & 1)] += g[o + j];
+          }
         } else {
           for (int64_t j = 0; j < ow; ++j) {
-            const float v0 = x[row + 2 * j], v1 = x[row + 2 * j + 1], top = m[o + j];
-            const bool second = top != top ? v1 != v1 : (v1 == top) & (v0 != top);
-            out[row + 2 * j] = second ? 0.0f : g[o + j];
-            out[row + 2 * j + 1] = second ? g[o + j] : 0.0f;
+            const float v0 = r0[2 * j], v1 = r0[2 * j + 1], top = m[o + j];
+            // Two elements: as a window of four whose second row repeats nothing larger.
+            const int e = top != top ? (v1 != v1) : (v0 != top);
+            out[row + 2 * j + e] += g[o + j];
           }
         }
       }
     }
   });
-  return dx;
 }
 
 // halve_by_max under autograd on a contiguous float CPU tensor: the direct forward, and a
@@ -140,9 +136,10 @@ struct HalveByMaxFunction : torch::autograd::Function<HalveByMaxFunction> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    return {halve_by_max_gradient(saved[0], saved[1], grads[0].contiguous(),
-                                  ctx->saved_data["count"].toInt()),
-            torch::Tensor()};
+    auto dx = torch::zeros_like(saved[0]);
+    add_halve_by_max_gradient(saved[0], saved[1], grads[0].contiguous(),
+                              ctx->saved_data["count"].toInt(), dx);
+    return {dx, torch::Tensor()};
   }
 };
 
@@ -521,7 +518,11 @@ struct NonLocalTrainingFunction : torch::autograd::Function<NonLocalTrainingFunc
     detail::strided_matmul(detail::transposed(1, c, 2 * inter), w_keys.data_ptr<float>(),
                            detail::row_major(n, 2 * inter, k), d_keys.data_ptr<float>(),
                            detail::row_major(n, c, k), d_pooled.data_ptr<float>());
-    dx.add_(pooled_dims > 0 ? halve_by_max_gradient(x, pooled, d_pooled, pooled_dims) : d_pooled);
+    if (pooled_dims > 0) {
+      add_halve_by_max_gradient(x, pooled, d_pooled, pooled_dims, dx);
+    } else {
+      dx.add_(d_pooled);
+    }
     return {dx,
             d_w_theta,
             d_w_keys.narrow(0, 0, inter),
