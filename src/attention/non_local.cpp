@@ -215,6 +215,19 @@ struct NonLocalBlockImpl::InferencePlan {
 
 namespace {
 
+// The keys of input x (its positions, halved in the sub-sampled dimensions); 0 when one of
+// those has fewer than 2 positions.
+int64_t key_count(const NonLocalOptions& options, const torch::Tensor& x) {
+  const int64_t pooled_dims = std::min<int64_t>(options.dims(), 2);
+  int64_t keys = 1;
+  for (int64_t d = x.dim() - options.dims(); d < x.dim(); ++d) {
+    const bool pooled = options.subsample() && d >= x.dim() - pooled_dims;
+    if (pooled && x.size(d) < 2) return 0;
+    keys *= pooled ? x.size(d) / 2 : x.size(d);
+  }
+  return keys;
+}
+
 const torch::nn::BatchNormOptions& batch_norm_options(const torch::nn::AnyModule& bn) {
   if (const auto* b = bn.ptr()->as<torch::nn::BatchNorm1d>()) return b->options;
   if (const auto* b = bn.ptr()->as<torch::nn::BatchNorm2d>()) return b->options;
@@ -444,12 +457,11 @@ struct NonLocalTrainingFunction : torch::autograd::Function<NonLocalTrainingFunc
                            detail::row_major(n, 2 * inter, k), keys.data_ptr<float>());
     auto y = torch::empty({n, inter, q}, x.options());
     auto probs = torch::empty({n, detail::attention_kernel_probs_size(q, k)}, x.options());
-    const auto args = kernel_args(theta, b_theta, keys, probs, n, inter, q, k, scale);
+    auto args = kernel_args(theta, b_theta, keys, probs, n, inter, q, k, scale);
+    args.y = y.data_ptr<float>();
+    args.y_stride = inter * q;
     at::parallel_for(0, n, 1, [&](int64_t n0, int64_t n1) {
-      auto part = slice(args, n0, n1);
-      part.y = y.data_ptr<float>() + n0 * inter * q;
-      part.y_stride = inter * q;
-      detail::attention_kernel_forward(part);
+      detail::attention_kernel_forward(detail::attention_kernel_images(args, n0, n1));
     });
     auto z = torch::empty({n, c, q}, x.options());
     detail::strided_matmul(detail::row_major(1, c, inter), w_z.data_ptr<float>(),
@@ -501,7 +513,7 @@ struct NonLocalTrainingFunction : torch::autograd::Function<NonLocalTrainingFunc
       g.d_phi_stride = 2 * inter * k;
       g.d_g = g.d_phi + inter * k;
       g.d_g_stride = 2 * inter * k;
-      detail::attention_kernel_backward(slice(args, n0, n1), g);
+      detail::attention_kernel_backward(detail::attention_kernel_images(args, n0, n1), g);
     });
 
     const auto x3 = x.view({n, c, q});
@@ -562,16 +574,6 @@ struct NonLocalTrainingFunction : torch::autograd::Function<NonLocalTrainingFunc
     a.scale = static_cast<float>(scale);
     return a;
   }
-
-  // Images [n0, n1) of a.
-  static detail::AttentionKernelArgs slice(detail::AttentionKernelArgs a, int64_t n0, int64_t n1) {
-    a.theta += n0 * a.theta_stride;
-    a.phi += n0 * a.phi_stride;
-    a.g += n0 * a.g_stride;
-    a.probs += n0 * detail::attention_kernel_probs_size(a.q, a.k);
-    a.count = n1 - n0;
-    return a;
-  }
 };
 
 }  // namespace
@@ -583,13 +585,8 @@ bool NonLocalBlockImpl::training_path_applies(const torch::Tensor& x) const {
       !conv2d_kernel_selection_enabled() || !x.is_cpu() || x.scalar_type() != torch::kFloat ||
       !x.is_contiguous() || x.numel() == 0 || !batch_norm_options(bn).affine())
     return false;
-  const int64_t pooled_dims = std::min<int64_t>(options.dims(), 2);
-  int64_t keys = 1;
-  for (int64_t d = x.dim() - options.dims(); d < x.dim(); ++d) {
-    const bool pooled = options.subsample() && d >= x.dim() - pooled_dims;
-    if (pooled && x.size(d) < 2) return false;  // run() reports it
-    keys *= pooled ? x.size(d) / 2 : x.size(d);
-  }
+  const int64_t keys = key_count(options, x);
+  if (keys == 0) return false;  // run() reports it
   return detail::attention_kernel_suits(inter_, inter_, keys);
 #else
   return false;
@@ -736,13 +733,8 @@ bool NonLocalBlockImpl::inference_path_applies(const torch::Tensor& x) const {
     for (const auto& p : parameters())
       if (p.requires_grad()) return false;
   }
-  const int64_t pooled_dims = std::min<int64_t>(options.dims(), 2);
-  int64_t keys = 1;
-  for (int64_t d = x.dim() - options.dims(); d < x.dim(); ++d) {
-    const bool pooled = options.subsample() && d >= x.dim() - pooled_dims;
-    if (pooled && x.size(d) < 2) return false;  // run() reports it
-    keys *= pooled ? x.size(d) / 2 : x.size(d);
-  }
+  const int64_t keys = key_count(options, x);
+  if (keys == 0) return false;  // run() reports it
   const int64_t d = mode_ == Mode::Gaussian ? options.channels() : inter_;
   const auto bn_buffers = bn.ptr()->named_buffers();
   return detail::attention_kernel_suits(d, inter_, keys) && bn_buffers.contains("running_mean") &&
@@ -838,15 +830,9 @@ torch::Tensor NonLocalBlockImpl::run_inference(const torch::Tensor& x) {
   a.k = k;
   a.scale = static_cast<float>(logit_scale_);
   float* y_data = y.data_ptr<float>();
-  const float *theta0 = a.theta, *phi0 = a.phi, *g0 = a.g;
+  a.y = y_data;
   at::parallel_for(0, n, 1, [&](int64_t n0, int64_t n1) {
-    detail::AttentionKernelArgs part = a;
-    part.theta = theta0 + n0 * a.theta_stride;
-    part.phi = phi0 + n0 * a.phi_stride;
-    part.g = g0 + n0 * a.g_stride;
-    part.y = y_data + n0 * a.y_stride;
-    part.count = n1 - n0;
-    detail::attention_kernel_forward(part);
+    detail::attention_kernel_forward(detail::attention_kernel_images(a, n0, n1));
   });
   record_macs("dynattn::softmax_attention", n * q * k * (a.d + inter));
 

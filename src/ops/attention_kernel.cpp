@@ -22,6 +22,16 @@ int64_t attention_kernel_probs_size(int64_t q, int64_t k) {
   return (q + kQueryBlock - 1) / kQueryBlock * k * kQueryBlock;
 }
 
+AttentionKernelArgs attention_kernel_images(AttentionKernelArgs a, int64_t n0, int64_t n1) {
+  a.theta += n0 * a.theta_stride;
+  a.phi += n0 * a.phi_stride;
+  a.g += n0 * a.g_stride;
+  if (a.y != nullptr) a.y += n0 * a.y_stride;
+  if (a.probs != nullptr) a.probs += n0 * attention_kernel_probs_size(a.q, a.k);
+  a.count = n1 - n0;
+  return a;
+}
+
 #ifdef DYNATTN_HAVE_VEC16
 
 namespace {

@@ -45,6 +45,9 @@ struct AttentionKernelArgs {
   float scale = 1.0f;
 };
 
+// Images [n0, n1) of a: the operands (and probs) moved on by n0 images, count n1 - n0.
+AttentionKernelArgs attention_kernel_images(AttentionKernelArgs a, int64_t n0, int64_t n1);
+
 // y = g softmax_k(scale (theta + theta_bias)^T phi)^T for each image.
 void attention_kernel_forward(const AttentionKernelArgs& args);
 

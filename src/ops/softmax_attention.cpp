@@ -32,37 +32,41 @@ bool kernel_fits(const torch::Tensor& phi, const torch::Tensor& g) {
   return detail::attention_kernel_suits(phi.size(1), g.size(1), phi.size(2));
 }
 
+// The kernel's operands for contiguous theta [N, D, Q], phi [N, D, K], g [N, Dv, K].
+detail::AttentionKernelArgs kernel_args(const torch::Tensor& theta, const torch::Tensor& phi,
+                                        const torch::Tensor& g, double scale) {
+  detail::AttentionKernelArgs a;
+  a.d = theta.size(1);
+  a.q = theta.size(2);
+  a.k = phi.size(2);
+  a.dv = g.size(1);
+  a.theta = theta.data_ptr<float>();
+  a.theta_stride = a.d * a.q;
+  a.phi = phi.data_ptr<float>();
+  a.phi_stride = a.d * a.k;
+  a.g = g.data_ptr<float>();
+  a.g_stride = a.dv * a.k;
+  a.count = theta.size(0);
+  a.scale = static_cast<float>(scale);
+  return a;
+}
+
 // The hand-written kernel (attention_kernel.h), images split across threads.
 struct KernelAttentionFunction : torch::autograd::Function<KernelAttentionFunction> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& theta,
                                const torch::Tensor& phi, const torch::Tensor& g, double scale,
                                bool save) {
-    const int64_t n = theta.size(0), d = theta.size(1), q = theta.size(2), k = phi.size(2),
-                  dv = g.size(1);
+    const int64_t n = theta.size(0), q = theta.size(2), k = phi.size(2), dv = g.size(1);
     auto y = torch::empty({n, dv, q}, theta.options());
-    const int64_t probs_size = detail::attention_kernel_probs_size(q, k);
-    auto probs = save ? torch::empty({n, probs_size}, theta.options()) : torch::Tensor();
-    const float *t = theta.data_ptr<float>(), *p = phi.data_ptr<float>(), *v = g.data_ptr<float>();
-    float* out = y.data_ptr<float>();
-    float* pr = save ? probs.data_ptr<float>() : nullptr;
+    auto probs = save
+                     ? torch::empty({n, detail::attention_kernel_probs_size(q, k)}, theta.options())
+                     : torch::Tensor();
+    auto a = kernel_args(theta, phi, g, scale);
+    a.y = y.data_ptr<float>();
+    a.y_stride = dv * q;
+    a.probs = save ? probs.data_ptr<float>() : nullptr;
     at::parallel_for(0, n, 1, [&](int64_t n0, int64_t n1) {
-      detail::AttentionKernelArgs a;
-      a.theta = t + n0 * d * q;
-      a.theta_stride = d * q;
-      a.phi = p + n0 * d * k;
-      a.phi_stride = d * k;
-      a.g = v + n0 * dv * k;
-      a.g_stride = dv * k;
-      a.y = out + n0 * dv * q;
-      a.y_stride = dv * q;
-      a.probs = pr ? pr + n0 * probs_size : nullptr;
-      a.count = n1 - n0;
-      a.d = d;
-      a.dv = dv;
-      a.q = q;
-      a.k = k;
-      a.scale = static_cast<float>(scale);
-      detail::attention_kernel_forward(a);
+      detail::attention_kernel_forward(detail::attention_kernel_images(a, n0, n1));
     });
     record_attention_macs(theta, phi, g);
     ctx->save_for_backward({theta, phi, g, probs});
@@ -85,22 +89,9 @@ struct KernelAttentionFunction : torch::autograd::Function<KernelAttentionFuncti
     auto ptr = [](torch::Tensor& t, int64_t offset) {
       return t.defined() ? t.data_ptr<float>() + offset : nullptr;
     };
-    const int64_t probs_size = probs.size(1);
+    auto a = kernel_args(theta, phi, g, scale);
+    a.probs = const_cast<float*>(probs.data_ptr<float>());
     at::parallel_for(0, n, 1, [&](int64_t n0, int64_t n1) {
-      detail::AttentionKernelArgs a;
-      a.theta = theta.data_ptr<float>() + n0 * d * q;
-      a.theta_stride = d * q;
-      a.phi = phi.data_ptr<float>() + n0 * d * k;
-      a.phi_stride = d * k;
-      a.g = g.data_ptr<float>() + n0 * dv * k;
-      a.g_stride = dv * k;
-      a.probs = probs.data_ptr<float>() + n0 * probs_size;
-      a.count = n1 - n0;
-      a.d = d;
-      a.dv = dv;
-      a.q = q;
-      a.k = k;
-      a.scale = static_cast<float>(scale);
       detail::AttentionKernelGrads out;
       out.dy = dy.data_ptr<float>() + n0 * dv * q;
       out.dy_stride = dv * q;
@@ -110,7 +101,7 @@ struct KernelAttentionFunction : torch::autograd::Function<KernelAttentionFuncti
       out.d_phi_stride = d * k;
       out.d_g = ptr(d_g, n0 * dv * k);
       out.d_g_stride = dv * k;
-      detail::attention_kernel_backward(a, out);
+      detail::attention_kernel_backward(detail::attention_kernel_images(a, n0, n1), out);
     });
     return {d_theta, d_phi, d_g, torch::Tensor(), torch::Tensor()};
   }
