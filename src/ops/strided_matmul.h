@@ -5,9 +5,10 @@
 // ATen's oneDNN convolution adds around it; the residual add runs inside the product (a binary
 // post-op), not as a pass of its own.
 //
-// oneDNN 2.6 falls back to a reference kernel (~1000x slower) for some stride patterns, e.g. a
-// transposed src with a shared weight, or a per-row bias: callers keep to the forms the tests
-// and bench/bench_attention_nonlocal.cpp exercise (shared a with plain b and out; transposed b).
+// oneDNN 2.6 falls back to a reference kernel (orders of magnitude slower) for some stride
+// patterns, e.g. a transposed batched a against a shared b, or a per-row bias: callers keep to
+// the forms that ops/pointwise_conv.cpp and the non-local block use (a shared, plain or
+// transposed, with b batched and plain; a batched and plain with b transposed; out plain).
 #pragma once
 #ifdef DYNATTN_HAVE_ONEDNN
 #include <cstdint>

@@ -3,10 +3,10 @@
 // squares), one that writes the output, and two in the backward. The running statistics are
 // updated as torch::nn::BatchNorm does (unbiased variance, the given averaging factor).
 //
-// Why: LibTorch 1.13's CPU batch norm on an NCHW tensor with few channels (the non-local
-// block's 32 at 14x14) spent 2.9 ms of a 64-image training step under the profiler, plus a pass
-// for the add. BM_BatchNormAdd (bench/bench_attention_nonlocal.cpp) times this op against
-// torch::batch_norm + add side by side.
+// Why: LibTorch 1.13's CPU batch norm is slow on an NCHW tensor with few channels (the
+// non-local block's 32 at 14x14), and the add is a pass of its own. BM_BatchNormAdd
+// (bench/bench_attention_nonlocal.cpp) times this op against torch::batch_norm + add side by
+// side.
 //
 // Applies to contiguous float CPU tensors with the kernel selection switch (ops/conv2d.h) on;
 // callers keep the ATen form otherwise. Double backward is not supported.
