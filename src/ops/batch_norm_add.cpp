@@ -130,6 +130,12 @@ void batch_norm_add_forward(const torch::Tensor& z, const torch::Tensor& residua
       }
     }
   });
+  // Written through pointers: bump the versions as an in-place ATen op would, so that what was
+  // derived from the statistics (e.g. a folded inference form) is known to be stale.
+  if (keep) {
+    for (const auto* t : {&running_mean, &running_var})
+      if (!t->is_inference()) t->unsafeGetTensorImpl()->bump_version();
+  }
 }
 
 void batch_norm_add_backward(const torch::Tensor& z, const torch::Tensor& weight,

@@ -843,6 +843,15 @@ TEST(NonLocalBlock, TrainingPathEqualsTheDoubleAtenForm) {
           SCOPED_TRACE("tensor " + std::to_string(i) + ", step " + std::to_string(step));
           expect_close(fused[i], exact[i], 1e-5, 1.0);
         }
+        // The inference form folded from the statistics this step wrote is rebuilt.
+        block->eval();
+        block64->eval();
+        {
+          torch::NoGradGuard no_grad;
+          expect_close(block->forward(x), block64->forward(x.to(torch::kDouble)), 1e-5);
+        }
+        block->train();
+        block64->train();
       }
     }
   }
