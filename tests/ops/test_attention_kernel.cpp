@@ -5,15 +5,9 @@
 #include <torch/torch.h>
 
 #include "../../src/ops/attention_kernel.h"
+#include "test_util.h"
 
-namespace {
-
-double max_rel(const torch::Tensor& got, const torch::Tensor& want) {
-  return (got.to(torch::kDouble) - want.to(torch::kDouble)).abs().max().item<double>() /
-         std::max(1.0, want.abs().max().item<double>());
-}
-
-}  // namespace
+using dynattn::test_util::max_rel;
 
 TEST(AttentionKernel, BiasStridesAndOnesRowAgainstAtenInDouble) {
   if (!dynattn::detail::attention_kernel_available()) GTEST_SKIP() << "no vector extensions";

@@ -9,16 +9,8 @@
 using dynattn::batch_norm_add;
 using dynattn::batch_norm_add_applicable;
 using dynattn::test_util::error_of;
+using dynattn::test_util::max_rel;
 using testing::HasSubstr;
-
-namespace {
-
-double max_rel(const torch::Tensor& got, const torch::Tensor& want) {
-  return (got.to(torch::kDouble) - want.to(torch::kDouble)).abs().max().item<double>() /
-         std::max(1.0, want.abs().max().item<double>());
-}
-
-}  // namespace
 
 TEST(BatchNormAdd, MatchesBatchNormPlusAddInDoubleWithGradientsAndRunningStatistics) {
   torch::manual_seed(21);

@@ -10,6 +10,7 @@
 using dynattn::pointwise_conv;
 using dynattn::pointwise_conv_applicable;
 using dynattn::test_util::error_of;
+using dynattn::test_util::max_rel;
 using testing::HasSubstr;
 
 namespace {
@@ -22,11 +23,6 @@ torch::Tensor aten_conv(const torch::Tensor& x, const torch::Tensor& w, const to
   const auto spatial = x.dim() - 2;
   const std::vector<int64_t> ones(spatial, 1), zeros(spatial, 0);
   return at::convolution(x, w, b, ones, zeros, ones, false, zeros, 1);
-}
-
-double max_rel(const torch::Tensor& got, const torch::Tensor& want) {
-  return (got.to(torch::kDouble) - want.to(torch::kDouble)).abs().max().item<double>() /
-         std::max(1.0, want.abs().max().item<double>());
 }
 
 }  // namespace

@@ -12,6 +12,7 @@
 using dynattn::softmax_attention;
 using dynattn::softmax_attention_applicable;
 using dynattn::test_util::error_of;
+using dynattn::test_util::max_rel;
 using testing::HasSubstr;
 
 namespace {
@@ -25,11 +26,6 @@ bool applies() {
 torch::Tensor reference(const torch::Tensor& theta, const torch::Tensor& phi,
                         const torch::Tensor& g) {
   return torch::bmm(g, torch::softmax(torch::bmm(theta.transpose(1, 2), phi), 2).transpose(1, 2));
-}
-
-double max_rel(const torch::Tensor& got, const torch::Tensor& want) {
-  return (got.to(torch::kDouble) - want.to(torch::kDouble)).abs().max().item<double>() /
-         std::max(1.0, want.abs().max().item<double>());
 }
 
 }  // namespace
