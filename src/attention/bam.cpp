@@ -2,6 +2,7 @@
 
 #include "dynattn/attention/channel_reduction.h"
 #include "dynattn/models/attention_slot.h"
+#include "dynattn/ops/bam_spatial_branch.h"
 #include "dynattn/ops/conv2d.h"
 #include "dynattn/ops/fused_gates.h"
 
@@ -36,7 +37,34 @@ void init_like_official(torch::nn::Module& m) {
     }
   }
 }
+// A gate rebuilt from its options (named layers) with this one's parameters, buffers and mode.
+template <class Gate>
+std::shared_ptr<torch::nn::Module> clone_gate(const Gate& self,
+                                              const torch::optional<torch::Device>& device) {
+  torch::NoGradGuard no_grad;
+  auto copy = std::make_shared<Gate>(self.options);
+  auto params = copy->named_parameters();
+  for (const auto& p : self.named_parameters()) {
+    params[p.key()].set_data(device ? p.value().to(*device) : p.value().clone());
+    params[p.key()].set_requires_grad(p.value().requires_grad());
+  }
+  auto buffers = copy->named_buffers();
+  for (const auto& b : self.named_buffers())
+    buffers[b.key()].set_data(device ? b.value().to(*device) : b.value().clone());
+  copy->train(self.is_training());
+  return copy;
+}
 }  // namespace
+
+std::shared_ptr<torch::nn::Module> BAMChannelGateImpl::clone(
+    const torch::optional<torch::Device>& device) const {
+  return clone_gate(*this, device);
+}
+
+std::shared_ptr<torch::nn::Module> BAMSpatialGateImpl::clone(
+    const torch::optional<torch::Device>& device) const {
+  return clone_gate(*this, device);
+}
 
 BAMChannelGateImpl::BAMChannelGateImpl(BAMOptions options_) : options(std::move(options_)) {
   reset();
@@ -94,31 +122,26 @@ void BAMSpatialGateImpl::reset() {
   init_like_official(*this);
 }
 
+BamSpatialLayers BAMSpatialGateImpl::layers() const {
+  BamSpatialLayers l;
+  l.reduce = gate_s->ptr(0)->as<torch::nn::Conv2d>();
+  l.reduce_bn = gate_s->ptr(1)->as<torch::nn::BatchNorm2d>();
+  for (int i = 0; i < 2; ++i) {
+    l.dilated[i] = gate_s->ptr(3 + 3 * i)->as<torch::nn::Conv2d>();
+    l.dilated_bn[i] = gate_s->ptr(4 + 3 * i)->as<torch::nn::BatchNorm2d>();
+  }
+  l.final_conv = gate_s->ptr(9)->as<torch::nn::Conv2d>();
+  return l;
+}
+
 torch::Tensor BAMSpatialGateImpl::forward(const torch::Tensor& x) {
   check_attention_input("BAM spatial gate", x, options.channels());
-  if (!torch::GradMode::is_enabled() || !conv2d_kernel_selection_enabled())
-    return gate_s->forward(x);
-  // Under autograd, the narrow convs run as same_conv2d (direct loops, or a backward made of
-  // forward operators): LibTorch 1.13's convolution backward is 5-60x slower for a single
-  // channel on one side (N=64, one thread: 16 -> 1 1x1 at 28x28 10.6 vs 1.1 ms; 1 -> 1 dilated
-  // 3x3 5.4 vs 2.6 ms; 2 -> 1 1x1 at 14x14 0.31 vs 0.04 ms); wider ones keep ATen's.
-  // After the reduce conv the branch runs in NCHW whatever x's layout: ATen's channels-last
-  // BatchNorm is slow on so few channels (C=32, 14x14, N=64, rd=2: BN forward+backward 7.5 of a
-  // 13.8 ms step), and the copy is only rd/C of the map.
-  torch::Tensor h = x;
-  bool first = true;
-  for (auto& layer : *gate_s) {
-    const auto* conv = layer.ptr()->as<torch::nn::Conv2d>();
-    if (conv != nullptr && (conv->options.in_channels() == 1 || conv->options.out_channels() == 1 ||
-                            same_conv2d_direct(h, conv->weight))) {
-      h = same_conv2d(h, conv->weight, conv->bias, conv->options.dilation()->at(0));
-    } else {
-      h = layer.forward(h);
-    }
-    if (first) h = h.contiguous();
-    first = false;
-  }
-  return h;
+  // Float CPU input and the layers as reset() builds them: the lane kernels of
+  // ops/bam_spatial_branch.h, forward and backward (LibTorch 1.13's backward of such narrow
+  // convolutions is most of a BAM training step); the ATen form otherwise.
+  const auto l = layers();
+  if (bam_spatial_branch_applicable(x, l)) return bam_spatial_branch(x, l);
+  return gate_s->forward(x);
 }
 
 void BAMSpatialGateImpl::pretty_print(std::ostream& stream) const {

@@ -296,4 +296,144 @@ TEST(BAM, CloneCopiesTheSequentials) {
   EXPECT_TRUE(torch::equal(copy->forward(x), bam->forward(x)));
   EXPECT_NE(copy->named_parameters()[0].value().data_ptr(),
             bam->named_parameters()[0].value().data_ptr());
+  // The official names survive (torch::nn::Sequential's own clone numbers the layers).
+  EXPECT_EQ(copy->named_parameters().keys(), bam->named_parameters().keys());
+  EXPECT_EQ(copy->named_buffers().keys(), bam->named_buffers().keys());
+  auto gate = std::dynamic_pointer_cast<BAMSpatialGateImpl>(bam->spatial_att->clone());
+  ASSERT_TRUE(gate);
+  EXPECT_EQ(gate->named_parameters().keys(), bam->spatial_att->named_parameters().keys());
+  EXPECT_FALSE(gate->is_training());
+}
+
+namespace {
+// The spatial branch on the lane kernels (float) against the ATen form in double, from the same
+// parameters and statistics: M_s, the gradients of x and of every parameter, and the running
+// statistics BN leaves behind.
+void expect_spatial_branch_matches_aten(BAMOptions options, int64_t n, int64_t h, int64_t w,
+                                        bool training, bool channels_last, uint64_t seed) {
+  BAMSpatialGate gate(options);
+  randomize(*gate, seed);
+  auto ref = std::dynamic_pointer_cast<BAMSpatialGateImpl>(gate->clone());
+  ref->to(torch::kDouble);
+  gate->train(training);
+  ref->train(training);
+  auto x = torch::randn({n, options.channels(), h, w}) * 2.0;
+  if (channels_last) x = x.contiguous(torch::MemoryFormat::ChannelsLast);
+  x.requires_grad_();
+  auto xd = x.detach().to(torch::kDouble).requires_grad_();
+  ASSERT_TRUE(bam_spatial_branch_applicable(x, gate->layers()));
+  ASSERT_FALSE(bam_spatial_branch_applicable(xd, ref->layers()));  // double: the ATen form
+
+  auto ms = gate->forward(x);
+  auto ms_ref = ref->forward(xd);
+  ASSERT_EQ(ms.sizes(), ms_ref.sizes());
+  EXPECT_LT(dynattn::test_util::max_rel(ms, ms_ref), 2e-5);
+  const auto dy = torch::randn_like(ms_ref);
+  ms.backward(dy.to(torch::kFloat));
+  ms_ref.backward(dy);
+  EXPECT_LT(dynattn::test_util::max_rel(x.grad(), xd.grad()), 5e-5);
+  auto params = gate->named_parameters();
+  for (const auto& p : ref->named_parameters()) {
+    ASSERT_TRUE(params[p.key()].grad().defined()) << p.key();
+    EXPECT_LT(dynattn::test_util::max_rel(params[p.key()].grad(), p.value().grad()), 5e-5)
+        << p.key();
+  }
+  auto buffers = gate->named_buffers();
+  for (const auto& b : ref->named_buffers()) {
+    if (b.value().scalar_type() == torch::kLong) {
+      EXPECT_TRUE(torch::equal(buffers[b.key()], b.value())) << b.key();
+    } else {
+      EXPECT_LT(dynattn::test_util::max_rel(buffers[b.key()], b.value()), 2e-5) << b.key();
+    }
+  }
+}
+}  // namespace
+
+TEST(BAMSpatialBranch, TrainingEqualsTheDoubleAtenForm) {
+  // Batches that are and are not a multiple of the kernels' 16 lanes, widths that are and are not
+  // a multiple of their 4-channel blocks, dilations that skip taps and ones beyond the map.
+  expect_spatial_branch_matches_aten(
+      BAMOptions(32).rd_channels(3).reduction_policy("explicit").dilation(2), 3, 5, 7, true, false,
+      21);
+  expect_spatial_branch_matches_aten(BAMOptions(16), 17, 7, 7, true, true, 22);  // rd 1
+  expect_spatial_branch_matches_aten(
+      BAMOptions(64).rd_channels(5).reduction_policy("explicit").dilation(1), 5, 6, 4, true, false,
+      23);
+  expect_spatial_branch_matches_aten(BAMOptions(64), 20, 7, 7, true, true, 24);  // rd 4, d 4
+  expect_spatial_branch_matches_aten(
+      BAMOptions(8).rd_channels(2).reduction_policy("explicit").dilation(9), 2, 4, 3, true, false,
+      25);
+}
+
+TEST(BAMSpatialBranch, EvalEqualsTheDoubleAtenForm) {
+  // Eval mode under autograd (a frozen-statistics fine-tune) and without it.
+  expect_spatial_branch_matches_aten(BAMOptions(32), 4, 9, 9, false, false, 26);
+  expect_spatial_branch_matches_aten(BAMOptions(64).rd_channels(6).reduction_policy("explicit"), 18,
+                                     7, 5, false, true, 27);
+  BAMSpatialGate gate(BAMOptions(32).dilation(2));
+  randomize(*gate, 28);
+  gate->eval();
+  auto ref = std::dynamic_pointer_cast<BAMSpatialGateImpl>(gate->clone());
+  ref->to(torch::kDouble);
+  const auto x = torch::randn({3, 32, 6, 6});
+  torch::NoGradGuard no_grad;
+  EXPECT_LT(dynattn::test_util::max_rel(gate->forward(x), ref->forward(x.to(torch::kDouble))),
+            2e-5);
+}
+
+TEST(BAMSpatialBranch, LayersWithoutBiasOrAffineBatchNorm) {
+  const int64_t c = 12, rd = 3, d = 2;
+  auto conv = [](int64_t in, int64_t out, int64_t k, int64_t dil) {
+    return torch::nn::Conv2d(
+        torch::nn::Conv2dOptions(in, out, k).padding(dil * (k / 2)).dilation(dil).bias(false));
+  };
+  auto bn = [] { return torch::nn::BatchNorm2d(torch::nn::BatchNorm2dOptions(rd).affine(false)); };
+  torch::nn::Sequential seq(conv(c, rd, 1, 1), bn(), torch::nn::ReLU(), conv(rd, rd, 3, d), bn(),
+                            torch::nn::ReLU(), conv(rd, rd, 3, d), bn(), torch::nn::ReLU(),
+                            conv(rd, 1, 1, 1));
+  randomize(*seq, 29);
+  auto ref = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(seq->clone());
+  ref->to(torch::kDouble);
+  BamSpatialLayers layers;
+  layers.reduce = seq->ptr(0)->as<torch::nn::Conv2d>();
+  layers.reduce_bn = seq->ptr(1)->as<torch::nn::BatchNorm2d>();
+  layers.dilated[0] = seq->ptr(3)->as<torch::nn::Conv2d>();
+  layers.dilated_bn[0] = seq->ptr(4)->as<torch::nn::BatchNorm2d>();
+  layers.dilated[1] = seq->ptr(6)->as<torch::nn::Conv2d>();
+  layers.dilated_bn[1] = seq->ptr(7)->as<torch::nn::BatchNorm2d>();
+  layers.final_conv = seq->ptr(9)->as<torch::nn::Conv2d>();
+  auto x = torch::randn({4, c, 5, 5}).requires_grad_();
+  auto xd = x.detach().to(torch::kDouble).requires_grad_();
+  auto ms = bam_spatial_branch(x, layers);
+  auto ms_ref = ref->forward(xd);
+  EXPECT_LT(dynattn::test_util::max_rel(ms, ms_ref), 2e-5);
+  ms.sum().backward();
+  ms_ref.sum().backward();
+  EXPECT_LT(dynattn::test_util::max_rel(x.grad(), xd.grad()), 5e-5);
+  auto params = seq->named_parameters();
+  for (const auto& p : ref->named_parameters())
+    EXPECT_LT(dynattn::test_util::max_rel(params[p.key()].grad(), p.value().grad()), 5e-5)
+        << p.key();
+}
+
+TEST(BAMSpatialBranch, OtherLayerShapesKeepTheAtenForm) {
+  BAMSpatialGate gate(BAMOptions(16).dilation(2));
+  const auto x = torch::randn({2, 16, 6, 6});
+  EXPECT_TRUE(bam_spatial_branch_applicable(x, gate->layers()));
+  EXPECT_FALSE(bam_spatial_branch_applicable(x.to(torch::kDouble), gate->layers()));
+  EXPECT_FALSE(bam_spatial_branch_applicable(torch::randn({2, 8, 6, 6}), gate->layers()));
+  EXPECT_FALSE(bam_spatial_branch_applicable(x.transpose(2, 3), gate->layers()));
+  // A padding that is not the dilation (no longer a "same" convolution): the ATen form runs.
+  auto* di = gate->layers().dilated[1];
+  di->options.padding(1);
+  EXPECT_FALSE(bam_spatial_branch_applicable(x, gate->layers()));
+  EXPECT_EQ(gate->forward(x).sizes(), torch::IntArrayRef({2, 1, 4, 4}));
+  EXPECT_THAT(error_of([&] { bam_spatial_branch(x, gate->layers()); }),
+              HasSubstr("bam_spatial_branch: expected a CPU float32 [N,C,H,W] input"));
+  // Training BN with one value per channel is refused, as ATen's BatchNorm does.
+  BAMSpatialGate one(BAMOptions(16));
+  EXPECT_THAT(error_of([&] {
+                one->forward(torch::randn({1, 16, 1, 1}));
+              }),
+              HasSubstr("more than one value per channel"));
 }

@@ -13,6 +13,7 @@
 #include <string>
 
 #include "dynattn/attention/attention_maps.h"
+#include "dynattn/ops/bam_spatial_branch.h"
 
 namespace dynattn {
 
@@ -39,6 +40,9 @@ class BAMChannelGateImpl : public torch::nn::Cloneable<BAMChannelGateImpl> {
   void reset() override;
   torch::Tensor forward(const torch::Tensor& x);
   void pretty_print(std::ostream& stream) const override;
+  // Keeps the layer names (torch::nn::Sequential's own clone numbers them "0", "1", ...).
+  std::shared_ptr<torch::nn::Module> clone(
+      const torch::optional<torch::Device>& device = torch::nullopt) const override;
 
   BAMOptions options;
   int64_t rd_channels = 0;
@@ -56,6 +60,11 @@ class BAMSpatialGateImpl : public torch::nn::Cloneable<BAMSpatialGateImpl> {
   void reset() override;
   torch::Tensor forward(const torch::Tensor& x);
   void pretty_print(std::ostream& stream) const override;
+  // Keeps the layer names, as BAMChannelGateImpl's.
+  std::shared_ptr<torch::nn::Module> clone(
+      const torch::optional<torch::Device>& device = torch::nullopt) const override;
+  // The layers of gate_s, for ops/bam_spatial_branch.h.
+  BamSpatialLayers layers() const;
 
   BAMOptions options;
   int64_t rd_channels = 0;

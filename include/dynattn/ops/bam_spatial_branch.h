@@ -1,0 +1,44 @@
+// BAM's spatial branch (Park et al., BMVC 2018) over a whole batch, forward and backward:
+// M_s = conv_final(relu(bn2(conv_di1(relu(bn1(conv_di0(relu(bn0(conv_reduce(x))))))))), the
+// reduce and final convs 1x1 (C -> rd -> 1), the two middle ones 3x3 with dilation d and padding
+// d, every conv with an optional bias. After the reduce the branch keeps its maps as
+// [rd, H, W, N], the images side by side in the innermost axis: every tap of the dilated convs is
+// then a product of whole vectors, taps that fall in the zero padding are skipped instead of
+// multiplied, and training BN's statistics are one contiguous run per channel.
+//
+// Why: the branch is a handful of MACs per pixel (rd = C / 16: 1 to 4 in ResNet-20's BAM) spread
+// over operators that each pay LibTorch's fixed cost, and LibTorch 1.13's convolution backward
+// is slow for such narrow convolutions (dilated 4 -> 4 at 7x7, N=64: most of a BAM training
+// step). bench/bench_attention_channel.cpp (BM_BamSpatialBranch, BM_AttentionForwardBackward)
+// times it against the ATen form side by side.
+//
+// BN layers in training mode normalise with the batch statistics and update their running
+// statistics and num_batches_tracked as torch::nn::BatchNorm2d does; in eval mode they use the
+// running statistics. Gradients reach x and every parameter when autograd records; the backward
+// is not differentiable again (use --kernels aten for double backward).
+#pragma once
+#include <torch/torch.h>
+
+namespace dynattn {
+
+// The branch's layers, owned by the caller (BAM's spatial gate).
+struct BamSpatialLayers {
+  torch::nn::Conv2dImpl* reduce = nullptr;
+  torch::nn::BatchNorm2dImpl* reduce_bn = nullptr;
+  torch::nn::Conv2dImpl* dilated[2] = {nullptr, nullptr};
+  torch::nn::BatchNorm2dImpl* dilated_bn[2] = {nullptr, nullptr};
+  torch::nn::Conv2dImpl* final_conv = nullptr;
+};
+
+// Whether bam_spatial_branch() computes this branch on x: x a non-empty CPU float32 [N,C,H,W],
+// contiguous or channels-last, the kernel selection switch (ops/conv2d.h) on, and the layers
+// shaped as BAM builds them (1x1 C -> rd, 3x3 rd -> rd with padding = dilation, 1x1 rd -> 1,
+// stride 1, no groups, zero padding; float32 CPU parameters; BN over rd channels). Otherwise the
+// caller keeps the ATen form.
+bool bam_spatial_branch_applicable(const torch::Tensor& x, const BamSpatialLayers& layers);
+
+// M_s before the sigmoid, [N,1,H,W] contiguous. Records autograd when x or a parameter requires
+// grad and grad mode is on.
+torch::Tensor bam_spatial_branch(const torch::Tensor& x, const BamSpatialLayers& layers);
+
+}  // namespace dynattn

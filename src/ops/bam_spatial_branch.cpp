@@ -1,0 +1,869 @@
+#include "dynattn/ops/bam_spatial_branch.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <mutex>
+#include <vector>
+
+#include "dynattn/core/compat.h"
+#include "dynattn/ops/conv2d.h"
+#include "dynattn/profile/mac_counter.h"
+#include "vec16.h"
+
+#ifdef DYNATTN_HAVE_VEC16
+namespace dynattn {
+namespace {
+using namespace detail::vec16;
+
+// Output channels per register block of the convolutions.
+constexpr int64_t kOutBlock = 4;
+
+// Geometry of the lane layout map[ch][pixel][image]: `n` images, `h` x `w` pixels.
+struct Lanes {
+  int64_t n, h, w;
+  int64_t pixels() const { return h * w; }
+  int64_t plane() const { return h * w * n; }
+};
+
+DYNATTN_ALWAYS_INLINE double lanes_total(Vec v) {
+  double total = 0.0;
+  for (int64_t l = 0; l < kLanes; ++l) total += v[l];
+  return total;
+}
+
+// relu(v), a NaN kept (as ATen's relu): a mask, not a select (see vec16.h).
+DYNATTN_ALWAYS_INLINE Vec relu(Vec v) {
+  return (Vec)((IVec)v & ~(v < 0.0f));
+}
+
+// ---- Reductions over a contiguous run of m floats (two vector accumulators, a scalar tail) ----
+
+DYNATTN_ALWAYS_INLINE double run_dot(const float* a, const float* b, int64_t m) {
+  Vec s0{}, s1{};
+  int64_t i = 0;
+  for (; i + 2 * kLanes <= m; i += 2 * kLanes) {
+    s0 += load(a + i, kLanes) * load(b + i, kLanes);
+    s1 += load(a + i + kLanes, kLanes) * load(b + i + kLanes, kLanes);
+  }
+  double total = 0.0;
+  for (; i < m; ++i) total += static_cast<double>(a[i]) * b[i];
+  return total + lanes_total(s0 + s1);
+}
+
+DYNATTN_KERNEL_CLONES
+double sum_of_run(const float* p, int64_t m) {
+  Vec s0{}, s1{};
+  int64_t i = 0;
+  for (; i + 2 * kLanes <= m; i += 2 * kLanes) {
+    s0 += load(p + i, kLanes);
+    s1 += load(p + i + kLanes, kLanes);
+  }
+  double total = 0.0;
+  for (; i < m; ++i) total += p[i];
+  return total + lanes_total(s0 + s1);
+}
+
+DYNATTN_KERNEL_CLONES
+double dot_of_runs(const float* a, const float* b, int64_t m) {
+  return run_dot(a, b, m);
+}
+
+DYNATTN_KERNEL_CLONES
+double centred_squares_of_run(const float* p, int64_t m, float mu) {
+  Vec s0{}, s1{};
+  int64_t i = 0;
+  for (; i + 2 * kLanes <= m; i += 2 * kLanes) {
+    const Vec a = load(p + i, kLanes) - mu, b = load(p + i + kLanes, kLanes) - mu;
+    s0 += a * a;
+    s1 += b * b;
+  }
+  double total = 0.0;
+  for (; i < m; ++i) total += static_cast<double>(p[i] - mu) * (p[i] - mu);
+  return total + lanes_total(s0 + s1);
+}
+
+// ---- The dilated 3x3 convolution over lanes ----
+
+// Taps of output pixel (y, x) that fall inside the map: index ky * 3 + kx and the input pixel's
+// offset (in floats of the lane layout).
+struct Taps {
+  int count = 0;
+  int index[9];
+  int64_t offset[9];
+};
+
+Taps taps_at(int64_t y, int64_t x, int64_t d, const Lanes& g) {
+  Taps t;
+  for (int64_t ky = 0; ky < 3; ++ky) {
+    const int64_t yy = y + (ky - 1) * d;
+    if (yy < 0 || yy >= g.h) continue;
+    for (int64_t kx = 0; kx < 3; ++kx) {
+      const int64_t xx = x + (kx - 1) * d;
+      if (xx < 0 || xx >= g.w) continue;
+      t.index[t.count] = static_cast<int>(ky * 3 + kx);
+      t.offset[t.count] = (yy * g.w + xx) * g.n;
+      ++t.count;
+    }
+  }
+  return t;
+}
+
+// OB output channels from o0, lanes [n0, n0 + lanes) of one output pixel. w [cout][cin][9];
+// out points at channel o0's pixel, lane 0.
+template <int64_t OB>
+DYNATTN_ALWAYS_INLINE void conv_pixel_block(const float* in, int64_t cin, int64_t plane,
+                                            const float* w, const float* bias, int64_t o0,
+                                            const Taps& taps, int64_t n0, int64_t lanes,
+                                            float* out) {
+  Vec acc[OB];
+  for (int64_t o = 0; o < OB; ++o) acc[o] = splat(bias != nullptr ? bias[o0 + o] : 0.0f);
+  for (int64_t i = 0; i < cin; ++i) {
+    for (int t = 0; t < taps.count; ++t) {
+      const Vec v = load(in + i * plane + taps.offset[t] + n0, lanes);
+      const float* wt = w + (o0 * cin + i) * 9 + taps.index[t];
+      for (int64_t o = 0; o < OB; ++o) acc[o] += v * wt[o * cin * 9];
+    }
+  }
+  for (int64_t o = 0; o < OB; ++o) store(out + o * plane + n0, acc[o], lanes);
+}
+
+template <int64_t OB>
+DYNATTN_ALWAYS_INLINE void conv_pixel(const float* in, int64_t cin, int64_t plane, const float* w,
+                                      const float* bias, int64_t o0, const Taps& taps, int64_t n,
+                                      float* out) {
+  int64_t n0 = 0;
+  for (; n0 + kLanes <= n; n0 += kLanes)
+    conv_pixel_block<OB>(in, cin, plane, w, bias, o0, taps, n0, kLanes, out);
+  if (n0 < n) conv_pixel_block<OB>(in, cin, plane, w, bias, o0, taps, n0, n - n0, out);
+}
+
+// out[o][y][x][:] = bias[o] + sum over i and the taps inside the map of
+// w[o][i][ky][kx] in[i][y + (ky - 1) d][x + (kx - 1) d][:], output rows [y0, y1): a "same"
+// 3x3 convolution with dilation d and zero padding d.
+DYNATTN_KERNEL_CLONES
+void dilated_conv_rows(const float* in, int64_t cin, const float* w, const float* bias,
+                       int64_t cout, int64_t d, const Lanes& g, int64_t y0, int64_t y1,
+                       float* out) {
+  const int64_t plane = g.plane();
+  for (int64_t y = y0; y < y1; ++y) {
+    for (int64_t x = 0; x < g.w; ++x) {
+      const Taps taps = taps_at(y, x, d, g);
+      float* dst = out + (y * g.w + x) * g.n;
+      int64_t o0 = 0;
+      for (; o0 + kOutBlock <= cout; o0 += kOutBlock)
+        conv_pixel<kOutBlock>(in, cin, plane, w, bias, o0, taps, g.n, dst + o0 * plane);
+      switch (cout - o0) {
+        case 3:
+          conv_pixel<3>(in, cin, plane, w, bias, o0, taps, g.n, dst + o0 * plane);
+          break;
+        case 2:
+          conv_pixel<2>(in, cin, plane, w, bias, o0, taps, g.n, dst + o0 * plane);
+          break;
+        case 1:
+          conv_pixel<1>(in, cin, plane, w, bias, o0, taps, g.n, dst + o0 * plane);
+          break;
+        default:
+          break;
+      }
+    }
+  }
+}
+
+void dilated_conv(const float* in, int64_t cin, const float* w, const float* bias, int64_t cout,
+                  int64_t d, const Lanes& g, float* out) {
+  const int64_t row_work = std::max<int64_t>(1, g.w * g.n * cin * cout * 9);
+  at::parallel_for(0, g.h, std::max<int64_t>(1, 32768 / row_work), [&](int64_t y0, int64_t y1) {
+    dilated_conv_rows(in, cin, w, bias, cout, d, g, y0, y1, out);
+  });
+}
+
+// dw[o][i][t] = sum over output pixels whose tap t is inside the map of
+// dz[o][p][:] . in[i][p + offset(t)][:], for the (o, i) pairs [k0, k1). Along a row the valid
+// output pixels of a tap are one run, and so are their input pixels: one dot per row.
+DYNATTN_KERNEL_CLONES
+void dilated_conv_weight_grad(const float* dz, const float* in, int64_t cin, int64_t d,
+                              const Lanes& g, int64_t k0, int64_t k1, float* dw) {
+  const int64_t plane = g.plane();
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t o = k / cin, i = k % cin;
+    for (int64_t ky = 0; ky < 3; ++ky) {
+      const int64_t dy = (ky - 1) * d;
+      const int64_t y_lo = std::max<int64_t>(0, -dy), y_hi = std::min(g.h, g.h - dy);
+      for (int64_t kx = 0; kx < 3; ++kx) {
+        const int64_t dx = (kx - 1) * d;
+        const int64_t x_lo = std::max<int64_t>(0, -dx), x_hi = std::min(g.w, g.w - dx);
+        double total = 0.0;
+        if (x_lo < x_hi) {
+          for (int64_t y = y_lo; y < y_hi; ++y) {
+            const float* a = dz + o * plane + (y * g.w + x_lo) * g.n;
+            const float* b = in + i * plane + ((y + dy) * g.w + x_lo + dx) * g.n;
+            total += run_dot(a, b, (x_hi - x_lo) * g.n);
+          }
+        }
+        dw[k * 9 + ky * 3 + kx] = static_cast<float>(total);
+      }
+    }
+  }
+}
+
+// ---- BN + ReLU over lanes ----
+
+// A BN layer's per-channel form for one call: a = relu(z * scale + shift), with mean and
+// inv_std the statistics it normalised with (batch or running).
+struct NormState {
+  std::vector<float> mean, inv_std, scale, shift;
+  bool batch_statistics = false;
+};
+
+DYNATTN_KERNEL_CLONES
+void affine_relu_run(const float* z, int64_t m, float scale, float shift, float* a) {
+  for (int64_t i = 0; i < m; i += kLanes) {
+    const int64_t lanes = std::min(kLanes, m - i);
+    store(a + i, relu(load(z + i, lanes) * scale + shift), lanes);
+  }
+}
+
+// g' = coef * da where a > 0, else 0 (ReLU's gradient from its output, as ATen's
+// threshold_backward).
+DYNATTN_ALWAYS_INLINE Vec relu_grad(const float* da, float coef, const float* a, int64_t lanes) {
+  return (Vec)((IVec)(load(da, lanes) * coef) & (load(a, lanes) > 0.0f));
+}
+
+// dz = k * (g' - mean_g - (z - mu) * c2); mean_g = c2 = 0 for running statistics.
+DYNATTN_KERNEL_CLONES
+void relu_norm_grad_run(const float* da, float coef, const float* a, const float* z, int64_t m,
+                        float k, float mean_g, float mu, float c2, float* dz) {
+  for (int64_t i = 0; i < m; i += kLanes) {
+    const int64_t lanes = std::min(kLanes, m - i);
+    const Vec gi = relu_grad(da + i, coef, a + i, lanes);
+    store(dz + i, k * (gi - mean_g - (load(z + i, lanes) - mu) * c2), lanes);
+  }
+}
+
+// Sums of g' and of g' * (z - mu) over a run (the tail's lanes past m load as zeros: g' = 0).
+DYNATTN_KERNEL_CLONES
+void relu_grad_sums(const float* da, float coef, const float* a, const float* z, int64_t m,
+                    float mu, double* sum_g, double* sum_gz) {
+  Vec s1{}, s2{};
+  for (int64_t i = 0; i < m; i += kLanes) {
+    const int64_t lanes = std::min(kLanes, m - i);
+    const Vec gi = relu_grad(da + i, coef, a + i, lanes);
+    s1 += gi;
+    s2 += gi * (load(z + i, lanes) - mu);
+  }
+  *sum_g = lanes_total(s1);
+  *sum_gz = lanes_total(s2);
+}
+
+// ---- The 1x1 convolutions at the ends ----
+
+// OB reduce outputs from o0 for pixels [p0, p0 + lanes) of an NCHW image, into the lanes.
+template <int64_t OB>
+DYNATTN_ALWAYS_INLINE void reduce_block(const float* x, int64_t c, int64_t pixels, const float* w,
+                                        const float* bias, int64_t o0, int64_t p0, const Lanes& g,
+                                        int64_t n, float* z) {
+  Vec acc[OB];
+  for (int64_t o = 0; o < OB; ++o) acc[o] = splat(bias != nullptr ? bias[o0 + o] : 0.0f);
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const Vec v = load(x + ch * pixels + p0, kLanes);
+    for (int64_t o = 0; o < OB; ++o) acc[o] += v * w[(o0 + o) * c + ch];
+  }
+  for (int64_t o = 0; o < OB; ++o)
+    for (int64_t l = 0; l < kLanes; ++l) z[((o0 + o) * pixels + p0 + l) * g.n + n] = acc[o][l];
+}
+
+// The same for OB outputs at one pixel of a channels-last image (x: the pixel's c values).
+template <int64_t OB>
+DYNATTN_ALWAYS_INLINE void reduce_pixel(const float* x, int64_t c, const float* w,
+                                        const float* bias, int64_t o0, float* out) {
+  Vec acc[OB] = {};
+  for (int64_t c0 = 0; c0 < c; c0 += kLanes) {
+    const int64_t lanes = std::min(kLanes, c - c0);
+    const Vec v = load(x + c0, lanes);
+    for (int64_t o = 0; o < OB; ++o) acc[o] += v * load(w + (o0 + o) * c + c0, lanes);
+  }
+  for (int64_t o = 0; o < OB; ++o)
+    out[o] = static_cast<float>(lanes_total(acc[o])) + (bias != nullptr ? bias[o0 + o] : 0.0f);
+}
+
+// Image `n` of x into the lanes: z[o][p][n] = bias[o] + sum_c w[o][c] x[c][p] (x[p][c] when
+// channels-last).
+DYNATTN_KERNEL_CLONES
+void reduce_image(const float* x, bool channels_last, int64_t c, const float* w, const float* bias,
+                  int64_t rd, const Lanes& g, int64_t n, float* z) {
+  const int64_t pixels = g.pixels();
+  if (!channels_last) {
+    // Whole vectors of pixels, then the last pixels one by one.
+    const int64_t full = pixels / kLanes * kLanes;
+    for (int64_t p0 = 0; p0 < full; p0 += kLanes) {
+      int64_t o0 = 0;
+      for (; o0 + kOutBlock <= rd; o0 += kOutBlock)
+        reduce_block<kOutBlock>(x, c, pixels, w, bias, o0, p0, g, n, z);
+      switch (rd - o0) {
+        case 3:
+          reduce_block<3>(x, c, pixels, w, bias, o0, p0, g, n, z);
+          break;
+        case 2:
+          reduce_block<2>(x, c, pixels, w, bias, o0, p0, g, n, z);
+          break;
+        case 1:
+          reduce_block<1>(x, c, pixels, w, bias, o0, p0, g, n, z);
+          break;
+        default:
+          break;
+      }
+    }
+    for (int64_t p = full; p < pixels; ++p) {
+      for (int64_t o = 0; o < rd; ++o) {
+        float acc = bias != nullptr ? bias[o] : 0.0f;
+        for (int64_t ch = 0; ch < c; ++ch) acc += w[o * c + ch] * x[ch * pixels + p];
+        z[(o * pixels + p) * g.n + n] = acc;
+      }
+    }
+    return;
+  }
+  float out[kOutBlock];
+  for (int64_t p = 0; p < pixels; ++p) {
+    for (int64_t o0 = 0; o0 < rd; o0 += kOutBlock) {
+      const int64_t ob = std::min(kOutBlock, rd - o0);
+      switch (ob) {
+        case 4:
+          reduce_pixel<4>(x + p * c, c, w, bias, o0, out);
+          break;
+        case 3:
+          reduce_pixel<3>(x + p * c, c, w, bias, o0, out);
+          break;
+        case 2:
+          reduce_pixel<2>(x + p * c, c, w, bias, o0, out);
+          break;
+        default:
+          reduce_pixel<1>(x + p * c, c, w, bias, o0, out);
+          break;
+      }
+      for (int64_t o = 0; o < ob; ++o) z[((o0 + o) * pixels + p) * g.n + n] = out[o];
+    }
+  }
+}
+
+// Outputs [o0, o0 + OB) of the reduce's backward at channel ch of an NCHW image, whole vectors
+// of pixels [0, full): dxc += sum_o w[o][ch] g[o] (written when o0 = 0), and partial[o][ch] +=
+// g[o] * xc lane-wise, held in registers across the pixels.
+template <int64_t OB>
+DYNATTN_ALWAYS_INLINE void reduce_backward_block(const float* xc, const float* w, int64_t c,
+                                                 int64_t ch, int64_t o0, const float* gathered,
+                                                 int64_t pixels, int64_t full, Vec* partial,
+                                                 float* dxc) {
+  Vec pd[OB] = {};
+  for (int64_t p0 = 0; p0 < full; p0 += kLanes) {
+    const Vec xv = load(xc + p0, kLanes);
+    Vec acc = o0 == 0 ? Vec{} : load(dxc + p0, kLanes);
+    for (int64_t o = 0; o < OB; ++o) {
+      const Vec gv = load(gathered + (o0 + o) * pixels + p0, kLanes);
+      acc += gv * w[(o0 + o) * c + ch];
+      pd[o] += gv * xv;
+    }
+    store(dxc + p0, acc, kLanes);
+  }
+  for (int64_t o = 0; o < OB; ++o) partial[(o0 + o) * c + ch] += pd[o];
+}
+
+// The reduce conv's backward for image n: dx = w^T dz, and dw += dz x^T (dw [rd][c]); for an
+// NCHW image dw's terms are added lane-wise into `partial` (rd * c vectors, summed over their
+// lanes once per task by the caller) instead. gathered: rd * pixels floats.
+DYNATTN_KERNEL_CLONES
+void reduce_image_backward(const float* x, bool channels_last, int64_t c, const float* w,
+                           int64_t rd, const Lanes& g, int64_t n, const float* dz, float* gathered,
+                           Vec* partial, float* dx, float* dw) {
+  const int64_t pixels = g.pixels();
+  for (int64_t o = 0; o < rd; ++o)
+    for (int64_t p = 0; p < pixels; ++p) gathered[o * pixels + p] = dz[(o * pixels + p) * g.n + n];
+  if (!channels_last) {
+    // Whole vectors of pixels, then the last pixels one by one (a partial vector would cost a
+    // variable-length copy per channel and output).
+    const int64_t full = pixels / kLanes * kLanes;
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const float* xc = x + ch * pixels;
+      float* dxc = dx + ch * pixels;
+      for (int64_t o0 = 0; o0 < rd; o0 += kOutBlock) {
+        switch (std::min(kOutBlock, rd - o0)) {
+          case 4:
+            reduce_backward_block<4>(xc, w, c, ch, o0, gathered, pixels, full, partial, dxc);
+            break;
+          case 3:
+            reduce_backward_block<3>(xc, w, c, ch, o0, gathered, pixels, full, partial, dxc);
+            break;
+          case 2:
+            reduce_backward_block<2>(xc, w, c, ch, o0, gathered, pixels, full, partial, dxc);
+            break;
+          default:
+            reduce_backward_block<1>(xc, w, c, ch, o0, gathered, pixels, full, partial, dxc);
+            break;
+        }
+      }
+      for (int64_t p = full; p < pixels; ++p) {
+        float acc = 0.0f;
+        for (int64_t o = 0; o < rd; ++o) {
+          const float gv = gathered[o * pixels + p];
+          acc += gv * w[o * c + ch];
+          dw[o * c + ch] += gv * xc[p];
+        }
+        dxc[p] = acc;
+      }
+    }
+    return;
+  }
+  for (int64_t p = 0; p < pixels; ++p) {
+    for (int64_t c0 = 0; c0 < c; c0 += kLanes) {
+      const int64_t lanes = std::min(kLanes, c - c0);
+      const Vec xv = load(x + p * c + c0, lanes);
+      Vec acc{};
+      for (int64_t o = 0; o < rd; ++o) {
+        const float gv = gathered[o * pixels + p];
+        acc += load(w + o * c + c0, lanes) * gv;
+        store(dw + o * c + c0, load(dw + o * c + c0, lanes) + xv * gv, lanes);
+      }
+      store(dx + p * c + c0, acc, lanes);
+    }
+  }
+}
+
+// ms[n][p] = bias + sum_o w[o] a[o][p][n] for pixels [p0, p1).
+DYNATTN_KERNEL_CLONES
+void final_conv_pixels(const float* a, const float* w, float bias, int64_t rd, const Lanes& g,
+                       int64_t p0, int64_t p1, float* ms) {
+  const int64_t pixels = g.pixels(), plane = g.plane();
+  for (int64_t p = p0; p < p1; ++p) {
+    for (int64_t n0 = 0; n0 < g.n; n0 += kLanes) {
+      const int64_t lanes = std::min(kLanes, g.n - n0);
+      Vec acc = splat(bias);
+      for (int64_t o = 0; o < rd; ++o) acc += load(a + o * plane + p * g.n + n0, lanes) * w[o];
+      for (int64_t l = 0; l < lanes; ++l) ms[(n0 + l) * pixels + p] = acc[l];
+    }
+  }
+}
+
+// ---- Parameters ----
+
+// A tensor's floats, or null when it is undefined or empty (an absent bias or affine weight).
+const float* floats_of(const torch::Tensor& t) {
+  return t.defined() && t.numel() > 0 ? t.data_ptr<float>() : nullptr;
+}
+
+torch::Tensor or_empty(const torch::Tensor& t, const torch::Tensor& like) {
+  // Autograd functions in LibTorch 1.13 reject undefined inputs: absent ones travel as empty.
+  return t.defined() ? t.contiguous() : torch::empty({0}, like.options());
+}
+
+struct BranchConfig {
+  int64_t dilation = 1;
+  torch::nn::BatchNorm2dImpl* norms[3] = {nullptr, nullptr, nullptr};
+};
+
+// Batch statistics or running ones, and the running update, for channel `o` of a layer.
+void normalise_channel(torch::nn::BatchNorm2dImpl& bn, bool batch_statistics, double factor,
+                       const float* z, int64_t m, int64_t o, const float* gamma, const float* beta,
+                       NormState& s) {
+  double mu, inv;
+  if (batch_statistics) {
+    mu = sum_of_run(z, m) / static_cast<double>(m);
+    const double var =
+        centred_squares_of_run(z, m, static_cast<float>(mu)) / static_cast<double>(m);
+    inv = 1.0 / std::sqrt(var + bn.options.eps());
+    if (bn.options.track_running_stats()) {
+      float* rm = bn.running_mean.data_ptr<float>();
+      float* rv = bn.running_var.data_ptr<float>();
+      const double unbiased =
+          m > 1 ? var * static_cast<double>(m) / static_cast<double>(m - 1) : var;
+      rm[o] = static_cast<float>((1 - factor) * rm[o] + factor * mu);
+      rv[o] = static_cast<float>((1 - factor) * rv[o] + factor * unbiased);
+    }
+  } else {
+    mu = bn.running_mean.data_ptr<float>()[o];
+    inv = 1.0 /
+          std::sqrt(static_cast<double>(bn.running_var.data_ptr<float>()[o]) + bn.options.eps());
+  }
+  const double g = gamma != nullptr ? gamma[o] : 1.0, b = beta != nullptr ? beta[o] : 0.0;
+  s.mean[o] = static_cast<float>(mu);
+  s.inv_std[o] = static_cast<float>(inv);
+  s.scale[o] = static_cast<float>(g * inv);
+  s.shift[o] = static_cast<float>(b - mu * g * inv);
+}
+
+// z -> a = relu(bn(z)) over rd channels, statistics in `s`.
+NormState normalise(torch::nn::BatchNorm2dImpl& bn, const torch::Tensor& gamma,
+                    const torch::Tensor& beta, const float* z, int64_t rd, int64_t m, float* a) {
+  NormState s;
+  s.mean.resize(rd);
+  s.inv_std.resize(rd);
+  s.scale.resize(rd);
+  s.shift.resize(rd);
+  s.batch_statistics = bn.is_training() || !bn.options.track_running_stats();
+  double factor = 0.0;
+  if (bn.is_training() && bn.options.track_running_stats()) {
+    bn.num_batches_tracked += 1;
+    // As BatchNorm2d: no momentum means a cumulative average over the batches seen.
+    factor = bn.options.momentum().has_value()
+                 ? *bn.options.momentum()
+                 : 1.0 / static_cast<double>(bn.num_batches_tracked.item<int64_t>());
+  }
+  const bool update = bn.is_training() && bn.options.track_running_stats();
+  const float *gp = floats_of(gamma), *bp = floats_of(beta);
+  at::parallel_for(0, rd, 1, [&](int64_t o0, int64_t o1) {
+    for (int64_t o = o0; o < o1; ++o) {
+      normalise_channel(bn, s.batch_statistics, update ? factor : 0.0, z + o * m, m, o, gp, bp, s);
+      affine_relu_run(z + o * m, m, s.scale[o], s.shift[o], a + o * m);
+    }
+  });
+  if (update) {
+    // Written through pointers: bump the versions as an in-place ATen op would.
+    for (auto* t : {&bn.running_mean, &bn.running_var})
+      if (!t->is_inference()) t->unsafeGetTensorImpl()->bump_version();
+  }
+  return s;
+}
+
+// The forward's saved maps: z_k (before BN) and a_k (after ReLU) of the three layers, each
+// [rd][H][W][N], and the statistics each BN normalised with ([3][2][rd]: mean, inv_std).
+struct Forward {
+  torch::Tensor z[3], a[3], stats, ms;
+};
+
+Forward run_forward(const torch::Tensor& x, const torch::Tensor& wr, const torch::Tensor& br,
+                    const torch::Tensor* gamma, const torch::Tensor* beta, const torch::Tensor* wd,
+                    const torch::Tensor* bd, const torch::Tensor& wf, const torch::Tensor& bf,
+                    const BranchConfig& cfg) {
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), rd = wr.size(0);
+  const Lanes g{n, h, w};
+  const bool channels_last = !x.is_contiguous();
+  const auto opts = x.options();
+  Forward f;
+  for (int k = 0; k < 3; ++k) {
+    f.z[k] = torch::empty({rd, h, w, n}, opts);
+    f.a[k] = torch::empty({rd, h, w, n}, opts);
+  }
+  f.stats = torch::empty({3, 2, rd}, opts);
+  const float* xp = x.data_ptr<float>();
+  const float *wrp = wr.data_ptr<float>(), *brp = floats_of(br);
+  at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      reduce_image(xp + i * c * h * w, channels_last, c, wrp, brp, rd, g, i,
+                   f.z[0].data_ptr<float>());
+  });
+  for (int k = 0; k < 3; ++k) {
+    if (k > 0) {
+      dilated_conv(f.a[k - 1].data_ptr<float>(), rd, wd[k - 1].data_ptr<float>(),
+                   floats_of(bd[k - 1]), rd, cfg.dilation, g, f.z[k].data_ptr<float>());
+    }
+    const NormState s = normalise(*cfg.norms[k], gamma[k], beta[k], f.z[k].data_ptr<float>(), rd,
+                                  g.plane(), f.a[k].data_ptr<float>());
+    float* st = f.stats.data_ptr<float>() + k * 2 * rd;
+    std::copy(s.mean.begin(), s.mean.end(), st);
+    std::copy(s.inv_std.begin(), s.inv_std.end(), st + rd);
+  }
+  f.ms = torch::empty({n, 1, h, w}, opts);
+  const float bias = floats_of(bf) != nullptr ? floats_of(bf)[0] : 0.0f;
+  at::parallel_for(0, g.pixels(), std::max<int64_t>(1, 32768 / (rd * n)),
+                   [&](int64_t p0, int64_t p1) {
+                     final_conv_pixels(f.a[2].data_ptr<float>(), wf.data_ptr<float>(), bias, rd, g,
+                                       p0, p1, f.ms.data_ptr<float>());
+                   });
+  return f;
+}
+
+// Inputs of the autograd node, in order.
+enum Input {
+  kX,
+  kReduceW,
+  kReduceB,
+  kGamma0,
+  kBeta0,
+  kDilatedW0,
+  kDilatedB0,
+  kGamma1,
+  kBeta1,
+  kDilatedW1,
+  kDilatedB1,
+  kGamma2,
+  kBeta2,
+  kFinalW,
+  kFinalB,
+  kInputs
+};
+
+struct BamSpatialFunction : torch::autograd::Function<BamSpatialFunction> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& wr, const torch::Tensor& br,
+                               const torch::Tensor& gamma0, const torch::Tensor& beta0,
+                               const torch::Tensor& wd0, const torch::Tensor& bd0,
+                               const torch::Tensor& gamma1, const torch::Tensor& beta1,
+                               const torch::Tensor& wd1, const torch::Tensor& bd1,
+                               const torch::Tensor& gamma2, const torch::Tensor& beta2,
+                               const torch::Tensor& wf, const torch::Tensor& bf, BranchConfig cfg) {
+    const torch::Tensor gamma[3] = {gamma0, gamma1, gamma2}, beta[3] = {beta0, beta1, beta2};
+    const torch::Tensor wd[2] = {wd0, wd1}, bd[2] = {bd0, bd1};
+    Forward f = run_forward(x, wr, br, gamma, beta, wd, bd, wf, bf, cfg);
+    ctx->save_for_backward({x, wr, gamma0, gamma1, gamma2, wd0, wd1, wf, f.z[0], f.z[1], f.z[2],
+                            f.a[0], f.a[1], f.a[2], f.stats});
+    ctx->saved_data["dilation"] = cfg.dilation;
+    for (int k = 0; k < 3; ++k) {
+      ctx->saved_data["batch_statistics" + std::to_string(k)] =
+          cfg.norms[k]->is_training() || !cfg.norms[k]->options.track_running_stats();
+    }
+    int64_t has_bias = 0;  // bit j: the j-th of the optional biases below is present
+    const torch::Tensor* biases[] = {&br, &beta0, &bd0, &beta1, &bd1, &beta2, &bf};
+    for (int j = 0; j < 7; ++j)
+      if (biases[j]->numel() > 0) has_bias |= int64_t{1} << j;
+    ctx->saved_data["has_bias"] = has_bias;
+    return f.ms;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads);
+};
+
+torch::autograd::variable_list BamSpatialFunction::backward(torch::autograd::AutogradContext* ctx,
+                                                            torch::autograd::variable_list grads) {
+  const auto saved = ctx->get_saved_variables();
+  const auto& x = saved[0];
+  const auto& wr = saved[1];
+  const torch::Tensor gamma[3] = {saved[2], saved[3], saved[4]};
+  const torch::Tensor wd[2] = {saved[5], saved[6]};
+  const auto& wf = saved[7];
+  const torch::Tensor z[3] = {saved[8], saved[9], saved[10]};
+  const torch::Tensor a[3] = {saved[11], saved[12], saved[13]};
+  const float* stats = saved[14].data_ptr<float>();
+  const int64_t d = ctx->saved_data["dilation"].toInt();
+  const int64_t has_bias = ctx->saved_data["has_bias"].toInt();
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), rd = wr.size(0);
+  const Lanes g{n, h, w};
+  const int64_t m = g.plane(), pixels = g.pixels();
+  const auto opts = x.options();
+
+  // The final 1x1: its gradient into the lanes, and d w_f, d b_f.
+  const auto dms = grads[0].contiguous();
+  auto top = torch::empty({h, w, n}, opts);
+  {
+    const float* src = dms.data_ptr<float>();
+    float* dst = top.data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t p = 0; p < pixels; ++p) dst[p * n + i] = src[i * pixels + p];
+  }
+  auto d_wf = torch::empty_like(wf);
+  for (int64_t o = 0; o < rd; ++o)
+    d_wf.data_ptr<float>()[o] =
+        static_cast<float>(dot_of_runs(a[2].data_ptr<float>() + o * m, top.data_ptr<float>(), m));
+  const double d_bf = sum_of_run(top.data_ptr<float>(), m);
+
+  torch::Tensor d_gamma[3], d_beta[3], d_wd[2], d_bd[2];
+  torch::Tensor upstream = top;  // d a_k: the lanes of a_k's gradient (rd channels, or the top)
+  torch::Tensor dz;
+  for (int k = 2; k >= 0; --k) {
+    const bool batch_stats = ctx->saved_data["batch_statistics" + std::to_string(k)].toBool();
+    const float* mean = stats + k * 2 * rd;
+    const float* inv_std = mean + rd;
+    const float* gp = floats_of(gamma[k]);
+    dz = torch::empty({rd, h, w, n}, opts);
+    d_gamma[k] = torch::empty({rd}, opts);
+    d_beta[k] = torch::empty({rd}, opts);
+    at::parallel_for(0, rd, 1, [&](int64_t o0, int64_t o1) {
+      for (int64_t o = o0; o < o1; ++o) {
+        // The top layer's d a is w_f[o] times the one-channel gradient.
+        const float* da = k == 2 ? upstream.data_ptr<float>() : upstream.data_ptr<float>() + o * m;
+        const float coef = k == 2 ? wf.data_ptr<float>()[o] : 1.0f;
+        const float* ap = a[k].data_ptr<float>() + o * m;
+        const float* zp = z[k].data_ptr<float>() + o * m;
+        double sum_g = 0.0, sum_gz = 0.0;
+        relu_grad_sums(da, coef, ap, zp, m, mean[o], &sum_g, &sum_gz);
+        const double inv = inv_std[o], gam = gp != nullptr ? gp[o] : 1.0;
+        d_gamma[k].data_ptr<float>()[o] = static_cast<float>(sum_gz * inv);
+        d_beta[k].data_ptr<float>()[o] = static_cast<float>(sum_g);
+        const double mean_g = batch_stats ? sum_g / static_cast<double>(m) : 0.0;
+        const double c2 = batch_stats ? sum_gz * inv * inv / static_cast<double>(m) : 0.0;
+        relu_norm_grad_run(da, coef, ap, zp, m, static_cast<float>(gam * inv),
+                           static_cast<float>(mean_g), mean[o], static_cast<float>(c2),
+                           dz.data_ptr<float>() + o * m);
+      }
+    });
+    if (k == 0) break;
+    // The dilated conv k - 1 (input a[k - 1]): its weight and bias gradients, and d a[k - 1] as
+    // the same convolution of dz with the kernel flipped and its channel axes swapped.
+    const auto& weight = wd[k - 1];
+    d_wd[k - 1] = torch::empty_like(weight);
+    at::parallel_for(0, rd * rd, 1, [&](int64_t k0, int64_t k1) {
+      dilated_conv_weight_grad(dz.data_ptr<float>(), a[k - 1].data_ptr<float>(), rd, d, g, k0, k1,
+                               d_wd[k - 1].data_ptr<float>());
+    });
+    d_bd[k - 1] = torch::empty({rd}, opts);
+    for (int64_t o = 0; o < rd; ++o)
+      d_bd[k - 1].data_ptr<float>()[o] =
+          static_cast<float>(sum_of_run(dz.data_ptr<float>() + o * m, m));
+    std::vector<float> flipped(rd * rd * 9);
+    const float* wp = weight.data_ptr<float>();
+    for (int64_t o = 0; o < rd; ++o)
+      for (int64_t i = 0; i < rd; ++i)
+        for (int64_t t = 0; t < 9; ++t)
+          flipped[(i * rd + o) * 9 + t] = wp[(o * rd + i) * 9 + 8 - t];
+    auto da = torch::empty({rd, h, w, n}, opts);
+    dilated_conv(dz.data_ptr<float>(), rd, flipped.data(), nullptr, rd, d, g, da.data_ptr<float>());
+    upstream = da;
+  }
+
+  // The reduce 1x1: d b_r, and per image dx and its share of d w_r.
+  auto d_br = torch::empty({rd}, opts);
+  for (int64_t o = 0; o < rd; ++o)
+    d_br.data_ptr<float>()[o] = static_cast<float>(sum_of_run(dz.data_ptr<float>() + o * m, m));
+  const bool channels_last = !x.is_contiguous();
+  auto dx = torch::empty_like(x);
+  auto d_wr = torch::zeros({rd, c}, opts);
+  std::mutex merge;
+  at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> gathered(rd * pixels), dw(rd * c, 0.0f);
+    VecBuffer partial(rd * c);
+    std::fill(partial.data(), partial.data() + rd * c, Vec{});
+    for (int64_t i = i0; i < i1; ++i) {
+      reduce_image_backward(x.data_ptr<float>() + i * c * pixels, channels_last, c,
+                            wr.data_ptr<float>(), rd, g, i, dz.data_ptr<float>(), gathered.data(),
+                            partial.data(), dx.data_ptr<float>() + i * c * pixels, dw.data());
+    }
+    for (int64_t j = 0; j < rd * c; ++j)
+      dw[j] += static_cast<float>(lanes_total(partial.data()[j]));
+    std::lock_guard<std::mutex> lock(merge);
+    float* total = d_wr.data_ptr<float>();
+    for (int64_t j = 0; j < rd * c; ++j) total[j] += dw[j];
+  });
+
+  const auto scalar = [&](double v) { return torch::full({1}, v, opts); };
+  const auto bias_grad = [&](int index, const torch::Tensor& t) {
+    return (has_bias >> index) & 1 ? t : torch::Tensor();
+  };
+  const auto affine_grad = [&](int k, const torch::Tensor& t) {
+    return gamma[k].numel() > 0 ? t : torch::Tensor();
+  };
+  torch::autograd::variable_list out(kInputs + 1);
+  out[kX] = dx;
+  out[kReduceW] = d_wr.view(saved[1].sizes());
+  out[kReduceB] = bias_grad(0, d_br);
+  out[kGamma0] = affine_grad(0, d_gamma[0]);
+  out[kBeta0] = bias_grad(1, d_beta[0]);
+  out[kDilatedW0] = d_wd[0];
+  out[kDilatedB0] = bias_grad(2, d_bd[0]);
+  out[kGamma1] = affine_grad(1, d_gamma[1]);
+  out[kBeta1] = bias_grad(3, d_beta[1]);
+  out[kDilatedW1] = d_wd[1];
+  out[kDilatedB1] = bias_grad(4, d_bd[1]);
+  out[kGamma2] = affine_grad(2, d_gamma[2]);
+  out[kBeta2] = bias_grad(5, d_beta[2]);
+  out[kFinalW] = d_wf;
+  out[kFinalB] = bias_grad(6, scalar(d_bf));
+  return out;
+}
+
+bool float_cpu(const torch::Tensor& t) {
+  return !t.defined() ||
+         (t.layout() == torch::kStrided && t.is_cpu() && t.scalar_type() == torch::kFloat);
+}
+
+bool conv_is(const torch::nn::Conv2dImpl* conv, int64_t in, int64_t out, int64_t k,
+             int64_t dilation) {
+  if (conv == nullptr) return false;
+  const auto& o = conv->options;
+  const auto* padding = variant_get_if<torch::ExpandingArray<2>>(&o.padding());
+  return o.in_channels() == in && o.out_channels() == out && o.groups() == 1 &&
+         o.kernel_size()->at(0) == k && o.kernel_size()->at(1) == k && o.stride()->at(0) == 1 &&
+         o.stride()->at(1) == 1 && o.dilation()->at(0) == dilation &&
+         o.dilation()->at(1) == dilation && padding != nullptr &&
+         (*padding)->at(0) == (k / 2) * dilation && (*padding)->at(1) == (k / 2) * dilation &&
+         variant_get_if<torch::enumtype::kZeros>(&o.padding_mode()) != nullptr &&
+         float_cpu(conv->weight) && float_cpu(conv->bias);
+}
+
+bool norm_is(const torch::nn::BatchNorm2dImpl* bn, int64_t channels) {
+  if (bn == nullptr || bn->options.num_features() != channels) return false;
+  for (const auto* t : {&bn->weight, &bn->bias, &bn->running_mean, &bn->running_var})
+    if (!float_cpu(*t)) return false;
+  return !bn->options.track_running_stats() ||
+         (bn->running_mean.defined() && bn->running_var.defined());
+}
+
+}  // namespace
+}  // namespace dynattn
+#endif  // DYNATTN_HAVE_VEC16
+
+namespace dynattn {
+
+bool bam_spatial_branch_applicable(const torch::Tensor& x, const BamSpatialLayers& layers) {
+#ifndef DYNATTN_HAVE_VEC16
+  return false;  // the kernels are written in GCC/Clang vector extensions
+#else
+  if (!conv2d_kernel_selection_enabled() || !x.defined() || x.layout() != torch::kStrided ||
+      !x.is_cpu() || x.scalar_type() != torch::kFloat || x.dim() != 4 || x.numel() == 0)
+    return false;
+  if (!x.is_contiguous() && !x.is_contiguous(torch::MemoryFormat::ChannelsLast)) return false;
+  if (layers.reduce == nullptr || layers.dilated[0] == nullptr) return false;
+  const int64_t c = x.size(1), rd = layers.reduce->options.out_channels();
+  const int64_t d = layers.dilated[0]->options.dilation()->at(0);
+  return conv_is(layers.reduce, c, rd, 1, 1) && conv_is(layers.dilated[0], rd, rd, 3, d) &&
+         conv_is(layers.dilated[1], rd, rd, 3, d) && conv_is(layers.final_conv, rd, 1, 1, 1) &&
+         norm_is(layers.reduce_bn, rd) && norm_is(layers.dilated_bn[0], rd) &&
+         norm_is(layers.dilated_bn[1], rd);
+#endif
+}
+
+torch::Tensor bam_spatial_branch(const torch::Tensor& x, const BamSpatialLayers& layers) {
+  TORCH_CHECK(bam_spatial_branch_applicable(x, layers),
+              "bam_spatial_branch: expected a CPU float32 [N,C,H,W] input (contiguous or "
+              "channels-last) and BAM's spatial layers for its ",
+              x.defined() ? x.size(1) : 0, " channels, got ",
+              x.defined() ? x.sizes() : torch::IntArrayRef{});
+#ifdef DYNATTN_HAVE_VEC16
+  BranchConfig cfg;
+  cfg.dilation = layers.dilated[0]->options.dilation()->at(0);
+  cfg.norms[0] = layers.reduce_bn;
+  cfg.norms[1] = layers.dilated_bn[0];
+  cfg.norms[2] = layers.dilated_bn[1];
+  for (auto* bn : cfg.norms) {
+    TORCH_CHECK(!bn->is_training() || x.size(0) * x.size(2) * x.size(3) > 1,
+                "bam_spatial_branch: BatchNorm in training mode needs more than one value per "
+                "channel, got input ",
+                x.sizes());
+  }
+  const int64_t rd = layers.reduce->options.out_channels(), c = x.size(1);
+  record_macs("dynattn::bam_spatial_branch",
+              x.size(0) * x.size(2) * x.size(3) * (c * rd + 2 * rd * rd * 9 + rd));
+  const auto& r = *layers.reduce;
+  const auto& d0 = *layers.dilated[0];
+  const auto& d1 = *layers.dilated[1];
+  const auto& f = *layers.final_conv;
+  const auto& n0 = *layers.reduce_bn;
+  const auto& n1 = *layers.dilated_bn[0];
+  const auto& n2 = *layers.dilated_bn[1];
+  bool records = false;
+  if (torch::GradMode::is_enabled()) {
+    for (const auto* t :
+         {&x, &r.weight, &r.bias, &n0.weight, &n0.bias, &d0.weight, &d0.bias, &n1.weight, &n1.bias,
+          &d1.weight, &d1.bias, &n2.weight, &n2.bias, &f.weight, &f.bias})
+      records = records || (t->defined() && t->requires_grad());
+  }
+  if (!records) {
+    // Inference: no node, nothing kept beyond the call.
+    const torch::Tensor gamma[3] = {n0.weight, n1.weight, n2.weight};
+    const torch::Tensor beta[3] = {n0.bias, n1.bias, n2.bias};
+    const torch::Tensor wd[2] = {d0.weight.contiguous(), d1.weight.contiguous()};
+    const torch::Tensor bd[2] = {d0.bias, d1.bias};
+    return run_forward(x, r.weight.contiguous(), r.bias, gamma, beta, wd, bd, f.weight.contiguous(),
+                       f.bias, cfg)
+        .ms;
+  }
+  return BamSpatialFunction::apply(
+      x, r.weight.contiguous(), or_empty(r.bias, x), or_empty(n0.weight, x), or_empty(n0.bias, x),
+      d0.weight.contiguous(), or_empty(d0.bias, x), or_empty(n1.weight, x), or_empty(n1.bias, x),
+      d1.weight.contiguous(), or_empty(d1.bias, x), or_empty(n2.weight, x), or_empty(n2.bias, x),
+      f.weight.contiguous(), or_empty(f.bias, x), cfg);
+#else
+  return {};
+#endif
+}
+
+}  // namespace dynattn
