@@ -31,6 +31,7 @@
 #include "dynattn/core/memory_format.h"
 #include "dynattn/models/attention_slot.h"
 #include "dynattn/models/cifar_resnet.h"
+#include "dynattn/ops/bam_spatial_branch.h"
 #include "dynattn/ops/conv2d.h"
 #include "dynattn/ops/fused_gates.h"
 #include "dynattn/profile/mac_counter.h"
@@ -140,9 +141,13 @@ void BM_AttentionForwardBackward(benchmark::State& state, const std::string& kin
   state.SetItemsProcessed(state.iterations() * s.x.size(0));
 }
 
-// BAM's spatial branch computed inside fused_bam() (direct loops) against ATen's convolutions
-// followed by the same fused rest: the measurement behind bam_spatial_in_kernel().
-void BM_BamSpatialBranch(benchmark::State& state, bool in_kernel) {
+// Where BAM's inference computes its spatial branch, each followed by the same fused rest:
+// inside fused_bam() per image (direct loops), as the batch-lane kernels of
+// ops/bam_spatial_branch.h, or as ATen's convolutions: the measurement behind
+// bam_spatial_in_kernel() and bam_spatial_branch_pays_off().
+enum class BamBranch { InKernel, Lanes, Aten };
+
+void BM_BamSpatialBranch(benchmark::State& state, BamBranch where) {
   const int64_t c = state.range(0), hw = state.range(1), rd = state.range(2), n = state.range(3);
   dynattn::BAM bam(dynattn::BAMOptions(c).rd_channels(rd));
   bam->eval();
@@ -173,8 +178,15 @@ void BM_BamSpatialBranch(benchmark::State& state, bool in_kernel) {
   sw.final_bias = final_conv->bias;
   sw.dilation = bam->options.dilation();
   auto run = [&] {
-    return in_kernel ? dynattn::fused_bam(x, mlp, &sw, {}, false)
-                     : dynattn::fused_bam(x, mlp, nullptr, bam->spatial_att(x), false);
+    if (where == BamBranch::InKernel) return dynattn::fused_bam(x, mlp, &sw, {}, false);
+    torch::Tensor logits;
+    if (where == BamBranch::Lanes) {
+      logits = dynattn::bam_spatial_branch(x, bam->spatial_att->layers());
+    } else {
+      AtenPathGuard path(true);
+      logits = bam->spatial_att(x);
+    }
+    return dynattn::fused_bam(x, mlp, nullptr, logits, false);
   };
   for (int i = 0; i < 3; ++i) run();
   for (auto _ : state) benchmark::DoNotOptimize(run());
@@ -186,6 +198,8 @@ void bam_spatial_args(benchmark::internal::Benchmark* b) {
   for (auto a : {std::vector<int64_t>{16, 28, 1, 64},
                  {32, 14, 2, 64},
                  {64, 7, 4, 1},
+                 {64, 7, 4, 4},
+                 {64, 7, 4, 16},
                  {64, 7, 4, 64},
                  {128, 7, 8, 2},
                  {128, 7, 8, 8},
@@ -217,8 +231,9 @@ BENCHMARK_CAPTURE(BM_AttentionForward, se_aten, std::string("se_aten"))->Apply(a
 BENCHMARK_CAPTURE(BM_AttentionForward, eca_aten, std::string("eca_aten"))->Apply(args);
 BENCHMARK_CAPTURE(BM_AttentionForward, cbam_aten, std::string("cbam_aten"))->Apply(args);
 BENCHMARK_CAPTURE(BM_AttentionForward, bam_aten, std::string("bam_aten"))->Apply(args);
-BENCHMARK_CAPTURE(BM_BamSpatialBranch, in_kernel, true)->Apply(bam_spatial_args);
-BENCHMARK_CAPTURE(BM_BamSpatialBranch, aten, false)->Apply(bam_spatial_args);
+BENCHMARK_CAPTURE(BM_BamSpatialBranch, in_kernel, BamBranch::InKernel)->Apply(bam_spatial_args);
+BENCHMARK_CAPTURE(BM_BamSpatialBranch, lanes, BamBranch::Lanes)->Apply(bam_spatial_args);
+BENCHMARK_CAPTURE(BM_BamSpatialBranch, aten, BamBranch::Aten)->Apply(bam_spatial_args);
 BENCHMARK_CAPTURE(BM_AttentionForwardBackward, block, std::string("block"))->Apply(args);
 BENCHMARK_CAPTURE(BM_AttentionForwardBackward, pass, std::string("pass"))->Apply(args);
 BENCHMARK_CAPTURE(BM_AttentionForwardBackward, se, std::string("se"))->Apply(args);

@@ -138,9 +138,12 @@ torch::Tensor BAMSpatialGateImpl::forward(const torch::Tensor& x) {
   check_attention_input("BAM spatial gate", x, options.channels());
   // Float CPU input and the layers as reset() builds them: the lane kernels of
   // ops/bam_spatial_branch.h, forward and backward (LibTorch 1.13's backward of such narrow
-  // convolutions is most of a BAM training step); the ATen form otherwise.
+  // convolutions is most of a BAM training step), and in inference from the batch where they
+  // pay off; the ATen form otherwise.
   const auto l = layers();
-  if (bam_spatial_branch_applicable(x, l)) return bam_spatial_branch(x, l);
+  if (bam_spatial_branch_applicable(x, l) &&
+      (torch::GradMode::is_enabled() || bam_spatial_branch_pays_off(x.size(0), rd_channels)))
+    return bam_spatial_branch(x, l);
   return gate_s->forward(x);
 }
 

@@ -27,10 +27,25 @@ struct Lanes {
   int64_t plane() const { return h * w * n; }
 };
 
+// A map of `channels` planes in the lane layout, with one vector of slack after the last plane:
+// the kernels load whole vectors for the last lanes of a pixel (no variable-length copies).
+torch::Tensor lane_buffer(int64_t channels, const Lanes& g, const torch::TensorOptions& options) {
+  return torch::empty({channels * g.plane() + kLanes}, options);
+}
+
 DYNATTN_ALWAYS_INLINE double lanes_total(Vec v) {
   double total = 0.0;
   for (int64_t l = 0; l < kLanes; ++l) total += v[l];
   return total;
+}
+
+// The sum of v's lanes in float, as four half-folds.
+DYNATTN_ALWAYS_INLINE float lanes_sum(Vec v) {
+  v += DYNATTN_SHUFFLE(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v += DYNATTN_SHUFFLE(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v += DYNATTN_SHUFFLE(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  v += DYNATTN_SHUFFLE(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  return v[0];
 }
 
 // relu(v), a NaN kept (as ATen's relu): a mask, not a select (see vec16.h).
@@ -121,12 +136,20 @@ DYNATTN_ALWAYS_INLINE void conv_pixel_block(const float* in, int64_t cin, int64_
   for (int64_t o = 0; o < OB; ++o) acc[o] = splat(bias != nullptr ? bias[o0 + o] : 0.0f);
   for (int64_t i = 0; i < cin; ++i) {
     for (int t = 0; t < taps.count; ++t) {
-      const Vec v = load(in + i * plane + taps.offset[t] + n0, lanes);
+      // A whole vector even for the last lanes: the lanes past them are other pixels' (or the
+      // buffer's slack) and only feed lanes that are not stored.
+      const Vec v = load(in + i * plane + taps.offset[t] + n0, kLanes);
       const float* wt = w + (o0 * cin + i) * 9 + taps.index[t];
       for (int64_t o = 0; o < OB; ++o) acc[o] += v * wt[o * cin * 9];
     }
   }
-  for (int64_t o = 0; o < OB; ++o) store(out + o * plane + n0, acc[o], lanes);
+  for (int64_t o = 0; o < OB; ++o) {
+    if (lanes == kLanes) {
+      store(out + o * plane + n0, acc[o], kLanes);
+    } else {
+      for (int64_t l = 0; l < lanes; ++l) out[o * plane + n0 + l] = acc[o][l];
+    }
+  }
 }
 
 template <int64_t OB>
@@ -285,7 +308,7 @@ DYNATTN_ALWAYS_INLINE void reduce_pixel(const float* x, int64_t c, const float* 
     for (int64_t o = 0; o < OB; ++o) acc[o] += v * load(w + (o0 + o) * c + c0, lanes);
   }
   for (int64_t o = 0; o < OB; ++o)
-    out[o] = static_cast<float>(lanes_total(acc[o])) + (bias != nullptr ? bias[o0 + o] : 0.0f);
+    out[o] = lanes_sum(acc[o]) + (bias != nullptr ? bias[o0 + o] : 0.0f);
 }
 
 // Image `n` of x into the lanes: z[o][p][n] = bias[o] + sum_c w[o][c] x[c][p] (x[p][c] when
@@ -438,7 +461,7 @@ void final_conv_pixels(const float* a, const float* w, float bias, int64_t rd, c
     for (int64_t n0 = 0; n0 < g.n; n0 += kLanes) {
       const int64_t lanes = std::min(kLanes, g.n - n0);
       Vec acc = splat(bias);
-      for (int64_t o = 0; o < rd; ++o) acc += load(a + o * plane + p * g.n + n0, lanes) * w[o];
+      for (int64_t o = 0; o < rd; ++o) acc += load(a + o * plane + p * g.n + n0, kLanes) * w[o];
       for (int64_t l = 0; l < lanes; ++l) ms[(n0 + l) * pixels + p] = acc[l];
     }
   }
@@ -540,8 +563,8 @@ Forward run_forward(const torch::Tensor& x, const torch::Tensor& wr, const torch
   const auto opts = x.options();
   Forward f;
   for (int k = 0; k < 3; ++k) {
-    f.z[k] = torch::empty({rd, h, w, n}, opts);
-    f.a[k] = torch::empty({rd, h, w, n}, opts);
+    f.z[k] = lane_buffer(rd, g, opts);
+    f.a[k] = lane_buffer(rd, g, opts);
   }
   f.stats = torch::empty({3, 2, rd}, opts);
   const float* xp = x.data_ptr<float>();
@@ -643,7 +666,7 @@ torch::autograd::variable_list BamSpatialFunction::backward(torch::autograd::Aut
 
   // The final 1x1: its gradient into the lanes, and d w_f, d b_f.
   const auto dms = grads[0].contiguous();
-  auto top = torch::empty({h, w, n}, opts);
+  auto top = lane_buffer(1, g, opts);
   {
     const float* src = dms.data_ptr<float>();
     float* dst = top.data_ptr<float>();
@@ -664,7 +687,7 @@ torch::autograd::variable_list BamSpatialFunction::backward(torch::autograd::Aut
     const float* mean = stats + k * 2 * rd;
     const float* inv_std = mean + rd;
     const float* gp = floats_of(gamma[k]);
-    dz = torch::empty({rd, h, w, n}, opts);
+    dz = lane_buffer(rd, g, opts);
     d_gamma[k] = torch::empty({rd}, opts);
     d_beta[k] = torch::empty({rd}, opts);
     at::parallel_for(0, rd, 1, [&](int64_t o0, int64_t o1) {
@@ -705,7 +728,7 @@ torch::autograd::variable_list BamSpatialFunction::backward(torch::autograd::Aut
       for (int64_t i = 0; i < rd; ++i)
         for (int64_t t = 0; t < 9; ++t)
           flipped[(i * rd + o) * 9 + t] = wp[(o * rd + i) * 9 + 8 - t];
-    auto da = torch::empty({rd, h, w, n}, opts);
+    auto da = lane_buffer(rd, g, opts);
     dilated_conv(dz.data_ptr<float>(), rd, flipped.data(), nullptr, rd, d, g, da.data_ptr<float>());
     upstream = da;
   }
@@ -809,6 +832,10 @@ bool bam_spatial_branch_applicable(const torch::Tensor& x, const BamSpatialLayer
          norm_is(layers.reduce_bn, rd) && norm_is(layers.dilated_bn[0], rd) &&
          norm_is(layers.dilated_bn[1], rd);
 #endif
+}
+
+bool bam_spatial_branch_pays_off(int64_t batch, int64_t rd) {
+  return batch >= 8 || (batch >= 2 && rd <= 8);
 }
 
 torch::Tensor bam_spatial_branch(const torch::Tensor& x, const BamSpatialLayers& layers) {

@@ -10,6 +10,7 @@
 #include <mutex>
 #include <vector>
 
+#include "dynattn/ops/bam_spatial_branch.h"
 #include "dynattn/ops/conv2d.h"
 #include "dynattn/profile/mac_counter.h"
 #include "vector_clones.h"
@@ -712,7 +713,7 @@ int64_t fused_gates_calls() {
 }
 
 bool bam_spatial_in_kernel(int64_t batch, int64_t rd) {
-  return rd <= 4 || (batch <= 2 && rd <= 16);
+  return !bam_spatial_branch_pays_off(batch, rd) && (rd <= 4 || (batch <= 2 && rd <= 16));
 }
 
 torch::Tensor fused_squeeze_excitation(const torch::Tensor& x, const ChannelMlp& mlp,

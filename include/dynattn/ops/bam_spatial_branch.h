@@ -37,6 +37,13 @@ struct BamSpatialLayers {
 // caller keeps the ATen form.
 bool bam_spatial_branch_applicable(const torch::Tensor& x, const BamSpatialLayers& layers);
 
+// Whether the lane kernels are the faster inference form (no autograd) for a batch of `batch`
+// and a branch of width rd: from 8 images on, and from 2 for rd <= 8, they beat both ATen's
+// convolutions and fused_bam()'s per-image loops; a single image leaves 15 of each vector's 16
+// lanes empty (bench/bench_attention_channel.cpp, BM_BamSpatialBranch). Under autograd they are
+// always faster than ATen's convolution backward.
+bool bam_spatial_branch_pays_off(int64_t batch, int64_t rd);
+
 // M_s before the sigmoid, [N,1,H,W] contiguous. Records autograd when x or a parameter requires
 // grad and grad mode is on.
 torch::Tensor bam_spatial_branch(const torch::Tensor& x, const BamSpatialLayers& layers);

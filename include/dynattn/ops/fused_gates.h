@@ -86,10 +86,11 @@ struct BamSpatialWeights {
 };
 
 // Whether fused_bam() should compute BAM's spatial branch itself, for a batch of `batch` and
-// reduced width rd: its direct loops beat ATen's convolutions for narrow branches (rd <= 4) and,
-// up to rd = 16, for one or two images; ATen's batched convolutions win for wider branches and
-// larger batches (bench/bench_attention_channel.cpp, BM_BamSpatialBranch). Otherwise the module
-// runs the branch with ATen and passes its output as spatial_logits.
+// reduced width rd: below the batch where the lane kernels of ops/bam_spatial_branch.h pay off,
+// its per-image loops beat ATen's convolutions for narrow branches (rd <= 4) and, up to rd = 16,
+// for one or two images (bench/bench_attention_channel.cpp, BM_BamSpatialBranch). Otherwise the
+// module runs the branch as its spatial gate does (lane kernels or ATen) and passes its output as
+// spatial_logits.
 bool bam_spatial_in_kernel(int64_t batch, int64_t rd);
 
 // BAM: y = x + x * sigmoid(M_c + M_s) (M_c * M_s with `product`), M_c = mlp(mean_HW x) per
