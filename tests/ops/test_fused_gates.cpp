@@ -374,7 +374,7 @@ TEST(FusedGates, BamCombineGradientsKeepTheGateShapes) {
 TEST(FusedGates, MacsAreCountedAsOnTheAtenPath) {
   for (const char* spec : {"se", "eca", "cbam", "cbam:kernel=3", "bam", "bam:rd=10"}) {
     auto m = make(spec, 64, 17);
-    for (int64_t n : {1, 3}) {
+    for (int64_t n : {1, 3, 9}) {
       const auto x = torch::randn({n, 64, 7, 5});
       SelectionGuard guard;
       set_conv2d_kernel_selection(false);
@@ -385,10 +385,15 @@ TEST(FusedGates, MacsAreCountedAsOnTheAtenPath) {
       EXPECT_EQ(fused_gates_calls(), before + 1) << spec;
       EXPECT_EQ(fused.macs, aten) << spec << " batch " << n;
       EXPECT_GT(fused.macs, 0) << spec;
-      // BAM's spatial branch: inside the kernel, or ATen's convolutions (counted by ATen).
+      // BAM's spatial branch: inside the kernel, the lane kernels, or ATen's convolutions
+      // (counted by ATen).
       if (std::string(spec).rfind("bam", 0) == 0) {
-        const bool in_kernel = bam_spatial_in_kernel(n, std::string(spec) == "bam" ? 4 : 10);
-        EXPECT_EQ(fused.by_op.count("aten::convolution"), in_kernel ? 0u : 1u) << spec << n;
+        const int64_t rd = std::string(spec) == "bam" ? 4 : 10;
+        const bool in_kernel = bam_spatial_in_kernel(n, rd);
+        const bool lanes = !in_kernel && bam_spatial_branch_pays_off(n, rd);
+        EXPECT_EQ(fused.by_op.count("dynattn::bam_spatial_branch"), lanes ? 1u : 0u) << spec << n;
+        EXPECT_EQ(fused.by_op.count("aten::convolution"), in_kernel || lanes ? 0u : 1u)
+            << spec << n;
       }
     }
   }
