@@ -229,10 +229,13 @@ torch::Tensor BAMImpl::forward(const torch::Tensor& x) {
   check_attention_input("BAM", x, options.channels());
   auto fused = fused_forward(x);
   if (fused.defined()) return fused;
-  // Training: the branches keep their modules (BNs with batch statistics); the combine, where
-  // most of the passes over the map are, is one autograd node.
+  // Training: the channel gate keeps its modules (BN with batch statistics); the spatial branch
+  // and the combine, where most of the passes over the map are, are one autograd node.
   if (fused_gates_train_apply(x)) {
     auto mc = channel_att(x);
+    const auto layers = spatial_att->layers();
+    if (bam_spatial_branch_applicable(x, layers) && fused_gates_train_apply(x, {mc}))
+      return bam_spatial_branch_combine(x, mc, layers, options.product());
     auto ms = spatial_att(x);
     if (fused_gates_train_apply(x, {mc, ms}))
       return fused_bam_combine_train(x, mc, ms, options.product());

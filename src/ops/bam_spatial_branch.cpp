@@ -7,6 +7,7 @@
 #include <mutex>
 #include <vector>
 
+#include "bam_combine.h"
 #include "dynattn/core/compat.h"
 #include "dynattn/ops/conv2d.h"
 #include "dynattn/profile/mac_counter.h"
@@ -372,16 +373,17 @@ void reduce_image(const float* x, bool channels_last, int64_t c, const float* w,
 
 // Outputs [o0, o0 + OB) of the reduce's backward at channel ch of an NCHW image, whole vectors
 // of pixels [0, full): dxc += sum_o w[o][ch] g[o] (written when o0 = 0), and partial[o][ch] +=
-// g[o] * xc lane-wise, held in registers across the pixels.
+// g[o] * xc lane-wise, held in registers across the pixels. `accumulate`: dxc already holds a
+// gradient to add to.
 template <int64_t OB>
 DYNATTN_ALWAYS_INLINE void reduce_backward_block(const float* xc, const float* w, int64_t c,
                                                  int64_t ch, int64_t o0, const float* gathered,
-                                                 int64_t pixels, int64_t full, Vec* partial,
-                                                 float* dxc) {
+                                                 int64_t pixels, int64_t full, bool accumulate,
+                                                 Vec* partial, float* dxc) {
   Vec pd[OB] = {};
   for (int64_t p0 = 0; p0 < full; p0 += kLanes) {
     const Vec xv = load(xc + p0, kLanes);
-    Vec acc = o0 == 0 ? Vec{} : load(dxc + p0, kLanes);
+    Vec acc = o0 == 0 && !accumulate ? Vec{} : load(dxc + p0, kLanes);
     for (int64_t o = 0; o < OB; ++o) {
       const Vec gv = load(gathered + (o0 + o) * pixels + p0, kLanes);
       acc += gv * w[(o0 + o) * c + ch];
@@ -392,13 +394,14 @@ DYNATTN_ALWAYS_INLINE void reduce_backward_block(const float* xc, const float* w
   for (int64_t o = 0; o < OB; ++o) partial[(o0 + o) * c + ch] += pd[o];
 }
 
-// The reduce conv's backward for image n: dx = w^T dz, and dw += dz x^T (dw [rd][c]); for an
+// The reduce conv's backward for image n: dx = w^T dz (dx += with `accumulate`), and
+// dw += dz x^T (dw [rd][c]); for an
 // NCHW image dw's terms are added lane-wise into `partial` (rd * c vectors, summed over their
 // lanes once per task by the caller) instead. gathered: rd * pixels floats.
 DYNATTN_KERNEL_CLONES
 void reduce_image_backward(const float* x, bool channels_last, int64_t c, const float* w,
                            int64_t rd, const Lanes& g, int64_t n, const float* dz, float* gathered,
-                           Vec* partial, float* dx, float* dw) {
+                           bool accumulate, Vec* partial, float* dx, float* dw) {
   const int64_t pixels = g.pixels();
   for (int64_t o = 0; o < rd; ++o)
     for (int64_t p = 0; p < pixels; ++p) gathered[o * pixels + p] = dz[(o * pixels + p) * g.n + n];
@@ -412,21 +415,25 @@ void reduce_image_backward(const float* x, bool channels_last, int64_t c, const 
       for (int64_t o0 = 0; o0 < rd; o0 += kOutBlock) {
         switch (std::min(kOutBlock, rd - o0)) {
           case 4:
-            reduce_backward_block<4>(xc, w, c, ch, o0, gathered, pixels, full, partial, dxc);
+            reduce_backward_block<4>(xc, w, c, ch, o0, gathered, pixels, full, accumulate, partial,
+                                     dxc);
             break;
           case 3:
-            reduce_backward_block<3>(xc, w, c, ch, o0, gathered, pixels, full, partial, dxc);
+            reduce_backward_block<3>(xc, w, c, ch, o0, gathered, pixels, full, accumulate, partial,
+                                     dxc);
             break;
           case 2:
-            reduce_backward_block<2>(xc, w, c, ch, o0, gathered, pixels, full, partial, dxc);
+            reduce_backward_block<2>(xc, w, c, ch, o0, gathered, pixels, full, accumulate, partial,
+                                     dxc);
             break;
           default:
-            reduce_backward_block<1>(xc, w, c, ch, o0, gathered, pixels, full, partial, dxc);
+            reduce_backward_block<1>(xc, w, c, ch, o0, gathered, pixels, full, accumulate, partial,
+                                     dxc);
             break;
         }
       }
       for (int64_t p = full; p < pixels; ++p) {
-        float acc = 0.0f;
+        float acc = accumulate ? dxc[p] : 0.0f;
         for (int64_t o = 0; o < rd; ++o) {
           const float gv = gathered[o * pixels + p];
           acc += gv * w[o * c + ch];
@@ -441,7 +448,7 @@ void reduce_image_backward(const float* x, bool channels_last, int64_t c, const 
     for (int64_t c0 = 0; c0 < c; c0 += kLanes) {
       const int64_t lanes = std::min(kLanes, c - c0);
       const Vec xv = load(x + p * c + c0, lanes);
-      Vec acc{};
+      Vec acc = accumulate ? load(dx + p * c + c0, lanes) : Vec{};
       for (int64_t o = 0; o < rd; ++o) {
         const float gv = gathered[o * pixels + p];
         acc += load(w + o * c + c0, lanes) * gv;
@@ -595,60 +602,70 @@ Forward run_forward(const torch::Tensor& x, const torch::Tensor& wr, const torch
   return f;
 }
 
-// Inputs of the autograd node, in order.
-enum Input {
-  kX,
-  kReduceW,
-  kReduceB,
-  kGamma0,
-  kBeta0,
-  kDilatedW0,
-  kDilatedB0,
-  kGamma1,
-  kBeta1,
-  kDilatedW1,
-  kDilatedB1,
-  kGamma2,
-  kBeta2,
-  kFinalW,
-  kFinalB,
-  kInputs
+// The branch's parameters as the nodes receive them (absent ones empty).
+struct BranchParams {
+  torch::Tensor wr, br, gamma[3], beta[3], wd[2], bd[2], wf, bf;
 };
+constexpr int kBranchParams = 14;
 
-struct BamSpatialFunction : torch::autograd::Function<BamSpatialFunction> {
-  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
-                               const torch::Tensor& wr, const torch::Tensor& br,
-                               const torch::Tensor& gamma0, const torch::Tensor& beta0,
-                               const torch::Tensor& wd0, const torch::Tensor& bd0,
-                               const torch::Tensor& gamma1, const torch::Tensor& beta1,
-                               const torch::Tensor& wd1, const torch::Tensor& bd1,
-                               const torch::Tensor& gamma2, const torch::Tensor& beta2,
-                               const torch::Tensor& wf, const torch::Tensor& bf, BranchConfig cfg) {
-    const torch::Tensor gamma[3] = {gamma0, gamma1, gamma2}, beta[3] = {beta0, beta1, beta2};
-    const torch::Tensor wd[2] = {wd0, wd1}, bd[2] = {bd0, bd1};
-    Forward f = run_forward(x, wr, br, gamma, beta, wd, bd, wf, bf, cfg);
-    ctx->save_for_backward({x, wr, gamma0, gamma1, gamma2, wd0, wd1, wf, f.z[0], f.z[1], f.z[2],
-                            f.a[0], f.a[1], f.a[2], f.stats});
-    ctx->saved_data["dilation"] = cfg.dilation;
-    for (int k = 0; k < 3; ++k) {
-      ctx->saved_data["batch_statistics" + std::to_string(k)] =
-          cfg.norms[k]->is_training() || !cfg.norms[k]->options.track_running_stats();
-    }
-    int64_t has_bias = 0;  // bit j: the j-th of the optional biases below is present
-    const torch::Tensor* biases[] = {&br, &beta0, &bd0, &beta1, &bd1, &beta2, &bf};
-    for (int j = 0; j < 7; ++j)
-      if (biases[j]->numel() > 0) has_bias |= int64_t{1} << j;
-    ctx->saved_data["has_bias"] = has_bias;
-    return f.ms;
-  }
+BranchParams params_from(const torch::autograd::variable_list& t) {
+  return {t[0],  t[1], {t[2], t[6], t[10]}, {t[3], t[7], t[11]}, {t[4], t[8]}, {t[5], t[9]},
+          t[12], t[13]};
+}
 
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads);
-};
+// The node's inputs in order: reduce w, b; BN0 gamma, beta; dilated0 w, b; BN1 gamma, beta;
+// dilated1 w, b; BN2 gamma, beta; final w, b (as params_from reads them).
+torch::autograd::variable_list params_of(const BamSpatialLayers& l, const torch::Tensor& x) {
+  const auto& n0 = *l.reduce_bn;
+  const auto& n1 = *l.dilated_bn[0];
+  const auto& n2 = *l.dilated_bn[1];
+  return {l.reduce->weight.contiguous(),
+          or_empty(l.reduce->bias, x),
+          or_empty(n0.weight, x),
+          or_empty(n0.bias, x),
+          l.dilated[0]->weight.contiguous(),
+          or_empty(l.dilated[0]->bias, x),
+          or_empty(n1.weight, x),
+          or_empty(n1.bias, x),
+          l.dilated[1]->weight.contiguous(),
+          or_empty(l.dilated[1]->bias, x),
+          or_empty(n2.weight, x),
+          or_empty(n2.bias, x),
+          l.final_conv->weight.contiguous(),
+          or_empty(l.final_conv->bias, x)};
+}
 
-torch::autograd::variable_list BamSpatialFunction::backward(torch::autograd::AutogradContext* ctx,
-                                                            torch::autograd::variable_list grads) {
-  const auto saved = ctx->get_saved_variables();
+Forward forward_of(const torch::Tensor& x, const BranchParams& p, const BranchConfig& cfg) {
+  return run_forward(x, p.wr, p.br, p.gamma, p.beta, p.wd, p.bd, p.wf, p.bf, cfg);
+}
+
+// What the branch's backward needs, saved in `ctx` (its saved variables from index 0).
+void save_branch(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                 const BranchParams& p, const Forward& f, const BranchConfig& cfg,
+                 std::vector<torch::Tensor> extra) {
+  std::vector<torch::Tensor> saved = {x,       p.wr,    p.gamma[0], p.gamma[1], p.gamma[2],
+                                      p.wd[0], p.wd[1], p.wf,       f.z[0],     f.z[1],
+                                      f.z[2],  f.a[0],  f.a[1],     f.a[2],     f.stats};
+  saved.insert(saved.end(), extra.begin(), extra.end());
+  ctx->save_for_backward(saved);
+  ctx->saved_data["dilation"] = cfg.dilation;
+  int64_t flags = 0;  // bits 0-6: which optional biases are present; 8-10: batch statistics
+  const torch::Tensor* biases[] = {&p.br,    &p.beta[0], &p.bd[0], &p.beta[1],
+                                   &p.bd[1], &p.beta[2], &p.bf};
+  for (int j = 0; j < 7; ++j)
+    if (biases[j]->numel() > 0) flags |= int64_t{1} << j;
+  for (int k = 0; k < 3; ++k)
+    if (cfg.norms[k]->is_training() || !cfg.norms[k]->options.track_running_stats())
+      flags |= int64_t{1} << (8 + k);
+  ctx->saved_data["flags"] = flags;
+}
+
+// The branch's backward from d M_s (`dms`, N * H * W floats): the 14 parameter gradients in
+// the order of params_of(), and x's gradient written into dx (added to it with `accumulate`).
+torch::autograd::variable_list branch_backward(torch::autograd::AutogradContext* ctx,
+                                               const torch::autograd::variable_list& saved,
+                                               const torch::Tensor& dms, torch::Tensor& dx,
+                                               bool accumulate) {
   const auto& x = saved[0];
   const auto& wr = saved[1];
   const torch::Tensor gamma[3] = {saved[2], saved[3], saved[4]};
@@ -658,14 +675,13 @@ torch::autograd::variable_list BamSpatialFunction::backward(torch::autograd::Aut
   const torch::Tensor a[3] = {saved[11], saved[12], saved[13]};
   const float* stats = saved[14].data_ptr<float>();
   const int64_t d = ctx->saved_data["dilation"].toInt();
-  const int64_t has_bias = ctx->saved_data["has_bias"].toInt();
+  const int64_t flags = ctx->saved_data["flags"].toInt();
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3), rd = wr.size(0);
   const Lanes g{n, h, w};
   const int64_t m = g.plane(), pixels = g.pixels();
   const auto opts = x.options();
 
   // The final 1x1: its gradient into the lanes, and d w_f, d b_f.
-  const auto dms = grads[0].contiguous();
   auto top = lane_buffer(1, g, opts);
   {
     const float* src = dms.data_ptr<float>();
@@ -683,7 +699,7 @@ torch::autograd::variable_list BamSpatialFunction::backward(torch::autograd::Aut
   torch::Tensor upstream = top;  // d a_k: the lanes of a_k's gradient (rd channels, or the top)
   torch::Tensor dz;
   for (int k = 2; k >= 0; --k) {
-    const bool batch_stats = ctx->saved_data["batch_statistics" + std::to_string(k)].toBool();
+    const bool batch_stats = (flags >> (8 + k)) & 1;
     const float* mean = stats + k * 2 * rd;
     const float* inv_std = mean + rd;
     const float* gp = floats_of(gamma[k]);
@@ -738,7 +754,6 @@ torch::autograd::variable_list BamSpatialFunction::backward(torch::autograd::Aut
   for (int64_t o = 0; o < rd; ++o)
     d_br.data_ptr<float>()[o] = static_cast<float>(sum_of_run(dz.data_ptr<float>() + o * m, m));
   const bool channels_last = !x.is_contiguous();
-  auto dx = torch::empty_like(x);
   auto d_wr = torch::zeros({rd, c}, opts);
   std::mutex merge;
   at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
@@ -748,7 +763,8 @@ torch::autograd::variable_list BamSpatialFunction::backward(torch::autograd::Aut
     for (int64_t i = i0; i < i1; ++i) {
       reduce_image_backward(x.data_ptr<float>() + i * c * pixels, channels_last, c,
                             wr.data_ptr<float>(), rd, g, i, dz.data_ptr<float>(), gathered.data(),
-                            partial.data(), dx.data_ptr<float>() + i * c * pixels, dw.data());
+                            accumulate, partial.data(), dx.data_ptr<float>() + i * c * pixels,
+                            dw.data());
     }
     for (int64_t j = 0; j < rd * c; ++j)
       dw[j] += static_cast<float>(lanes_total(partial.data()[j]));
@@ -757,31 +773,94 @@ torch::autograd::variable_list BamSpatialFunction::backward(torch::autograd::Aut
     for (int64_t j = 0; j < rd * c; ++j) total[j] += dw[j];
   });
 
-  const auto scalar = [&](double v) { return torch::full({1}, v, opts); };
   const auto bias_grad = [&](int index, const torch::Tensor& t) {
-    return (has_bias >> index) & 1 ? t : torch::Tensor();
+    return (flags >> index) & 1 ? t : torch::Tensor();
   };
   const auto affine_grad = [&](int k, const torch::Tensor& t) {
     return gamma[k].numel() > 0 ? t : torch::Tensor();
   };
-  torch::autograd::variable_list out(kInputs + 1);
-  out[kX] = dx;
-  out[kReduceW] = d_wr.view(saved[1].sizes());
-  out[kReduceB] = bias_grad(0, d_br);
-  out[kGamma0] = affine_grad(0, d_gamma[0]);
-  out[kBeta0] = bias_grad(1, d_beta[0]);
-  out[kDilatedW0] = d_wd[0];
-  out[kDilatedB0] = bias_grad(2, d_bd[0]);
-  out[kGamma1] = affine_grad(1, d_gamma[1]);
-  out[kBeta1] = bias_grad(3, d_beta[1]);
-  out[kDilatedW1] = d_wd[1];
-  out[kDilatedB1] = bias_grad(4, d_bd[1]);
-  out[kGamma2] = affine_grad(2, d_gamma[2]);
-  out[kBeta2] = bias_grad(5, d_beta[2]);
-  out[kFinalW] = d_wf;
-  out[kFinalB] = bias_grad(6, scalar(d_bf));
-  return out;
+  return {d_wr.view(wr.sizes()),
+          bias_grad(0, d_br),
+          affine_grad(0, d_gamma[0]),
+          bias_grad(1, d_beta[0]),
+          d_wd[0],
+          bias_grad(2, d_bd[0]),
+          affine_grad(1, d_gamma[1]),
+          bias_grad(3, d_beta[1]),
+          d_wd[1],
+          bias_grad(4, d_bd[1]),
+          affine_grad(2, d_gamma[2]),
+          bias_grad(5, d_beta[2]),
+          d_wf,
+          bias_grad(6, torch::full({1}, d_bf, opts))};
 }
+
+// M_s = branch(x): inputs x and the 14 parameters (in the order of params_of()).
+struct BamSpatialFunction : torch::autograd::Function<BamSpatialFunction> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& p0, const torch::Tensor& p1,
+                               const torch::Tensor& p2, const torch::Tensor& p3,
+                               const torch::Tensor& p4, const torch::Tensor& p5,
+                               const torch::Tensor& p6, const torch::Tensor& p7,
+                               const torch::Tensor& p8, const torch::Tensor& p9,
+                               const torch::Tensor& p10, const torch::Tensor& p11,
+                               const torch::Tensor& p12, const torch::Tensor& p13,
+                               BranchConfig cfg) {
+    const auto p = params_from({p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13});
+    Forward f = forward_of(x, p, cfg);
+    save_branch(ctx, x, p, f, cfg, {});
+    return f.ms;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    auto dx = torch::empty_like(saved[0]);
+    auto out = branch_backward(ctx, saved, grads[0].contiguous(), dx, false);
+    out.insert(out.begin(), dx);
+    out.emplace_back();  // cfg
+    return out;
+  }
+};
+
+// y = x + x * sigmoid(M_c + M_s) (M_c * M_s with `product`), M_s = branch(x): inputs x, mc
+// [N,C,1,1] and the 14 parameters. One node, so that x's gradient is one map: the combine's
+// backward writes it and the branch's reduce adds its share in place.
+struct BamSpatialCombineFunction : torch::autograd::Function<BamSpatialCombineFunction> {
+  static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
+                               const torch::Tensor& mc, const torch::Tensor& p0,
+                               const torch::Tensor& p1, const torch::Tensor& p2,
+                               const torch::Tensor& p3, const torch::Tensor& p4,
+                               const torch::Tensor& p5, const torch::Tensor& p6,
+                               const torch::Tensor& p7, const torch::Tensor& p8,
+                               const torch::Tensor& p9, const torch::Tensor& p10,
+                               const torch::Tensor& p11, const torch::Tensor& p12,
+                               const torch::Tensor& p13, BranchConfig cfg, bool product) {
+    const auto p = params_from({p0, p1, p2, p3, p4, p5, p6, p7, p8, p9, p10, p11, p12, p13});
+    Forward f = forward_of(x, p, cfg);
+    const int64_t n = x.size(0), c = x.size(1);
+    const auto mcv = mc.reshape({n, c}).contiguous();
+    const auto msv = f.ms.view({n, -1});
+    auto y = detail::bam_combine_forward(x, mcv, msv, product);
+    save_branch(ctx, x, p, f, cfg, {mcv, msv});
+    ctx->saved_data["product"] = product;
+    ctx->saved_data["mc_sizes"] = mc.sizes().vec();
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    torch::Tensor dx, dmc, dms;
+    detail::bam_combine_backward(saved[0], grads[0], saved[15], saved[16],
+                                 ctx->saved_data["product"].toBool(), dx, dmc, dms);
+    auto out = branch_backward(ctx, saved, dms, dx, true);
+    out.insert(out.begin(), {dx, dmc.view(ctx->saved_data["mc_sizes"].toIntVector())});
+    out.emplace_back();  // cfg
+    out.emplace_back();  // product
+    return out;
+  }
+};
 
 bool float_cpu(const torch::Tensor& t) {
   return !t.defined() ||
@@ -838,57 +917,75 @@ bool bam_spatial_branch_pays_off(int64_t batch, int64_t rd) {
   return batch >= 8 || (batch >= 2 && rd <= 8);
 }
 
-torch::Tensor bam_spatial_branch(const torch::Tensor& x, const BamSpatialLayers& layers) {
-  TORCH_CHECK(bam_spatial_branch_applicable(x, layers),
-              "bam_spatial_branch: expected a CPU float32 [N,C,H,W] input (contiguous or "
-              "channels-last) and BAM's spatial layers for its ",
+namespace {
+#ifdef DYNATTN_HAVE_VEC16
+// The checks of both entry points, the MACs record, and the BN layers' config.
+BranchConfig prepare(const char* op, const torch::Tensor& x, const BamSpatialLayers& layers) {
+  TORCH_CHECK(bam_spatial_branch_applicable(x, layers), op,
+              ": expected a CPU float32 [N,C,H,W] input (contiguous or channels-last) and BAM's "
+              "spatial layers for its ",
               x.defined() ? x.size(1) : 0, " channels, got ",
               x.defined() ? x.sizes() : torch::IntArrayRef{});
-#ifdef DYNATTN_HAVE_VEC16
   BranchConfig cfg;
   cfg.dilation = layers.dilated[0]->options.dilation()->at(0);
   cfg.norms[0] = layers.reduce_bn;
   cfg.norms[1] = layers.dilated_bn[0];
   cfg.norms[2] = layers.dilated_bn[1];
   for (auto* bn : cfg.norms) {
-    TORCH_CHECK(!bn->is_training() || x.size(0) * x.size(2) * x.size(3) > 1,
-                "bam_spatial_branch: BatchNorm in training mode needs more than one value per "
-                "channel, got input ",
+    TORCH_CHECK(!bn->is_training() || x.size(0) * x.size(2) * x.size(3) > 1, op,
+                ": BatchNorm in training mode needs more than one value per channel, got input ",
                 x.sizes());
   }
   const int64_t rd = layers.reduce->options.out_channels(), c = x.size(1);
   record_macs("dynattn::bam_spatial_branch",
               x.size(0) * x.size(2) * x.size(3) * (c * rd + 2 * rd * rd * 9 + rd));
-  const auto& r = *layers.reduce;
-  const auto& d0 = *layers.dilated[0];
-  const auto& d1 = *layers.dilated[1];
-  const auto& f = *layers.final_conv;
-  const auto& n0 = *layers.reduce_bn;
-  const auto& n1 = *layers.dilated_bn[0];
-  const auto& n2 = *layers.dilated_bn[1];
-  bool records = false;
-  if (torch::GradMode::is_enabled()) {
-    for (const auto* t :
-         {&x, &r.weight, &r.bias, &n0.weight, &n0.bias, &d0.weight, &d0.bias, &n1.weight, &n1.bias,
-          &d1.weight, &d1.bias, &n2.weight, &n2.bias, &f.weight, &f.bias})
-      records = records || (t->defined() && t->requires_grad());
-  }
-  if (!records) {
-    // Inference: no node, nothing kept beyond the call.
-    const torch::Tensor gamma[3] = {n0.weight, n1.weight, n2.weight};
-    const torch::Tensor beta[3] = {n0.bias, n1.bias, n2.bias};
-    const torch::Tensor wd[2] = {d0.weight.contiguous(), d1.weight.contiguous()};
-    const torch::Tensor bd[2] = {d0.bias, d1.bias};
-    return run_forward(x, r.weight.contiguous(), r.bias, gamma, beta, wd, bd, f.weight.contiguous(),
-                       f.bias, cfg)
-        .ms;
-  }
-  return BamSpatialFunction::apply(
-      x, r.weight.contiguous(), or_empty(r.bias, x), or_empty(n0.weight, x), or_empty(n0.bias, x),
-      d0.weight.contiguous(), or_empty(d0.bias, x), or_empty(n1.weight, x), or_empty(n1.bias, x),
-      d1.weight.contiguous(), or_empty(d1.bias, x), or_empty(n2.weight, x), or_empty(n2.bias, x),
-      f.weight.contiguous(), or_empty(f.bias, x), cfg);
+  return cfg;
+}
+
+bool records_grad(const torch::Tensor& x, const torch::autograd::variable_list& params) {
+  if (!torch::GradMode::is_enabled()) return false;
+  if (x.requires_grad()) return true;
+  return std::any_of(params.begin(), params.end(),
+                     [](const torch::Tensor& t) { return t.requires_grad(); });
+}
+#endif
+}  // namespace
+
+torch::Tensor bam_spatial_branch(const torch::Tensor& x, const BamSpatialLayers& layers) {
+#ifdef DYNATTN_HAVE_VEC16
+  const BranchConfig cfg = prepare("bam_spatial_branch", x, layers);
+  const auto params = params_of(layers, x);
+  // Inference: no node, nothing kept beyond the call.
+  if (!records_grad(x, params)) return forward_of(x, params_from(params), cfg).ms;
+  const auto& p = params;  // one argument each: LibTorch 1.13 counts a list as one input
+  return BamSpatialFunction::apply(x, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9],
+                                   p[10], p[11], p[12], p[13], cfg);
 #else
+  TORCH_CHECK(false, "bam_spatial_branch: built without the vector kernels");
+  return {};
+#endif
+}
+
+torch::Tensor bam_spatial_branch_combine(const torch::Tensor& x, const torch::Tensor& mc,
+                                         const BamSpatialLayers& layers, bool product) {
+#ifdef DYNATTN_HAVE_VEC16
+  const BranchConfig cfg = prepare("bam_spatial_branch_combine", x, layers);
+  const int64_t n = x.size(0), c = x.size(1);
+  TORCH_CHECK(
+      mc.defined() && mc.numel() == n * c && mc.is_cpu() && mc.scalar_type() == torch::kFloat,
+      "bam_spatial_branch_combine: expected M_c of ", n, " x ", c, " floats on the CPU, got ",
+      mc.defined() ? mc.sizes() : torch::IntArrayRef{});
+  const auto params = params_of(layers, x);
+  if (!records_grad(x, params) && !(torch::GradMode::is_enabled() && mc.requires_grad())) {
+    const auto ms = forward_of(x, params_from(params), cfg).ms;
+    return detail::bam_combine_forward(x, mc.reshape({n, c}).contiguous(), ms.view({n, -1}),
+                                       product);
+  }
+  const auto& p = params;
+  return BamSpatialCombineFunction::apply(x, mc, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7],
+                                          p[8], p[9], p[10], p[11], p[12], p[13], cfg, product);
+#else
+  TORCH_CHECK(false, "bam_spatial_branch_combine: built without the vector kernels");
   return {};
 #endif
 }

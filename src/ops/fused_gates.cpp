@@ -10,6 +10,7 @@
 #include <mutex>
 #include <vector>
 
+#include "bam_combine.h"
 #include "dynattn/ops/bam_spatial_branch.h"
 #include "dynattn/ops/conv2d.h"
 #include "dynattn/profile/mac_counter.h"
@@ -901,6 +902,55 @@ torch::Tensor fused_bam(const torch::Tensor& x, const ChannelMlp& mlp,
 }
 
 // ---- Training forms (SE, ECA) ----
+namespace detail {
+
+torch::Tensor bam_combine_forward(const torch::Tensor& x, const torch::Tensor& mc,
+                                  const torch::Tensor& ms, bool product) {
+  const int64_t c = x.size(1), hw = x.size(2) * x.size(3);
+  const float *mcp = mc.data_ptr<float>(), *msp = ms.data_ptr<float>();
+  return for_each_image(x, [&](const Image& im) {
+    apply_bam_combine(im,
+                      BamCombineTerms(mcp + im.index * c, msp + im.index * hw, c, hw, product).k);
+  });
+}
+
+void bam_combine_backward(const torch::Tensor& x, const torch::Tensor& grad,
+                          const torch::Tensor& mc, const torch::Tensor& ms, bool product,
+                          torch::Tensor& dx, torch::Tensor& dmc, torch::Tensor& dms) {
+  const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
+  const bool channels_last = !x.is_contiguous();
+  const auto dy = grad.contiguous(channels_last ? torch::MemoryFormat::ChannelsLast
+                                                : torch::MemoryFormat::Contiguous);
+  dx = torch::empty_like(x);
+  dmc = torch::zeros({n, c});
+  dms = torch::empty({n, hw});
+  const float *xp = x.data_ptr<float>(), *dyp = dy.data_ptr<float>(), *mcp = mc.data_ptr<float>(),
+              *msp = ms.data_ptr<float>();
+  float *dxp = dx.data_ptr<float>(), *dmcp = dmc.data_ptr<float>(), *dmsp = dms.data_ptr<float>();
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const BamCombineTerms terms(mcp + i * c, msp + i * hw, c, hw, product);
+      const int64_t offset = i * c * hw;
+      std::mutex merge;
+      // Pixel ranges in parallel (a single image's threads); each sums its own share of dmc.
+      at::parallel_for(0, hw, grain_for(c), [&](int64_t p0, int64_t p1) {
+        std::vector<float> partial(c, 0.0f), scratch(2 * (channels_last ? c : p1 - p0));
+        if (!channels_last) {
+          bam_combine_backward_nchw(xp + offset, dyp + offset, dxp + offset, c, hw, p0, p1, terms.k,
+                                    partial.data(), dmsp + i * hw, scratch.data());
+        } else {
+          bam_combine_backward_cl(xp + offset, dyp + offset, dxp + offset, c, p0, p1, terms.k,
+                                  partial.data(), dmsp + i * hw, scratch.data());
+        }
+        std::lock_guard<std::mutex> lock(merge);
+        for (int64_t ch = 0; ch < c; ++ch) dmcp[i * c + ch] += partial[ch];
+      });
+    }
+  });
+}
+
+}  // namespace detail
+
 namespace {
 
 // gs[ch] = sum_p dy * x over channels [c0, c1) of an NCHW image.
@@ -1589,11 +1639,7 @@ class BamCombineGate : public torch::autograd::Function<BamCombineGate> {
                                const torch::Tensor& mc, const torch::Tensor& ms, bool product) {
     const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
     const auto mcv = mc.reshape({n, c}).contiguous(), msv = ms.reshape({n, hw}).contiguous();
-    const float *mcp = mcv.data_ptr<float>(), *msp = msv.data_ptr<float>();
-    auto y = for_each_image(x, [&](const Image& im) {
-      apply_bam_combine(im,
-                        BamCombineTerms(mcp + im.index * c, msp + im.index * hw, c, hw, product).k);
-    });
+    auto y = detail::bam_combine_forward(x, mcv, msv, product);
     ctx->save_for_backward({x, mcv, msv});
     ctx->saved_data["product"] = product;
     ctx->saved_data["mc_sizes"] = mc.sizes().vec();
@@ -1603,37 +1649,9 @@ class BamCombineGate : public torch::autograd::Function<BamCombineGate> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const auto &x = saved[0], &mcv = saved[1], &msv = saved[2];
-    const bool product = ctx->saved_data["product"].toBool();
-    const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3);
-    const bool channels_last = !x.is_contiguous();
-    const auto dy = grads[0].contiguous(channels_last ? torch::MemoryFormat::ChannelsLast
-                                                      : torch::MemoryFormat::Contiguous);
-    auto dx = torch::empty_like(x);
-    auto dmc = torch::zeros({n, c}), dms = torch::empty({n, hw});
-    const float *xp = x.data_ptr<float>(), *dyp = dy.data_ptr<float>(),
-                *mcp = mcv.data_ptr<float>(), *msp = msv.data_ptr<float>();
-    float *dxp = dx.data_ptr<float>(), *dmcp = dmc.data_ptr<float>(), *dmsp = dms.data_ptr<float>();
-    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const BamCombineTerms terms(mcp + i * c, msp + i * hw, c, hw, product);
-        const int64_t offset = i * c * hw;
-        std::mutex merge;
-        // Pixel ranges in parallel (a single image's threads); each sums its own share of dmc.
-        at::parallel_for(0, hw, grain_for(c), [&](int64_t p0, int64_t p1) {
-          std::vector<float> partial(c, 0.0f), scratch(2 * (channels_last ? c : p1 - p0));
-          if (!channels_last) {
-            bam_combine_backward_nchw(xp + offset, dyp + offset, dxp + offset, c, hw, p0, p1,
-                                      terms.k, partial.data(), dmsp + i * hw, scratch.data());
-          } else {
-            bam_combine_backward_cl(xp + offset, dyp + offset, dxp + offset, c, p0, p1, terms.k,
-                                    partial.data(), dmsp + i * hw, scratch.data());
-          }
-          std::lock_guard<std::mutex> lock(merge);
-          for (int64_t ch = 0; ch < c; ++ch) dmcp[i * c + ch] += partial[ch];
-        });
-      }
-    });
+    torch::Tensor dx, dmc, dms;
+    detail::bam_combine_backward(saved[0], grads[0], saved[1], saved[2],
+                                 ctx->saved_data["product"].toBool(), dx, dmc, dms);
     return {dx, dmc.view(ctx->saved_data["mc_sizes"].toIntVector()),
             dms.view(ctx->saved_data["ms_sizes"].toIntVector()), torch::Tensor()};
   }

@@ -437,3 +437,47 @@ TEST(BAMSpatialBranch, OtherLayerShapesKeepTheAtenForm) {
               }),
               HasSubstr("more than one value per channel"));
 }
+
+TEST(BAMSpatialBranch, WholeModuleTrainingEqualsTheDoubleAtenForm) {
+  // BAM::forward in training: the channel gate's modules, then the spatial branch and the
+  // combine as one node (bam_spatial_branch_combine); against the same module in double (ATen).
+  struct Case {
+    BAMOptions options;
+    int64_t n, h, w;
+    bool channels_last, product, training;
+  };
+  const Case cases[] = {
+      {BAMOptions(32).dilation(2), 3, 6, 5, false, false, true},
+      {BAMOptions(64), 18, 7, 7, true, false, true},
+      {BAMOptions(16).product(true), 5, 4, 9, false, true, true},
+      {BAMOptions(32).rd_channels(3).reduction_policy("explicit"), 4, 5, 5, true, true, false}};
+  uint64_t seed = 40;
+  for (const auto& t : cases) {
+    BAM bam(t.options);
+    randomize(*bam, ++seed);
+    auto ref = std::dynamic_pointer_cast<BAMImpl>(bam->clone());
+    ref->to(torch::kDouble);
+    bam->train(t.training);
+    ref->train(t.training);
+    auto x = torch::randn({t.n, t.options.channels(), t.h, t.w});
+    if (t.channels_last) x = x.contiguous(torch::MemoryFormat::ChannelsLast);
+    x.requires_grad_();
+    auto xd = x.detach().to(torch::kDouble).requires_grad_();
+    auto y = bam->forward(x);
+    auto y_ref = ref->forward(xd);
+    EXPECT_LT(dynattn::test_util::max_rel(y, y_ref), 2e-5) << seed;
+    EXPECT_EQ(y.is_contiguous(), x.is_contiguous()) << seed;
+    const auto dy = torch::randn_like(y_ref);
+    y.backward(dy.to(torch::kFloat));
+    y_ref.backward(dy);
+    EXPECT_LT(dynattn::test_util::max_rel(x.grad(), xd.grad()), 5e-5) << seed;
+    auto params = bam->named_parameters();
+    for (const auto& p : ref->named_parameters())
+      EXPECT_LT(dynattn::test_util::max_rel(params[p.key()].grad(), p.value().grad()), 5e-5)
+          << p.key() << " " << seed;
+    auto buffers = bam->named_buffers();
+    for (const auto& b : ref->named_buffers())
+      EXPECT_LT(dynattn::test_util::max_rel(buffers[b.key()], b.value()), 2e-5)
+          << b.key() << " " << seed;
+  }
+}

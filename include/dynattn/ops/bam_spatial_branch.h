@@ -48,4 +48,11 @@ bool bam_spatial_branch_pays_off(int64_t batch, int64_t rd);
 // grad and grad mode is on.
 torch::Tensor bam_spatial_branch(const torch::Tensor& x, const BamSpatialLayers& layers);
 
+// BAM's output with this branch: y = x + x * sigmoid(M_c + M_s) (sigmoid(M_c * M_s) with
+// `product`), mc the channel gate's logits [N,C,1,1] (or [N,C]), in x's layout. One autograd node
+// for the branch and the combine: its backward writes x's gradient once (the combine's share,
+// then the branch's reduce adds its own in place) instead of two maps that autograd sums.
+torch::Tensor bam_spatial_branch_combine(const torch::Tensor& x, const torch::Tensor& mc,
+                                         const BamSpatialLayers& layers, bool product);
+
 }  // namespace dynattn
