@@ -423,16 +423,46 @@ torch::Tensor weight_gradient(const torch::Tensor& a, const torch::Tensor& b) {
   detail::strided_matmul(detail::row_major(n, r, m), a.data_ptr<float>(),
                          detail::transposed(n, m, c), b.data_ptr<float>(),
                          detail::row_major(n, r, c), per_sample.data_ptr<float>());
-  return per_sample.sum(0);
+  // The sum over the batch in place into the first sample (a plain loop: at batch 1 and at these
+  // sizes a reduction operator's set-up costs more than the additions).
+  float* total = per_sample.data_ptr<float>();
+  for (int64_t i = 1; i < n; ++i) {
+    const float* part = total + i * r * c;
+    for (int64_t j = 0; j < r * c; ++j) total[j] += part[j];
+  }
+  return per_sample[0];
+}
+
+// sum over the batch and the positions of a [N, r, m] contiguous tensor: [r].
+torch::Tensor row_sums(const torch::Tensor& a) {
+  const int64_t n = a.size(0), r = a.size(1), m = a.size(2);
+  auto out = torch::empty({r}, a.options());
+  const float* src = a.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  for (int64_t i = 0; i < r; ++i) {
+    double total = 0.0;
+    for (int64_t s = 0; s < n; ++s) {
+      const float* row = src + (s * r + i) * m;
+      float part[8] = {};  // independent partial sums: a vectorisable reduction
+      int64_t j = 0;
+      for (; j + 8 <= m; j += 8)
+        for (int l = 0; l < 8; ++l) part[l] += row[j + l];
+      for (; j < m; ++j) total += row[j];
+      for (float v : part) total += v;
+    }
+    dst[i] = static_cast<float>(total);
+  }
+  return out;
 }
 
 // The embedded-gaussian block in training mode as one autograd node: the projections as
 // shared-weight products, the attention kernel, BN with batch statistics and the residual add,
-// and the backward of all of them by hand. Inputs: x, then the 2-D weights w_theta, w_phi, w_g
-// [inter, C], w_z [C, inter], theta's bias, BN's weight and bias, then the biases that cannot
-// change the output in training mode: phi's (the softmax cancels theta_i^T b for every key of
-// query i), g's and z's (a constant per channel, which BN's batch mean removes). Their
-// gradients are exactly 0; their only effect, on BN's running mean, is added by the caller.
+// and the backward of all of them by hand. Inputs: x, then the convs' weights w_theta, w_phi,
+// w_g [inter, C, 1...], w_z [C, inter, 1...] (contiguous: read as matrices), theta's bias, BN's
+// weight and bias, then the biases that cannot change the output in training mode: phi's (the
+// softmax cancels theta_i^T b for every key of query i), g's and z's (a constant per channel, which
+// BN's batch mean removes). Their gradients are exactly 0; their only effect, on BN's running mean,
+// is added here.
 struct NonLocalTrainingFunction : torch::autograd::Function<NonLocalTrainingFunction> {
   static torch::Tensor forward(torch::autograd::AutogradContext* ctx, const torch::Tensor& x,
                                const torch::Tensor& w_theta, const torch::Tensor& w_phi,
@@ -469,6 +499,19 @@ struct NonLocalTrainingFunction : torch::autograd::Function<NonLocalTrainingFunc
     torch::Tensor out, mean, inv_std;
     detail::batch_norm_add_forward(z, x.view({n, c, q}), gamma, beta, running_mean, running_var,
                                    factor, eps, out, mean, inv_std);
+    if (running_mean.numel() > 0) {
+      // The batch mean BN saw was of W_z y; the block's z also adds W_z b_g + b_z
+      // (bookkeeping, not a MAC of the block's forward).
+      float* rm = running_mean.data_ptr<float>();
+      const float *wz = w_z.data_ptr<float>(), *bg = b_g.data_ptr<float>(),
+                  *bz = b_z.data_ptr<float>();
+      for (int64_t ch = 0; ch < c; ++ch) {
+        double shift = bz[ch];
+        for (int64_t i = 0; i < inter; ++i)
+          shift += static_cast<double>(wz[ch * inter + i]) * bg[i];
+        rm[ch] += static_cast<float>(factor * shift);
+      }
+    }
     record_macs("dynattn::pointwise_conv", n * inter * c * (2 * q + 2 * k));
     record_macs("dynattn::softmax_attention", n * q * k * 2 * inter);
     ctx->save_for_backward(
@@ -517,7 +560,7 @@ struct NonLocalTrainingFunction : torch::autograd::Function<NonLocalTrainingFunc
 
     const auto x3 = x.view({n, c, q});
     const auto d_w_theta = weight_gradient(d_theta, x3);
-    const auto d_b_theta = d_theta.sum(std::vector<int64_t>{0, 2});
+    const auto d_b_theta = row_sums(d_theta);
     const auto d_w_keys = weight_gradient(d_keys, pooled.view({n, c, k}));
     // dx = w_theta^T d_theta + d_out (the residual), then the key side's share.
     auto dx = torch::empty_like(x);
@@ -535,10 +578,10 @@ struct NonLocalTrainingFunction : torch::autograd::Function<NonLocalTrainingFunc
       dx.add_(d_pooled);
     }
     return {dx,
-            d_w_theta,
-            d_w_keys.narrow(0, 0, inter),
-            d_w_keys.narrow(0, inter, inter),
-            d_wz,
+            d_w_theta.view(w_theta.sizes()),
+            d_w_keys.narrow(0, 0, inter).view(w_theta.sizes()),
+            d_w_keys.narrow(0, inter, inter).view(w_theta.sizes()),
+            d_wz.view(w_z.sizes()),
             d_b_theta,
             d_gamma,
             d_beta,
@@ -596,13 +639,11 @@ torch::Tensor NonLocalBlockImpl::run_training(const torch::Tensor& x) {
 #ifndef DYNATTN_HAVE_ONEDNN
   TORCH_CHECK(false, kModule, ": built without the oneDNN library");
 #else
-  const int64_t c = options.channels(), inter = inter_;
-  auto matrix = [](torch::nn::AnyModule& conv, int64_t rows, int64_t cols) {
-    return conv.ptr()->named_parameters()["weight"].view({rows, cols});
-  };
-  auto param = [](torch::nn::AnyModule& m, const char* name) {
-    return m.ptr()->named_parameters()[name];
-  };
+  // One lookup per module (each builds a dictionary), and the weights in their own shapes: a
+  // view here would be one more autograd node per weight.
+  const auto tp = theta.ptr()->named_parameters(false), pp = phi.ptr()->named_parameters(false),
+             gp = g.ptr()->named_parameters(false), zp = z.ptr()->named_parameters(false),
+             bp = bn.ptr()->named_parameters(false);
   const auto& bn_options = batch_norm_options(bn);
   const auto buffers = bn.ptr()->named_buffers();
   double factor = bn_options.momentum().has_value() ? *bn_options.momentum() : 0.0;
@@ -618,19 +659,10 @@ torch::Tensor NonLocalBlockImpl::run_training(const torch::Tensor& x) {
     running_var = buffers["running_var"];
   }
   const int64_t pooled_dims = options.subsample() ? std::min<int64_t>(options.dims(), 2) : 0;
-  auto out = NonLocalTrainingFunction::apply(
-      x, matrix(theta, inter, c), matrix(phi, inter, c), matrix(g, inter, c), matrix(z, c, inter),
-      param(theta, "bias"), param(bn, "weight"), param(bn, "bias"), param(phi, "bias"),
-      param(g, "bias"), param(z, "bias"), running_mean, running_var, factor, bn_options.eps(),
-      logit_scale_, pooled_dims);
-  if (bn_options.track_running_stats()) {
-    // The batch mean BN saw was of W_z y; the block's z also adds W_z b_g + b_z (a product
-    // written as mul + sum: bookkeeping, not a MAC of the block's forward).
-    torch::NoGradGuard no_grad;
-    const auto shift = (matrix(z, c, inter) * param(g, "bias")).sum(1) + param(z, "bias");
-    running_mean.add_(shift * factor);
-  }
-  return out;
+  return NonLocalTrainingFunction::apply(x, tp["weight"], pp["weight"], gp["weight"], zp["weight"],
+                                         tp["bias"], bp["weight"], bp["bias"], pp["bias"],
+                                         gp["bias"], zp["bias"], running_mean, running_var, factor,
+                                         bn_options.eps(), logit_scale_, pooled_dims);
 #endif
 }
 
