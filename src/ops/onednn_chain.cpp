@@ -163,7 +163,7 @@ double best_time_ms(dnnl::convolution_forward& prim, const memory::desc& src_des
                     const memory::desc& dst_desc, const memory::desc& scratch_desc,
                     const memory& weights, const memory& bias, bool has_bias) {
   auto& engine = detail::onednn_cpu_engine();
-  dnnl::stream stream(engine);
+  auto& stream = detail::onednn_cpu_stream();
   auto src_buf = buffer_for(src_desc).zero_();
   auto dst_buf = buffer_for(dst_desc);
   auto scratch_buf = buffer_for(scratch_desc);
@@ -193,7 +193,7 @@ double best_time_ms(dnnl::convolution_forward& prim, const memory::desc& src_des
 void OnednnConvStack::build(Plan& plan, const std::vector<const torch::nn::Conv2dImpl*>& convs,
                             bool may_measure) {
   auto& engine = detail::onednn_cpu_engine();
-  dnnl::stream stream(engine);
+  auto& stream = detail::onednn_cpu_stream();
   const auto policy = onednn_winograd();
   dnnl::primitive_attr attr;
   dnnl::post_ops relu;
@@ -311,7 +311,7 @@ void OnednnConvStack::build(Plan& plan, const std::vector<const torch::nn::Conv2
 
 torch::Tensor OnednnConvStack::run(const Plan& plan, const torch::Tensor& x) {
   auto& engine = detail::onednn_cpu_engine();
-  dnnl::stream stream(engine);
+  auto& stream = detail::onednn_cpu_stream();
   auto scratch_buf = byte_buffer(plan.scratchpad_bytes);
   const memory::desc user_src(to_dims(x.sizes()), memory::data_type::f32,
                               plan.channels_last ? Tag::nhwc : Tag::nchw);

@@ -152,7 +152,7 @@ dnnl::softmax_forward::primitive_desc softmax_pd(const memory::desc& desc) {
 std::pair<torch::Tensor, torch::Tensor> attend(const torch::Tensor& theta, const torch::Tensor& phi,
                                                const torch::Tensor& g) {
   const int64_t n = theta.size(0), q = theta.size(2), k = phi.size(2), dv = g.size(1);
-  dnnl::stream stream(detail::onednn_cpu_engine());
+  auto& stream = detail::onednn_cpu_stream();
   auto a = torch::empty({n, q, k}, theta.options());
   batched_matmul(stream, theta, /*a_transposed=*/true, phi, false, a);  // logits theta^T phi
   const auto a_desc = matrices(n, q, k, false);
@@ -179,7 +179,7 @@ struct OnednnAttentionFunction : torch::autograd::Function<OnednnAttentionFuncti
     const auto &theta = saved[0], &phi = saved[1], &g = saved[2], &a = saved[3];
     const auto dy = grads[0].contiguous();
     const int64_t n = theta.size(0), q = theta.size(2), k = phi.size(2);
-    dnnl::stream stream(detail::onednn_cpu_engine());
+    auto& stream = detail::onednn_cpu_stream();
     torch::Tensor d_theta, d_phi, d_g;
     if (ctx->needs_input_grad(2)) {
       d_g = torch::empty_like(g);

@@ -26,14 +26,19 @@ memory::desc desc_of(const MatrixBatch& m) {
                       Dims{m.batch_stride, m.row_stride, m.col_stride});
 }
 
+// A primitive with its memory objects and arguments: a call only points them at its data.
 struct Plan {
   MatrixBatch a, b, out;
   bool residual = false;
   dnnl::matmul primitive;
+  memory src, weights, dst, extra;
+  std::unordered_map<int, memory> args;
 };
 
 // Creating a primitive descriptor costs tens of microseconds, as much as a small product: the
-// last shapes each thread ran are kept (a block's forward and backward use a handful).
+// last shapes each thread ran are kept (a block's forward and backward use a handful), with
+// their memory objects and, per thread, one stream (building those per call was about a fifth
+// of a non-local block's training step at batch 1 in BM_NonLocal).
 constexpr size_t kCachedPlans = 32;
 
 Plan& plan_for(const MatrixBatch& a, const MatrixBatch& b, const MatrixBatch& out, bool residual) {
@@ -49,7 +54,23 @@ Plan& plan_for(const MatrixBatch& a, const MatrixBatch& b, const MatrixBatch& ou
   const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(desc_of(a), desc_of(b), desc_of(out)),
                                         attr, onednn_cpu_engine());
   if (cache.size() == kCachedPlans) cache.erase(cache.begin());
-  cache.push_back({a, b, out, residual, dnnl::matmul(pd)});
+  auto& engine = onednn_cpu_engine();
+  Plan plan;
+  plan.a = a;
+  plan.b = b;
+  plan.out = out;
+  plan.residual = residual;
+  plan.primitive = dnnl::matmul(pd);
+  plan.src = memory(desc_of(a), engine, DNNL_MEMORY_NONE);
+  plan.weights = memory(desc_of(b), engine, DNNL_MEMORY_NONE);
+  plan.dst = memory(desc_of(out), engine, DNNL_MEMORY_NONE);
+  plan.args = {
+      {DNNL_ARG_SRC, plan.src}, {DNNL_ARG_WEIGHTS, plan.weights}, {DNNL_ARG_DST, plan.dst}};
+  if (residual) {
+    plan.extra = memory(desc_of(out), engine, DNNL_MEMORY_NONE);
+    plan.args.insert({DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1, plan.extra});
+  }
+  cache.push_back(std::move(plan));
   return cache.back();
 }
 
@@ -58,18 +79,13 @@ Plan& plan_for(const MatrixBatch& a, const MatrixBatch& b, const MatrixBatch& ou
 void strided_matmul(const MatrixBatch& a, const float* a_data, const MatrixBatch& b,
                     const float* b_data, const MatrixBatch& out, float* out_data,
                     const float* residual) {
-  auto& engine = onednn_cpu_engine();
   Plan& plan = plan_for(a, b, out, residual != nullptr);
-  std::unordered_map<int, memory> args{
-      {DNNL_ARG_SRC, memory(desc_of(a), engine, const_cast<float*>(a_data))},
-      {DNNL_ARG_WEIGHTS, memory(desc_of(b), engine, const_cast<float*>(b_data))},
-      {DNNL_ARG_DST, memory(desc_of(out), engine, out_data)}};
-  if (residual != nullptr) {
-    args.insert({DNNL_ARG_ATTR_MULTIPLE_POST_OP(0) | DNNL_ARG_SRC_1,
-                 memory(desc_of(out), engine, const_cast<float*>(residual))});
-  }
-  dnnl::stream stream(engine);
-  plan.primitive.execute(stream, args);
+  plan.src.set_data_handle(const_cast<float*>(a_data));
+  plan.weights.set_data_handle(const_cast<float*>(b_data));
+  plan.dst.set_data_handle(out_data);
+  if (residual != nullptr) plan.extra.set_data_handle(const_cast<float*>(residual));
+  auto& stream = onednn_cpu_stream();
+  plan.primitive.execute(stream, plan.args);
   stream.wait();
 }
 
