@@ -3,6 +3,7 @@
 #include "../ops/attention_kernel.h"
 #include "../ops/batch_norm_add_kernels.h"
 #include "../ops/strided_matmul.h"
+#include "../ops/vec16.h"
 #include "dynattn/ops/batch_norm_add.h"
 #include "dynattn/ops/conv2d.h"
 #include "dynattn/ops/pointwise_conv.h"
@@ -46,9 +47,55 @@ inline float nan_max(float a, float b) {
   return a != a ? a : larger;
 }
 
-// halve_by_max on a contiguous float CPU tensor: one pass, the two rows of a window first (a
-// contiguous, vectorised loop), then the pairs of columns. Maxima of strided slices took ~1 ns
-// per element here (two passes, not vectorised).
+#ifdef DYNATTN_HAVE_VEC16
+using detail::vec16::IVec;
+using detail::vec16::kLanes;
+using detail::vec16::Vec;
+
+// nan_max lane-wise: the max pattern (b's NaN kept), then a's NaN through a mask. GCC lowers
+// other forms (a select on a compound condition, or of a != a) lane by lane.
+DYNATTN_ALWAYS_INLINE Vec nan_max(Vec a, Vec b) {
+  const Vec larger = a > b ? a : b;
+  const IVec ordered = a == a;
+  return (Vec)(((IVec)larger & ordered) | ((IVec)a & ~ordered));
+}
+
+// 2x2 max pooling of the h x w planes [p0, p1) of src into dst. Over the planes' flat run, two
+// whole-vector passes: v[k] = max(x[k], x[k + w]) (the window's two rows), then in place
+// u[k] = max(v[k], v[k + 1]) (its two columns); then each window's maximum is picked at its
+// top-left element. Positions that pair a plane's last row with the next plane's first are
+// computed too and never picked. scratch: (p1 - p0) * h * w floats.
+DYNATTN_KERNEL_CLONES
+void halve_planes(const float* src, int64_t h, int64_t w, int64_t p0, int64_t p1, float* scratch,
+                  float* dst) {
+  const int64_t hw = h * w, oh = h / 2, ow = w / 2;
+  const float* x = src + p0 * hw;
+  const int64_t rows = (p1 - p0) * hw - w, cols = rows - 1;
+  int64_t k = 0;
+  for (; k + kLanes <= rows; k += kLanes)
+    detail::vec16::store(
+        scratch + k,
+        nan_max(detail::vec16::load(x + k, kLanes), detail::vec16::load(x + k + w, kLanes)),
+        kLanes);
+  for (; k < rows; ++k) scratch[k] = nan_max(x[k], x[k + w]);
+  for (k = 0; k + kLanes <= cols; k += kLanes)
+    detail::vec16::store(scratch + k,
+                         nan_max(detail::vec16::load(scratch + k, kLanes),
+                                 detail::vec16::load(scratch + k + 1, kLanes)),
+                         kLanes);
+  for (; k < cols; ++k) scratch[k] = nan_max(scratch[k], scratch[k + 1]);
+  for (int64_t p = p0; p < p1; ++p) {
+    const float* u = scratch + (p - p0) * hw;
+    float* o = dst + p * oh * ow;
+    for (int64_t i = 0; i < oh; ++i)
+      for (int64_t j = 0; j < ow; ++j) o[i * ow + j] = u[2 * i * w + 2 * j];
+  }
+}
+#endif
+
+// halve_by_max on a contiguous float CPU tensor. 2-D: halve_planes; 1-D (and without the vector
+// kernels): one pass, the two rows of a window first, then the pairs of columns. Maxima of
+// strided slices took ~1 ns per element here (two passes, not vectorised).
 torch::Tensor halve_by_max_direct(const torch::Tensor& t, int64_t count) {
   const int64_t w = t.size(-1), h = count == 2 ? t.size(-2) : 1;
   const int64_t ow = w / 2, oh = count == 2 ? h / 2 : 1, rows_per_window = count == 2 ? 2 : 1;
@@ -59,6 +106,19 @@ torch::Tensor halve_by_max_direct(const torch::Tensor& t, int64_t count) {
   const int64_t planes = t.numel() / (h * w);
   const float* src = t.data_ptr<float>();
   float* dst = out.data_ptr<float>();
+#ifdef DYNATTN_HAVE_VEC16
+  if (count == 2 && h >= 2 && w >= 2) {
+    // Chunks of planes whose scratch stays in the L1 cache.
+    const int64_t per_chunk = std::max<int64_t>(1, 4096 / (h * w));
+    at::parallel_for(0, (planes + per_chunk - 1) / per_chunk, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<float> scratch(static_cast<size_t>(per_chunk * h * w));
+      for (int64_t chunk = c0; chunk < c1; ++chunk)
+        halve_planes(src, h, w, chunk * per_chunk, std::min(planes, (chunk + 1) * per_chunk),
+                     scratch.data(), dst);
+    });
+    return out;
+  }
+#endif
   at::parallel_for(0, planes, std::max<int64_t>(1, 16384 / (h * w)), [&](int64_t p0, int64_t p1) {
     std::vector<float> rows(static_cast<size_t>(2 * ow));
     float* m = rows.data();

@@ -52,13 +52,17 @@ DYNATTN_ALWAYS_INLINE Vec splat(float s) {
   return Vec{} + s;
 }
 
-// The first `lanes` floats at p, zeros after them.
+// The first `lanes` floats at p, zeros after them. A partial vector is an unrolled loop of
+// conditional moves (masked moves on AVX-512), not a variable-length memcpy: that one is a
+// library call, which cost the kernels more than their arithmetic on short rows (7x7 maps).
 DYNATTN_ALWAYS_INLINE Vec load(const float* p, int64_t lanes) {
   Vec v{};
   if (lanes == kLanes) {
     std::memcpy(&v, p, sizeof v);  // one unaligned vector load
   } else {
-    std::memcpy(&v, p, static_cast<size_t>(lanes) * sizeof(float));
+#pragma GCC unroll 16
+    for (int64_t l = 0; l < kLanes; ++l)
+      if (l < lanes) v[l] = p[l];
   }
   return v;
 }
@@ -67,7 +71,9 @@ DYNATTN_ALWAYS_INLINE void store(float* p, Vec v, int64_t lanes) {
   if (lanes == kLanes) {
     std::memcpy(p, &v, sizeof v);
   } else {
-    std::memcpy(p, &v, static_cast<size_t>(lanes) * sizeof(float));
+#pragma GCC unroll 16
+    for (int64_t l = 0; l < kLanes; ++l)
+      if (l < lanes) p[l] = v[l];
   }
 }
 
