@@ -1,6 +1,8 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <limits>
+
 #include <algorithm>
 #include <cmath>
 #include <sstream>
@@ -777,6 +779,41 @@ TEST(NonLocalBlock, PoolingGradientGoesToTheFirstMaximum) {
         return xx.grad();
       };
       expect_close(input_gradient(block, true), input_gradient(block64, false), 1e-5);
+    }
+  }
+}
+
+TEST(NonLocalBlock, NaNInTheInputSpreadsAsOnTheAtenPath) {
+  // A NaN in a pooling window makes that key NaN (max_pool keeps NaNs), so every query of its
+  // image attends to it; the other image stays finite. Inference and training paths against the
+  // ATen form, on maps whose windows the vector passes cover in several ways (odd sizes, planes
+  // across a chunk boundary).
+  for (const auto& shape : std::vector<std::vector<int64_t>>{{2, 8, 7, 7}, {2, 8, 6, 9}}) {
+    for (bool training : {false, true}) {
+      SCOPED_TRACE(std::string(training ? "training " : "inference ") + std::to_string(shape[3]));
+      torch::manual_seed(4);
+      NonLocalBlock block(NonLocalOptions(8));
+      randomise(*block, 0.1);
+      block->train(training);
+      auto x = torch::randn(shape);
+      x[0][3][2][4] = std::numeric_limits<float>::quiet_NaN();
+      auto run = [&](bool kernels) {
+        const bool previous = dynattn::conv2d_kernel_selection_enabled();
+        dynattn::set_conv2d_kernel_selection(kernels);
+        torch::Tensor y;
+        if (training) {
+          y = block->forward(x.clone().requires_grad_());
+        } else {
+          torch::NoGradGuard no_grad;
+          y = block->forward(x);
+        }
+        dynattn::set_conv2d_kernel_selection(previous);
+        return y.detach();
+      };
+      const auto fused = run(true), aten = run(false);
+      EXPECT_TRUE(torch::equal(fused.isnan(), aten.isnan()));
+      EXPECT_TRUE(fused[0].isnan().all().item<bool>()) << "a NaN key reaches every query";
+      if (!training) EXPECT_TRUE(fused[1].isfinite().all().item<bool>());
     }
   }
 }
