@@ -1218,20 +1218,28 @@ class PooledChannelGate : public torch::autograd::Function<PooledChannelGate> {
 DYNATTN_VECTOR_CLONES
 void pool_argmax_nchw(const float* x, int64_t hw, int64_t c0, int64_t c1, float* mean, float* max,
                       int32_t* at) {
+  // Vectorised sum and maximum, then one scan to the maximum's first position (a scan that
+  // compares and branches per element mispredicts on real data). A NaN sum means a NaN in the
+  // channel (or inf - inf): the first NaN after element 0 wins, else element 0, as in a scan
+  // that keeps the first maximum and stops at a NaN.
   for (int64_t ch = c0; ch < c1; ++ch) {
     const float* p = x + ch * hw;
-    float best = p[0];
-    int32_t where = 0;
-    for (int64_t i = 1; i < hw; ++i) {
-      if (p[i] > best || std::isnan(p[i])) {
-        best = p[i];
-        where = static_cast<int32_t>(i);
-        if (std::isnan(best)) break;
-      }
+    float sum, best;
+    sum_max_of(p, hw, &sum, &best);
+    int64_t where = -1;
+    if (std::isnan(sum)) {
+      for (int64_t i = 1; i < hw && where < 0; ++i)
+        if (std::isnan(p[i])) where = i;
+      if (where < 0 && std::isnan(p[0])) where = 0;
+      if (where >= 0) best = p[where];
     }
-    mean[ch] = sum_of(p, hw) / static_cast<float>(hw);
+    if (where < 0) {
+      where = 0;
+      while (where + 1 < hw && !(p[where] == best)) ++where;
+    }
+    mean[ch] = sum / static_cast<float>(hw);
     max[ch] = best;
-    at[ch] = where;
+    at[ch] = static_cast<int32_t>(where);
   }
 }
 

@@ -316,6 +316,33 @@ TEST(CBAM, EveryRouteAgreesWithThePlainFormula) {
   }
 }
 
+TEST(CBAM, TiedMaximaRouteTheGradientToTheFirst) {
+  // Small integers: many tied maxima in each channel's spatial max. The training form routes the
+  // max-pool gradient to the first (max_pool2d's choice, as the official code), in both layouts.
+  CBAM cbam(CBAMOptions(16).reduction(4));
+  randomize(*cbam, 19);
+  cbam->train();
+  auto& ch = *cbam->channel;
+  auto& sp = *cbam->spatial;
+  auto reference = [&](const torch::Tensor& x) {
+    auto mlp = [&](const torch::Tensor& v) { return ch.fc2(ch.fc1(v).relu()); };
+    const auto top = torch::max_pool2d(x, {x.size(2), x.size(3)});
+    auto refined = x * torch::sigmoid(mlp(x.mean({2, 3}, true)) + mlp(top));
+    auto pooled = torch::cat({std::get<0>(refined.max(1, true)), refined.mean(1, true)}, 1);
+    return refined * torch::sigmoid(sp.bn(sp.conv->forward(pooled)));
+  };
+  const auto x0 = torch::randint(0, 3, {4, 16, 6, 5}).to(torch::kFloat);
+  auto x_ref = x0.clone().requires_grad_();
+  const auto y_ref = reference(x_ref);
+  const auto g = torch::randn_like(y_ref);
+  const auto dx_ref = torch::autograd::grad({y_ref}, {x_ref}, {g})[0];
+  for (auto format : {torch::MemoryFormat::Contiguous, torch::MemoryFormat::ChannelsLast}) {
+    auto x = x0.contiguous(format).requires_grad_();
+    const auto dx = torch::autograd::grad({cbam->forward(x)}, {x}, {g})[0];
+    EXPECT_LT(dynattn::test_util::max_abs_diff(dx, dx_ref), 1e-4);
+  }
+}
+
 TEST(CBAM, PrettyPrintNamesTheSwitches) {
   std::ostringstream s;
   s << *CBAM(CBAMOptions::timm(64));
