@@ -11,6 +11,7 @@
 #include "dynattn/core/compat.h"
 #include "dynattn/ops/conv2d.h"
 #include "dynattn/profile/mac_counter.h"
+#include "lane_conv.h"
 #include "vec16.h"
 
 #ifdef DYNATTN_HAVE_VEC16
@@ -18,21 +19,11 @@ namespace dynattn {
 namespace {
 using namespace detail::vec16;
 
-// Output channels per register block of the convolutions.
+// Output channels per register block of the reduce conv.
 constexpr int64_t kOutBlock = 4;
 
-// Geometry of the lane layout map[ch][pixel][image]: `n` images, `h` x `w` pixels.
-struct Lanes {
-  int64_t n, h, w;
-  int64_t pixels() const { return h * w; }
-  int64_t plane() const { return h * w * n; }
-};
-
-// A map of `channels` planes in the lane layout, with one vector of slack after the last plane:
-// the kernels load whole vectors for the last lanes of a pixel (no variable-length copies).
-torch::Tensor lane_buffer(int64_t channels, const Lanes& g, const torch::TensorOptions& options) {
-  return torch::empty({channels * g.plane() + kLanes}, options);
-}
+using Lanes = detail::LaneShape;
+using detail::lane_buffer;
 
 DYNATTN_ALWAYS_INLINE double lanes_total(Vec v) {
   double total = 0.0;
@@ -56,18 +47,6 @@ DYNATTN_ALWAYS_INLINE Vec relu(Vec v) {
 
 // ---- Reductions over a contiguous run of m floats (two vector accumulators, a scalar tail) ----
 
-DYNATTN_ALWAYS_INLINE double run_dot(const float* a, const float* b, int64_t m) {
-  Vec s0{}, s1{};
-  int64_t i = 0;
-  for (; i + 2 * kLanes <= m; i += 2 * kLanes) {
-    s0 += load(a + i, kLanes) * load(b + i, kLanes);
-    s1 += load(a + i + kLanes, kLanes) * load(b + i + kLanes, kLanes);
-  }
-  double total = 0.0;
-  for (; i < m; ++i) total += static_cast<double>(a[i]) * b[i];
-  return total + lanes_total(s0 + s1);
-}
-
 DYNATTN_KERNEL_CLONES
 double sum_of_run(const float* p, int64_t m) {
   Vec s0{}, s1{};
@@ -82,11 +61,6 @@ double sum_of_run(const float* p, int64_t m) {
 }
 
 DYNATTN_KERNEL_CLONES
-double dot_of_runs(const float* a, const float* b, int64_t m) {
-  return run_dot(a, b, m);
-}
-
-DYNATTN_KERNEL_CLONES
 double centred_squares_of_run(const float* p, int64_t m, float mu) {
   Vec s0{}, s1{};
   int64_t i = 0;
@@ -98,138 +72,6 @@ double centred_squares_of_run(const float* p, int64_t m, float mu) {
   double total = 0.0;
   for (; i < m; ++i) total += static_cast<double>(p[i] - mu) * (p[i] - mu);
   return total + lanes_total(s0 + s1);
-}
-
-// ---- The dilated 3x3 convolution over lanes ----
-
-// Taps of output pixel (y, x) that fall inside the map: index ky * 3 + kx and the input pixel's
-// offset (in floats of the lane layout).
-struct Taps {
-  int count = 0;
-  int index[9];
-  int64_t offset[9];
-};
-
-Taps taps_at(int64_t y, int64_t x, int64_t d, const Lanes& g) {
-  Taps t;
-  for (int64_t ky = 0; ky < 3; ++ky) {
-    const int64_t yy = y + (ky - 1) * d;
-    if (yy < 0 || yy >= g.h) continue;
-    for (int64_t kx = 0; kx < 3; ++kx) {
-      const int64_t xx = x + (kx - 1) * d;
-      if (xx < 0 || xx >= g.w) continue;
-      t.index[t.count] = static_cast<int>(ky * 3 + kx);
-      t.offset[t.count] = (yy * g.w + xx) * g.n;
-      ++t.count;
-    }
-  }
-  return t;
-}
-
-// OB output channels from o0, lanes [n0, n0 + lanes) of one output pixel. w [cout][cin][9];
-// out points at channel o0's pixel, lane 0.
-template <int64_t OB>
-DYNATTN_ALWAYS_INLINE void conv_pixel_block(const float* in, int64_t cin, int64_t plane,
-                                            const float* w, const float* bias, int64_t o0,
-                                            const Taps& taps, int64_t n0, int64_t lanes,
-                                            float* out) {
-  Vec acc[OB];
-  for (int64_t o = 0; o < OB; ++o) acc[o] = splat(bias != nullptr ? bias[o0 + o] : 0.0f);
-  for (int64_t i = 0; i < cin; ++i) {
-    for (int t = 0; t < taps.count; ++t) {
-      // A whole vector even for the last lanes: the lanes past them are other pixels' (or the
-      // buffer's slack) and only feed lanes that are not stored.
-      const Vec v = load(in + i * plane + taps.offset[t] + n0, kLanes);
-      const float* wt = w + (o0 * cin + i) * 9 + taps.index[t];
-      for (int64_t o = 0; o < OB; ++o) acc[o] += v * wt[o * cin * 9];
-    }
-  }
-  for (int64_t o = 0; o < OB; ++o) {
-    if (lanes == kLanes) {
-      store(out + o * plane + n0, acc[o], kLanes);
-    } else {
-      for (int64_t l = 0; l < lanes; ++l) out[o * plane + n0 + l] = acc[o][l];
-    }
-  }
-}
-
-template <int64_t OB>
-DYNATTN_ALWAYS_INLINE void conv_pixel(const float* in, int64_t cin, int64_t plane, const float* w,
-                                      const float* bias, int64_t o0, const Taps& taps, int64_t n,
-                                      float* out) {
-  int64_t n0 = 0;
-  for (; n0 + kLanes <= n; n0 += kLanes)
-    conv_pixel_block<OB>(in, cin, plane, w, bias, o0, taps, n0, kLanes, out);
-  if (n0 < n) conv_pixel_block<OB>(in, cin, plane, w, bias, o0, taps, n0, n - n0, out);
-}
-
-// out[o][y][x][:] = bias[o] + sum over i and the taps inside the map of
-// w[o][i][ky][kx] in[i][y + (ky - 1) d][x + (kx - 1) d][:], output rows [y0, y1): a "same"
-// 3x3 convolution with dilation d and zero padding d.
-DYNATTN_KERNEL_CLONES
-void dilated_conv_rows(const float* in, int64_t cin, const float* w, const float* bias,
-                       int64_t cout, int64_t d, const Lanes& g, int64_t y0, int64_t y1,
-                       float* out) {
-  const int64_t plane = g.plane();
-  for (int64_t y = y0; y < y1; ++y) {
-    for (int64_t x = 0; x < g.w; ++x) {
-      const Taps taps = taps_at(y, x, d, g);
-      float* dst = out + (y * g.w + x) * g.n;
-      int64_t o0 = 0;
-      for (; o0 + kOutBlock <= cout; o0 += kOutBlock)
-        conv_pixel<kOutBlock>(in, cin, plane, w, bias, o0, taps, g.n, dst + o0 * plane);
-      switch (cout - o0) {
-        case 3:
-          conv_pixel<3>(in, cin, plane, w, bias, o0, taps, g.n, dst + o0 * plane);
-          break;
-        case 2:
-          conv_pixel<2>(in, cin, plane, w, bias, o0, taps, g.n, dst + o0 * plane);
-          break;
-        case 1:
-          conv_pixel<1>(in, cin, plane, w, bias, o0, taps, g.n, dst + o0 * plane);
-          break;
-        default:
-          break;
-      }
-    }
-  }
-}
-
-void dilated_conv(const float* in, int64_t cin, const float* w, const float* bias, int64_t cout,
-                  int64_t d, const Lanes& g, float* out) {
-  const int64_t row_work = std::max<int64_t>(1, g.w * g.n * cin * cout * 9);
-  at::parallel_for(0, g.h, std::max<int64_t>(1, 32768 / row_work), [&](int64_t y0, int64_t y1) {
-    dilated_conv_rows(in, cin, w, bias, cout, d, g, y0, y1, out);
-  });
-}
-
-// dw[o][i][t] = sum over output pixels whose tap t is inside the map of
-// dz[o][p][:] . in[i][p + offset(t)][:], for the (o, i) pairs [k0, k1). Along a row the valid
-// output pixels of a tap are one run, and so are their input pixels: one dot per row.
-DYNATTN_KERNEL_CLONES
-void dilated_conv_weight_grad(const float* dz, const float* in, int64_t cin, int64_t d,
-                              const Lanes& g, int64_t k0, int64_t k1, float* dw) {
-  const int64_t plane = g.plane();
-  for (int64_t k = k0; k < k1; ++k) {
-    const int64_t o = k / cin, i = k % cin;
-    for (int64_t ky = 0; ky < 3; ++ky) {
-      const int64_t dy = (ky - 1) * d;
-      const int64_t y_lo = std::max<int64_t>(0, -dy), y_hi = std::min(g.h, g.h - dy);
-      for (int64_t kx = 0; kx < 3; ++kx) {
-        const int64_t dx = (kx - 1) * d;
-        const int64_t x_lo = std::max<int64_t>(0, -dx), x_hi = std::min(g.w, g.w - dx);
-        double total = 0.0;
-        if (x_lo < x_hi) {
-          for (int64_t y = y_lo; y < y_hi; ++y) {
-            const float* a = dz + o * plane + (y * g.w + x_lo) * g.n;
-            const float* b = in + i * plane + ((y + dy) * g.w + x_lo + dx) * g.n;
-            total += run_dot(a, b, (x_hi - x_lo) * g.n);
-          }
-        }
-        dw[k * 9 + ky * 3 + kx] = static_cast<float>(total);
-      }
-    }
-  }
 }
 
 // ---- BN + ReLU over lanes ----
@@ -583,8 +425,8 @@ Forward run_forward(const torch::Tensor& x, const torch::Tensor& wr, const torch
   });
   for (int k = 0; k < 3; ++k) {
     if (k > 0) {
-      dilated_conv(f.a[k - 1].data_ptr<float>(), rd, wd[k - 1].data_ptr<float>(),
-                   floats_of(bd[k - 1]), rd, cfg.dilation, g, f.z[k].data_ptr<float>());
+      detail::lane_conv(f.a[k - 1].data_ptr<float>(), rd, wd[k - 1].data_ptr<float>(),
+                        floats_of(bd[k - 1]), rd, 3, cfg.dilation, g, f.z[k].data_ptr<float>());
     }
     const NormState s = normalise(*cfg.norms[k], gamma[k], beta[k], f.z[k].data_ptr<float>(), rd,
                                   g.plane(), f.a[k].data_ptr<float>());
@@ -691,8 +533,8 @@ torch::autograd::variable_list branch_backward(torch::autograd::AutogradContext*
   }
   auto d_wf = torch::empty_like(wf);
   for (int64_t o = 0; o < rd; ++o)
-    d_wf.data_ptr<float>()[o] =
-        static_cast<float>(dot_of_runs(a[2].data_ptr<float>() + o * m, top.data_ptr<float>(), m));
+    d_wf.data_ptr<float>()[o] = static_cast<float>(
+        detail::lane_run_dot(a[2].data_ptr<float>() + o * m, top.data_ptr<float>(), m));
   const double d_bf = sum_of_run(top.data_ptr<float>(), m);
 
   torch::Tensor d_gamma[3], d_beta[3], d_wd[2], d_bd[2];
@@ -730,22 +572,15 @@ torch::autograd::variable_list branch_backward(torch::autograd::AutogradContext*
     // the same convolution of dz with the kernel flipped and its channel axes swapped.
     const auto& weight = wd[k - 1];
     d_wd[k - 1] = torch::empty_like(weight);
-    at::parallel_for(0, rd * rd, 1, [&](int64_t k0, int64_t k1) {
-      dilated_conv_weight_grad(dz.data_ptr<float>(), a[k - 1].data_ptr<float>(), rd, d, g, k0, k1,
-                               d_wd[k - 1].data_ptr<float>());
-    });
+    detail::lane_conv_weight_grad(dz.data_ptr<float>(), rd, a[k - 1].data_ptr<float>(), rd, 3, d, g,
+                                  d_wd[k - 1].data_ptr<float>());
     d_bd[k - 1] = torch::empty({rd}, opts);
     for (int64_t o = 0; o < rd; ++o)
       d_bd[k - 1].data_ptr<float>()[o] =
           static_cast<float>(sum_of_run(dz.data_ptr<float>() + o * m, m));
-    std::vector<float> flipped(rd * rd * 9);
-    const float* wp = weight.data_ptr<float>();
-    for (int64_t o = 0; o < rd; ++o)
-      for (int64_t i = 0; i < rd; ++i)
-        for (int64_t t = 0; t < 9; ++t)
-          flipped[(i * rd + o) * 9 + t] = wp[(o * rd + i) * 9 + 8 - t];
     auto da = lane_buffer(rd, g, opts);
-    dilated_conv(dz.data_ptr<float>(), rd, flipped.data(), nullptr, rd, d, g, da.data_ptr<float>());
+    detail::lane_conv_input_grad(dz.data_ptr<float>(), rd, weight.data_ptr<float>(), rd, 3, d, g,
+                                 da.data_ptr<float>());
     upstream = da;
   }
 
