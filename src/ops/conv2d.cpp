@@ -9,6 +9,7 @@
 
 #include "dynattn/core/compat.h"
 #include "dynattn/profile/mac_counter.h"
+#include "lane_conv.h"
 #include "vector_clones.h"
 
 namespace dynattn {
@@ -130,6 +131,37 @@ bool direct_applies(const torch::Tensor& input, const torch::Tensor& weight) {
          weight.scalar_type() == torch::kFloat && input.is_contiguous() && input.numel() > 0;
 }
 
+#ifdef DYNATTN_HAVE_VEC16
+// From this batch on, a k x k conv (k > 1) runs on the lane layout of ops/lane_conv.h (the
+// images side by side in each vector, padding taps skipped) instead of per image along rows:
+// CBAM's 2 -> 1 7x7 on 7x7 maps spends the per-row loops on runs of 1 to 7 pixels.
+constexpr int64_t kLaneMinBatch = 8;
+
+bool lanes_apply(int64_t batch, int64_t k) {
+  return batch >= kLaneMinBatch && k > 1 && k % 2 == 1 && k <= detail::kLaneConvMaxKernel;
+}
+
+// direct_conv on the lane layout: transposes in and out around detail::lane_conv.
+torch::Tensor lane_direct_conv(const torch::Tensor& input, const torch::Tensor& w, int64_t cout,
+                               int64_t dilation, bool adjoint) {
+  const int64_t cin = input.size(1), k = w.size(2);
+  const detail::LaneShape g{input.size(0), input.size(2), input.size(3)};
+  auto in = detail::lane_buffer(cin, g, input.options());
+  auto out_lanes = detail::lane_buffer(cout, g, input.options());
+  detail::to_lanes(input.data_ptr<float>(), cin, g, in.data_ptr<float>());
+  if (adjoint) {
+    detail::lane_conv_input_grad(in.data_ptr<float>(), cin, w.data_ptr<float>(), cout, k, dilation,
+                                 g, out_lanes.data_ptr<float>());
+  } else {
+    detail::lane_conv(in.data_ptr<float>(), cin, w.data_ptr<float>(), nullptr, cout, k, dilation, g,
+                      out_lanes.data_ptr<float>());
+  }
+  auto out = torch::empty({g.n, cout, g.h, g.w}, input.options());
+  detail::from_lanes(out_lanes.data_ptr<float>(), cout, g, out.data_ptr<float>());
+  return out;
+}
+#endif
+
 // conv(input, weight) (adjoint: the input gradient for output gradient `input`), NCHW.
 torch::Tensor direct_conv(const torch::Tensor& input, const torch::Tensor& weight, int64_t dilation,
                           bool adjoint) {
@@ -137,6 +169,9 @@ torch::Tensor direct_conv(const torch::Tensor& input, const torch::Tensor& weigh
   const int64_t cout = adjoint ? weight.size(1) : weight.size(0);
   const PlaneShape s{input.size(2), input.size(3), k, dilation};
   const auto w = weight.contiguous();
+#ifdef DYNATTN_HAVE_VEC16
+  if (lanes_apply(n, k)) return lane_direct_conv(input, w, cout, dilation, adjoint);
+#endif
   auto out = torch::empty({n, cout, s.h, s.w}, input.options());
   const float* ip = input.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
@@ -155,6 +190,19 @@ torch::Tensor direct_conv_weight_grad(const torch::Tensor& input, const torch::T
   const int64_t n = input.size(0), cin = input.size(1), cout = grad.size(1);
   const PlaneShape s{input.size(2), input.size(3), weight.size(2), dilation};
   const auto g = grad.contiguous();
+#ifdef DYNATTN_HAVE_VEC16
+  if (lanes_apply(n, s.k)) {
+    const detail::LaneShape lg{n, s.h, s.w};
+    auto in = detail::lane_buffer(cin, lg, input.options());
+    auto d_out = detail::lane_buffer(cout, lg, input.options());
+    detail::to_lanes(input.data_ptr<float>(), cin, lg, in.data_ptr<float>());
+    detail::to_lanes(g.data_ptr<float>(), cout, lg, d_out.data_ptr<float>());
+    auto gw = torch::empty(weight.sizes(), input.options());
+    detail::lane_conv_weight_grad(d_out.data_ptr<float>(), cout, in.data_ptr<float>(), cin, s.k,
+                                  dilation, lg, gw.data_ptr<float>());
+    return gw;
+  }
+#endif
   auto gw = torch::zeros(weight.sizes(), input.options());
   const float* ip = input.data_ptr<float>();
   const float* gp = g.data_ptr<float>();

@@ -182,10 +182,21 @@ TEST(SameConv2d, DirectLoopsMatchAtenInFloat) {
   struct Case {
     int64_t n, in, out, k, dilation, h, w;
   };
-  const std::vector<Case> cases{{5, 16, 1, 1, 1, 28, 28}, {4, 1, 1, 3, 4, 28, 28},
-                                {3, 2, 2, 3, 4, 14, 14},  {2, 8, 2, 1, 1, 14, 14},
-                                {2, 3, 3, 3, 4, 7, 7},    {2, 2, 1, 7, 1, 9, 11},
-                                {3, 1, 1, 3, 4, 3, 5},    {1, 3, 4, 3, 2, 6, 1}};
+  const std::vector<Case> cases{{5, 16, 1, 1, 1, 28, 28},
+                                {4, 1, 1, 3, 4, 28, 28},
+                                {3, 2, 2, 3, 4, 14, 14},
+                                {2, 8, 2, 1, 1, 14, 14},
+                                {2, 3, 3, 3, 4, 7, 7},
+                                {2, 2, 1, 7, 1, 9, 11},
+                                {3, 1, 1, 3, 4, 3, 5},
+                                {1, 3, 4, 3, 2, 6, 1},
+                                // From 8 images on k > 1 runs on the lane layout
+                                // (ops/lane_conv.h); 17: a partial vector of images.
+                                {9, 2, 1, 7, 1, 7, 7},
+                                {17, 2, 1, 7, 1, 6, 9},
+                                {16, 1, 1, 3, 4, 5, 5},
+                                {12, 3, 4, 3, 2, 8, 6},
+                                {8, 2, 2, 5, 1, 4, 10}};
   for (const auto& c : cases) {
     const auto x0 = torch::randn({c.n, c.in, c.h, c.w});
     const auto w0 = torch::randn({c.out, c.in, c.k, c.k});
