@@ -146,6 +146,59 @@ inline int window_argmax(float m, float v0, float v1, float v2, float v3) {
   return nan * last_nan + (1 - nan) * first;
 }
 
+#ifdef DYNATTN_HAVE_VEC16
+// The first of v0..v3 equal to m, for 16 windows at once, as masks (GCC keeps these
+// vectorised; with the NaN case added it lowers the whole function lane by lane).
+DYNATTN_ALWAYS_INLINE IVec first_equal(Vec m, Vec v0, Vec v1, Vec v2) {
+  const auto pick = [](IVec mask, int32_t v, IVec other) { return (mask & v) | (~mask & other); };
+  IVec e = IVec{} + 3;
+  e = pick(v2 == m, 2, e);
+  e = pick(v1 == m, 1, e);
+  return pick(v0 == m, 0, e);
+}
+
+// add_halve_by_max_gradient's 2-D case for the planes [p0, p1): at every position of their flat
+// run, the maximum of the window whose top-left it would be (as halve_planes computes it) and
+// which of its four elements window_argmax picks, as whole vectors into `picks`; then each
+// window's gradient to its pick. picks: (p1 - p0) * h * w ints.
+DYNATTN_KERNEL_CLONES
+void halve_gradient_planes(const float* x, const float* g, int64_t h, int64_t w, int64_t p0,
+                           int64_t p1, int32_t* picks, float* dx) {
+  const int64_t hw = h * w, oh = h / 2, ow = w / 2;
+  const float* xs = x + p0 * hw;
+  const int64_t count = (p1 - p0) * hw - w - 1;  // positions whose window lies in the run
+  int64_t k = 0;
+  for (; k + kLanes <= count; k += kLanes) {
+    const Vec v0 = detail::vec16::load(xs + k, kLanes),
+              v1 = detail::vec16::load(xs + k + 1, kLanes),
+              v2 = detail::vec16::load(xs + k + w, kLanes),
+              v3 = detail::vec16::load(xs + k + w + 1, kLanes);
+    const Vec m = nan_max(nan_max(v0, v2), nan_max(v1, v3));
+    const IVec e = first_equal(m, v0, v1, v2);
+    std::memcpy(picks + k, &e, sizeof e);
+    const float total = detail::vec16::lanes_sum(m);
+    if (total != total) {  // a NaN among the maxima (or inf - inf): window_argmax lane by lane
+      for (int64_t l = 0; l < kLanes; ++l)
+        picks[k + l] = window_argmax(m[l], v0[l], v1[l], v2[l], v3[l]);
+    }
+  }
+  for (; k < count; ++k) {
+    const float v0 = xs[k], v1 = xs[k + 1], v2 = xs[k + w], v3 = xs[k + w + 1];
+    picks[k] = window_argmax(nan_max(nan_max(v0, v2), nan_max(v1, v3)), v0, v1, v2, v3);
+  }
+  for (int64_t p = p0; p < p1; ++p) {
+    const int32_t* e = picks + (p - p0) * hw;
+    const float* gp = g + p * oh * ow;
+    float* out = dx + p * hw;
+    for (int64_t i = 0; i < oh; ++i)
+      for (int64_t j = 0; j < ow; ++j) {
+        const int64_t at = 2 * i * w + 2 * j;
+        out[at + (e[at] >> 1) * w + (e[at] & 1)] += gp[i * ow + j];
+      }
+  }
+}
+#endif
+
 // dx += the input gradient of halve_by_max_direct(t, count) = pooled for the output gradient
 // dy (all contiguous): each window's gradient to the element window_argmax picks.
 void add_halve_by_max_gradient(const torch::Tensor& t, const torch::Tensor& pooled,
@@ -155,6 +208,18 @@ void add_halve_by_max_gradient(const torch::Tensor& t, const torch::Tensor& pool
   const int64_t planes = t.numel() / (h * w);
   const float *x = t.data_ptr<float>(), *m = pooled.data_ptr<float>(), *g = dy.data_ptr<float>();
   float* out = dx.data_ptr<float>();
+#ifdef DYNATTN_HAVE_VEC16
+  if (count == 2 && h >= 2 && w >= 2) {
+    const int64_t per_chunk = std::max<int64_t>(1, 4096 / (h * w));
+    at::parallel_for(0, (planes + per_chunk - 1) / per_chunk, 1, [&](int64_t c0, int64_t c1) {
+      std::vector<int32_t> picks(static_cast<size_t>(per_chunk * h * w));
+      for (int64_t chunk = c0; chunk < c1; ++chunk)
+        halve_gradient_planes(x, g, h, w, chunk * per_chunk,
+                              std::min(planes, (chunk + 1) * per_chunk), picks.data(), out);
+    });
+    return;
+  }
+#endif
   at::parallel_for(0, planes, std::max<int64_t>(1, 16384 / (h * w)), [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       for (int64_t i = 0; i < oh; ++i) {

@@ -31,15 +31,6 @@ DYNATTN_ALWAYS_INLINE double lanes_total(Vec v) {
   return total;
 }
 
-// The sum of v's lanes in float, as four half-folds.
-DYNATTN_ALWAYS_INLINE float lanes_sum(Vec v) {
-  v += DYNATTN_SHUFFLE(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-  v += DYNATTN_SHUFFLE(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-  v += DYNATTN_SHUFFLE(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-  v += DYNATTN_SHUFFLE(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
-  return v[0];
-}
-
 // relu(v), a NaN kept (as ATen's relu): a mask, not a select (see vec16.h).
 DYNATTN_ALWAYS_INLINE Vec relu(Vec v) {
   return (Vec)((IVec)v & ~(v < 0.0f));

@@ -77,6 +77,15 @@ DYNATTN_ALWAYS_INLINE void store(float* p, Vec v, int64_t lanes) {
   }
 }
 
+// The sum of v's lanes in float, as four half-folds.
+DYNATTN_ALWAYS_INLINE float lanes_sum(Vec v) {
+  v += DYNATTN_SHUFFLE(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v += DYNATTN_SHUFFLE(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v += DYNATTN_SHUFFLE(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  v += DYNATTN_SHUFFLE(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  return v[0];
+}
+
 DYNATTN_ALWAYS_INLINE Vec vmax(Vec a, Vec b) {
   return a > b ? a : b;  // keeps a NaN in b, which then reaches every output of the row
 }
