@@ -9,13 +9,23 @@ import statistics
 from report_common import load, cpu_name, batch
 
 
+def measured(micro):
+    """name -> benchmark entry: the median of the repetitions where the run has them (the host is
+    shared and noisy), else the single run (and the entries of benchmarks that reported an error)."""
+    runs = {b["name"]: b for b in micro["benchmarks"] if b.get("run_type", "iteration") == "iteration"}
+    for b in micro["benchmarks"]:
+        if b.get("run_type") == "aggregate" and b.get("aggregate_name") == "median":
+            runs[b["run_name"]] = b
+    return runs
+
+
 def micro_table(micro):
     """Per-module time over the same-shaped reference block, from the Google Benchmark JSON, with
     the overhead rule: time / reference <= 1.5 x (MACs / reference MACs + memory passes x one
     pass's time / reference time), the counters coming from the benchmarks themselves."""
     if not micro:
         return []
-    runs = {b["name"]: b for b in micro["benchmarks"] if b.get("run_type", "iteration") == "iteration"}
+    runs = measured(micro)
     t = {name: b["real_time"] for name, b in runs.items()}
     rows = []
 
@@ -93,7 +103,7 @@ def op_table(micro):
     BM_SoftmaxAttention, BM_PointwiseConv, BM_BatchNormAdd (dynattn:1 vs dynattn:0)."""
     if not micro:
         return []
-    t = {b["name"]: b for b in micro["benchmarks"] if b.get("run_type", "iteration") == "iteration"}
+    t = measured(micro)
     kinds = [
         (re.compile(r"BM_SoftmaxAttention/D:(\d+)/Q:(\d+)/K:(\d+)/N:(\d+)/bwd:(\d)/dynattn:1/real_time"),
          lambda m: ("g softmax(theta^T phi)^T", f"D={m[1]}, Q={m[2]}, K={m[3]}", m[4], m[5] == "1")),
@@ -206,8 +216,10 @@ def main():
     L.append("")
     if micro:
         L += ["## Per-module time (Google Benchmark, one thread)\n",
-              "`OMP_NUM_THREADS=1 build/bench/dynattn_bench --benchmark_filter='Attention|NonLocal|Conv3x3BN|BilinearHead'`: "
-              "each module's time as a multiple of a reference of the same shape measured in the same process.\n",
+              "`OMP_NUM_THREADS=1 build/bench/dynattn_bench --benchmark_filter='Attention|NonLocal|Conv3x3BN|BilinearHead|PointwiseConv|BatchNormAdd' "
+              "--benchmark_repetitions=3` (the micro stage of experiments/attention): "
+              "each module's time as a multiple of a reference of the same shape measured in the same process, "
+              "each time the median of three repetitions.\n",
               "The overhead rule of the issue: a module's time over its reference must stay within "
               "1.5 x (its MACs over the reference's + its memory passes over the C x H x W map x the time "
               "of one pass over the reference's). MACs are counted by the benchmarks; the passes of each "
@@ -215,7 +227,7 @@ def main():
               "one pass is timed there as y = x * 1 on the same map.\n",
               "At inference (forward without autograd, CPU float) SE, ECA, CBAM and BAM run fused kernels "
               "(ops/fused_gates.h); the column *ATen path* is the same module with them switched off "
-              "(`--kernels aten`; what training runs), measured in the same process.\n",
+              "(`--kernels aten`), measured in the same process.\n",
               "| module | pass | shape | batch | layout | time / reference | ATen path | MACs / ref. | passes | budget | within | reference |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for m in micro:
