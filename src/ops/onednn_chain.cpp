@@ -9,6 +9,8 @@
 #include <chrono>
 #include <cstring>
 #include <limits>
+#include <map>
+#include <mutex>
 #include <unordered_map>
 
 namespace dynattn {
@@ -52,6 +54,33 @@ torch::Tensor PackedConv2d::forward(const torch::nn::Conv2dImpl& conv, const tor
 
 namespace {
 std::atomic<int> winograd_policy{static_cast<int>(WinogradPolicy::kMeasured)};
+
+// Under WinogradPolicy::kMeasured, which candidate won for a layer configuration (input dims,
+// weight dims, stride, dilation, padding, bias, thread count), process-wide, as
+// cudnn.benchmark's cache: two stacks with the same layers then run the same algorithms and
+// give bitwise-equal outputs, and a new model instance does not time its layers again.
+class MeasuredChoices {
+ public:
+  // The winning candidate's index, or -1 when this configuration was never timed.
+  int find(const std::vector<int64_t>& key) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const auto it = choices_.find(key);
+    return it == choices_.end() ? -1 : it->second;
+  }
+  void remember(const std::vector<int64_t>& key, int winner) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    choices_.emplace(key, winner);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::map<std::vector<int64_t>, int> choices_;
+};
+
+MeasuredChoices& measured_choices() {
+  static MeasuredChoices choices;
+  return choices;
+}
 }  // namespace
 
 void set_onednn_winograd(WinogradPolicy policy) {
@@ -263,11 +292,20 @@ void OnednnConvStack::build(Plan& plan, const std::vector<const torch::nn::Conv2
       }
     }
 
-    // Timing only when the plan is kept (cached) and there is a choice; otherwise Winograd
-    // exactly when the policy insists on it.
-    const bool measure =
-        may_measure && policy == WinogradPolicy::kMeasured && candidates.size() > 1;
-    if (!measure) {
+    // Timing only when the plan is kept (cached), there is a choice and this process has not
+    // timed the same configuration before; otherwise Winograd exactly when the policy insists
+    // on it.
+    std::vector<int64_t> choice_key = sizes;
+    choice_key.insert(choice_key.end(), weight_dims.begin(), weight_dims.end());
+    choice_key.insert(choice_key.end(),
+                      {stride[0], stride[1], dilation[0], dilation[1], padding[0], padding[1],
+                       has_bias ? 1 : 0, static_cast<int64_t>(at::get_num_threads())});
+    const bool choosing = policy == WinogradPolicy::kMeasured && candidates.size() > 1;
+    const int known = choosing ? measured_choices().find(choice_key) : -1;
+    const bool measure = may_measure && choosing && known < 0;
+    if (known >= 0) {
+      candidates = {candidates[static_cast<size_t>(known)]};
+    } else if (!measure) {
       // The direct conv is first, Winograd (when oneDNN offers it) last.
       if (policy == WinogradPolicy::kWhenSupported && candidates.size() > 1)
         candidates.erase(candidates.begin());
@@ -275,7 +313,9 @@ void OnednnConvStack::build(Plan& plan, const std::vector<const torch::nn::Conv2
     }
     Plan::Layer best;
     double best_ms = std::numeric_limits<double>::infinity();
-    for (const auto& pd : candidates) {
+    int winner = 0;
+    for (size_t c = 0; c < candidates.size(); ++c) {
+      const auto& pd = candidates[c];
       Plan::Layer layer;
       layer.primitive = dnnl::convolution_forward(pd);
       layer.src = pd.src_desc();
@@ -299,8 +339,10 @@ void OnednnConvStack::build(Plan& plan, const std::vector<const torch::nn::Conv2
       if (!best.primitive || ms < best_ms) {
         best_ms = ms;
         best = std::move(layer);
+        winner = static_cast<int>(c);
       }
     }
+    if (measure) measured_choices().remember(choice_key, winner);
     best.macs = out[0] * out[2] * out[3] * conv.weight.numel();
     plan.scratchpad_bytes = std::max(plan.scratchpad_bytes, best.scratchpad.get_size());
     plan.layers.push_back(std::move(best));

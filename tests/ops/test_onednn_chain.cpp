@@ -124,6 +124,31 @@ TEST(OnednnConvStack, PolicyDecidesWinograd) {
   EXPECT_THAT(always[1], testing::Not(HasSubstr("wino")));
 }
 
+TEST(OnednnConvStack, MeasuredChoicesAreKeptForTheProcess) {
+  // Under kMeasured each layer configuration is timed once per process: stacks built later with
+  // the same layers (other modules, equal weights) run the same algorithms, so their outputs are
+  // bitwise equal. Timed per stack, near-tied layers picked differently from stack to stack.
+  if (!OnednnConvStack::available()) GTEST_SKIP() << "built without the oneDNN library";
+  PolicyGuard guard;
+  dynattn::set_onednn_winograd(WinogradPolicy::kMeasured);
+  torch::manual_seed(11);
+  const Convs first = {conv(32, 32, 3), conv(32, 48, 3), conv(48, 48, 3), conv(48, 32, 3)};
+  const auto x = torch::randn({3, 32, 10, 10});
+  torch::NoGradGuard no_grad;
+  OnednnConvStack reference;
+  const auto expected = reference.forward(raw(first), x);
+  const auto kernels = reference.implementations();
+  for (int copy = 0; copy < 6; ++copy) {
+    Convs convs;
+    for (const auto& c : first)
+      convs.emplace_back(std::dynamic_pointer_cast<torch::nn::Conv2dImpl>(c->clone()));
+    OnednnConvStack stack;
+    const auto out = stack.forward(raw(convs), x);
+    EXPECT_EQ(stack.implementations(), kernels) << "copy " << copy;
+    EXPECT_TRUE(torch::equal(out, expected)) << "copy " << copy;
+  }
+}
+
 TEST(OnednnConvStack, CachedWeightsFollowChangesAndShapes) {
   if (!OnednnConvStack::available()) GTEST_SKIP() << "built without the oneDNN library";
   torch::manual_seed(5);

@@ -53,9 +53,12 @@ class PackedConv2d {
 //   stride-1 convs, at the price of a rounding error a few times larger than a direct
 //   convolution's (tests/ops/test_onednn_chain.cpp bounds it at 1e-5 of the output scale).
 // Algorithms are chosen per layer and input shape: with WinogradPolicy::kMeasured (default) both
-// are timed on the first call with that shape, like cudnn.benchmark, and the faster kept: which
-// one wins depends on channels, map size and batch (`dynattn bench --compare-deployed` prints
-// how many layers chose Winograd; experiments/reparam compares with `--winograd never`).
+// are timed the first time the process meets a layer configuration (input shape, weight shape,
+// stride, dilation, padding, bias, thread count), like cudnn.benchmark, and the faster kept for
+// that configuration process-wide, so stacks with the same layers run the same algorithms (and
+// give bitwise-equal outputs for equal weights). Which one wins depends on channels, map size and
+// batch (`dynattn bench --compare-deployed` prints how many layers chose Winograd;
+// experiments/reparam compares with `--winograd never`).
 // Plans (primitives and reordered weights) are cached per input shape and rebuilt when a weight
 // changes. Without oneDNN at build time (DYNATTN_HAVE_ONEDNN unset), available() is false and
 // callers keep the PackedConv2d path.
