@@ -91,6 +91,81 @@ void halve_planes(const float* src, int64_t h, int64_t w, int64_t p0, int64_t p1
       for (int64_t j = 0; j < ow; ++j) o[i * ow + j] = u[2 * i * w + 2 * j];
   }
 }
+
+// Small planes (the 7x7 maps of a ResNet's last stage): when a plane's pooled rows span at most
+// four vectors and its windows fit one, each window element is picked straight from the loaded
+// plane by an index permutation, instead of the two passes over every position of the flat
+// run above (at 7x7, 49 positions computed for 9 windows).
+struct SmallPlanePooling {
+  static constexpr int64_t kMaxVectors = 4;
+  static bool applies(int64_t h, int64_t w) {
+    return h >= 2 && w >= 2 && (h / 2) * (w / 2) <= kLanes &&
+           2 * (h / 2) * w <= kMaxVectors * kLanes;
+  }
+  SmallPlanePooling(int64_t h, int64_t w) : hw(h * w), windows((h / 2) * (w / 2)) {
+    const int64_t ow = w / 2;
+    vectors = (2 * (h / 2) * w + kLanes - 1) / kLanes;
+    whole_vectors = std::min(vectors, hw / kLanes);
+    for (int e = 0; e < 4; ++e) element[e] = IVec{};
+    for (int64_t b = 0; b < kMaxVectors; ++b) source[b] = IVec{} - 1;
+    for (int64_t t = 0; t < windows; ++t) {
+      const int64_t top_left = 2 * (t / ow) * w + 2 * (t % ow);
+      for (int e = 0; e < 4; ++e) {
+        const int64_t at = top_left + (e >> 1) * w + (e & 1);
+        element[e][t] = static_cast<int32_t>(at);
+        source[at / kLanes][at % kLanes] = static_cast<int32_t>(e * kLanes + t);
+      }
+    }
+  }
+  // Floats of vector b that lie in the plane (reads and writes never cross into the next one).
+  int64_t lanes(int64_t b) const { return std::min<int64_t>(kLanes, hw - b * kLanes); }
+
+  int64_t hw, windows, vectors, whole_vectors;  // vectors read; those wholly inside the plane
+  IVec element[4];           // lane t: plane index of window t's element e (row-major)
+  IVec source[kMaxVectors];  // lane l of vector b: e * 16 + t of the window element there, or -1
+};
+
+// v[idx[l]] for 16 lanes, v four vectors (indices 0..63).
+DYNATTN_ALWAYS_INLINE Vec permute64(const Vec* v, IVec idx) {
+#if defined(__clang__)
+  Vec out;
+  for (int l = 0; l < kLanes; ++l) out[l] = v[(idx[l] >> 4) & 3][idx[l] & 15];
+  return out;
+#else
+  const Vec low = __builtin_shuffle(v[0], v[1], idx), high = __builtin_shuffle(v[2], v[3], idx);
+  return (idx & 32) == 0 ? low : high;
+#endif
+}
+
+// The plane at x as sp.vectors vectors (zeros after the plane's end), and its windows'
+// elements v[0..3] with their maximum, as halve_planes computes it.
+DYNATTN_ALWAYS_INLINE Vec small_plane_windows(const SmallPlanePooling& sp, const float* x, Vec* v) {
+  Vec plane[SmallPlanePooling::kMaxVectors];
+#pragma GCC unroll 4
+  for (int64_t b = 0; b < SmallPlanePooling::kMaxVectors; ++b) {
+    if (b < sp.whole_vectors) {
+      std::memcpy(&plane[b], x + b * kLanes, sizeof(Vec));  // one unaligned vector load
+    } else {
+      plane[b] = b < sp.vectors ? detail::vec16::load(x + b * kLanes, sp.lanes(b)) : Vec{};
+    }
+  }
+#pragma GCC unroll 4
+  for (int e = 0; e < 4; ++e) v[e] = permute64(plane, sp.element[e]);
+  return nan_max(nan_max(v[0], v[2]), nan_max(v[1], v[3]));
+}
+
+DYNATTN_KERNEL_CLONES
+void halve_small_planes(const SmallPlanePooling& sp, const float* src, int64_t p0, int64_t p1,
+                        float* dst) {
+  Vec v[4];
+  for (int64_t p = p0; p < p1; ++p) {
+    // A whole vector while it ends inside this range: the lanes past the plane's windows are
+    // overwritten by the planes after it. (A partial store is a branch per lane.)
+    const bool whole = (p1 - p) * sp.windows >= kLanes;
+    detail::vec16::store(dst + p * sp.windows, small_plane_windows(sp, src + p * sp.hw, v),
+                         whole ? kLanes : sp.windows);
+  }
+}
 #endif
 
 // halve_by_max on a contiguous float CPU tensor. 2-D: halve_planes; 1-D (and without the vector
@@ -107,6 +182,12 @@ torch::Tensor halve_by_max_direct(const torch::Tensor& t, int64_t count) {
   const float* src = t.data_ptr<float>();
   float* dst = out.data_ptr<float>();
 #ifdef DYNATTN_HAVE_VEC16
+  if (count == 2 && SmallPlanePooling::applies(h, w)) {
+    const SmallPlanePooling sp(h, w);
+    at::parallel_for(0, planes, std::max<int64_t>(1, 16384 / (h * w)),
+                     [&](int64_t p0, int64_t p1) { halve_small_planes(sp, src, p0, p1, dst); });
+    return out;
+  }
   if (count == 2 && h >= 2 && w >= 2) {
     // Chunks of planes whose scratch stays in the L1 cache.
     const int64_t per_chunk = std::max<int64_t>(1, 4096 / (h * w));
@@ -197,6 +278,44 @@ void halve_gradient_planes(const float* x, const float* g, int64_t h, int64_t w,
       }
   }
 }
+
+// add_halve_by_max_gradient for small planes [p0, p1): each window's element picks as in
+// first_equal (window_argmax lane by lane when a maximum is NaN), the gradient put into the
+// picked element's slot, and the slots permuted back to plane positions and added to dx.
+DYNATTN_KERNEL_CLONES
+void halve_gradient_small_planes(const SmallPlanePooling& sp, const float* x, const float* g,
+                                 int64_t p0, int64_t p1, float* dx) {
+  Vec v[4];
+  for (int64_t p = p0; p < p1; ++p) {
+    const Vec m = small_plane_windows(sp, x + p * sp.hw, v);
+    // The picks through memory: patching lanes of a vector value in the NaN case makes GCC
+    // lower the whole loop lane by lane.
+    alignas(64) int32_t picks[kLanes];
+    const IVec first = first_equal(m, v[0], v[1], v[2]);
+    std::memcpy(picks, &first, sizeof first);
+    const float total = detail::vec16::lanes_sum(m);
+    if (total != total) {  // a NaN among the maxima (or inf - inf): window_argmax lane by lane
+      for (int64_t t = 0; t < sp.windows; ++t)
+        picks[t] = window_argmax(m[t], v[0][t], v[1][t], v[2][t], v[3][t]);
+    }
+    IVec e;
+    std::memcpy(&e, picks, sizeof e);
+    // Lanes past the plane's windows (the next planes' gradients, read while inside this range)
+    // are never permuted back.
+    const bool whole = (p1 - p) * sp.windows >= kLanes;
+    const Vec gradient = detail::vec16::load(g + p * sp.windows, whole ? kLanes : sp.windows);
+    Vec slots[4];
+    for (int32_t k = 0; k < 4; ++k) slots[k] = (Vec)((IVec)gradient & (e == k));
+    float* out = dx + p * sp.hw;
+    for (int64_t b = 0; b < sp.vectors; ++b) {
+      const IVec from = sp.source[b];
+      const Vec add = (Vec)((IVec)permute64(slots, from) & (from >= 0));
+      const int64_t lanes = sp.lanes(b);
+      detail::vec16::store(out + b * kLanes, detail::vec16::load(out + b * kLanes, lanes) + add,
+                           lanes);
+    }
+  }
+}
 #endif
 
 // dx += the input gradient of halve_by_max_direct(t, count) = pooled for the output gradient
@@ -209,6 +328,13 @@ void add_halve_by_max_gradient(const torch::Tensor& t, const torch::Tensor& pool
   const float *x = t.data_ptr<float>(), *m = pooled.data_ptr<float>(), *g = dy.data_ptr<float>();
   float* out = dx.data_ptr<float>();
 #ifdef DYNATTN_HAVE_VEC16
+  if (count == 2 && SmallPlanePooling::applies(h, w)) {
+    const SmallPlanePooling sp(h, w);
+    at::parallel_for(0, planes, std::max<int64_t>(1, 16384 / (h * w)), [&](int64_t p0, int64_t p1) {
+      halve_gradient_small_planes(sp, x, g, p0, p1, out);
+    });
+    return;
+  }
   if (count == 2 && h >= 2 && w >= 2) {
     const int64_t per_chunk = std::max<int64_t>(1, 4096 / (h * w));
     at::parallel_for(0, (planes + per_chunk - 1) / per_chunk, 1, [&](int64_t c0, int64_t c1) {

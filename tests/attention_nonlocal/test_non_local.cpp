@@ -783,6 +783,58 @@ TEST(NonLocalBlock, PoolingGradientGoesToTheFirstMaximum) {
   }
 }
 
+TEST(NonLocalBlock, PoolingMatchesTheAtenFormOnEveryPlaneSize) {
+  // The direct 2x max-pool has two forms: small planes (windows in one vector, pooled rows within
+  // four: up to 8x8, 7x9, ...) pick each window's elements by permutation; larger planes run two
+  // passes over runs of planes. Every size from 2x2 to 12x12, with ties (small integers), against
+  // the ATen form in double: the input gradient of the training path (to the window's first
+  // maximum), and the inference output with a NaN in the second image (a key becomes NaN, and with
+  // it every query of that image; the first image stays as it is; in training BN's batch
+  // statistics would spread it).
+  for (int64_t h = 2; h <= 12; ++h) {
+    for (int64_t w = 2; w <= 12; ++w) {
+      SCOPED_TRACE(std::to_string(h) + "x" + std::to_string(w));
+      torch::manual_seed(h * 13 + w);
+      NonLocalBlock block(NonLocalOptions(4));
+      randomise(*block, 0.1);
+      auto block64 = clone_of(block);
+      block64->to(torch::kDouble);
+      auto x = torch::randint(0, 3, {2, 4, h, w}).to(torch::kFloat);
+      auto run = [&](auto& b, bool kernels, bool training) {
+        const bool previous = dynattn::conv2d_kernel_selection_enabled();
+        dynattn::set_conv2d_kernel_selection(kernels);
+        b->train(training);
+        const auto xx = x.to(b->g.ptr()->parameters()[0].scalar_type());
+        std::pair<torch::Tensor, torch::Tensor> out;
+        if (training) {
+          const auto input = xx.clone().requires_grad_();
+          const auto y = b->forward(input);
+          y.nan_to_num(0.0)
+              .mul(torch::linspace(-1, 1, y.numel(), y.options()).view(y.sizes()))
+              .sum()
+              .backward();
+          out = {y.detach(), input.grad()};
+        } else {
+          torch::NoGradGuard no_grad;
+          out = {b->forward(xx), torch::Tensor()};
+        }
+        dynattn::set_conv2d_kernel_selection(previous);
+        return out;
+      };
+      const auto [y, dx] = run(block, true, true);
+      const auto [y64, dx64] = run(block64, false, true);
+      expect_close(dx, dx64, 1e-5);
+      x[1][2][2 * (h / 2) - 1][2 * (w / 2) - 1] =
+          std::numeric_limits<float>::quiet_NaN();  // in the last window
+      const auto inference = run(block, true, false).first;
+      const auto inference64 = run(block64, false, false).first;
+      EXPECT_TRUE(torch::equal(inference.isnan(), inference64.isnan()));
+      EXPECT_TRUE(inference[1].isnan().all().item<bool>());
+      expect_close(inference[0], inference64[0], 1e-5);
+    }
+  }
+}
+
 TEST(NonLocalBlock, NaNInTheInputSpreadsAsOnTheAtenPath) {
   // A NaN in a pooling window makes that key NaN (max_pool keeps NaNs), so every query of its
   // image attends to it; the other image stays finite. Inference and training paths against the
