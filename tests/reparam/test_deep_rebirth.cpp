@@ -13,26 +13,14 @@
 #include "dynattn/models/registry.h"
 #include "dynattn/reparam/deep_rebirth.h"
 #include "test_util.h"
+#include "trained_looking.h"
 
 using namespace dynattn;
 using dynattn::test_util::error_of;
+using dynattn::test_util::randomise_batch_norms;
 using ::testing::HasSubstr;
 
 namespace {
-// Every BN with statistics and affine parameters that matter; eval mode.
-void randomise_batch_norms(torch::nn::Module& m) {
-  torch::NoGradGuard no_grad;
-  for (auto& sub : m.modules()) {
-    if (auto* bn = sub->as<torch::nn::BatchNorm2d>()) {
-      bn->running_mean.normal_(0.0, 0.3);
-      bn->running_var.uniform_(0.3, 2.0);
-      bn->weight.normal_(1.0, 0.5);
-      bn->bias.normal_(0.0, 0.3);
-    }
-  }
-  m.eval();
-}
-
 Model trained_like(const std::string& spec, uint64_t seed) {
   torch::manual_seed(seed);
   auto model = create_model(spec);

@@ -15,26 +15,14 @@
 #include "dynattn/profile/mac_counter.h"
 #include "dynattn/reparam/deploy.h"
 #include "test_util.h"
+#include "trained_looking.h"
 
 using namespace dynattn;
 using dynattn::test_util::error_of;
+using dynattn::test_util::randomise_batch_norms;
 using ::testing::HasSubstr;
 
 namespace {
-// Every BN with statistics and affine parameters that matter; eval mode.
-void randomise_batch_norms(torch::nn::Module& m) {
-  torch::NoGradGuard no_grad;
-  for (auto& sub : m.modules()) {
-    if (auto* bn = sub->as<torch::nn::BatchNorm2d>()) {
-      bn->running_mean.normal_(0.0, 0.3);
-      bn->running_var.uniform_(0.3, 2.0);
-      bn->weight.normal_(1.0, 0.5);
-      bn->bias.normal_(0.0, 0.3);
-    }
-  }
-  m.eval();
-}
-
 double max_diff(const torch::Tensor& a, const torch::Tensor& b) {
   return (a - b).abs().max().item<double>();
 }
@@ -125,9 +113,10 @@ TEST(RepVGG, FamiliesHaveThePapersWidthsDepthsAndGroups) {
     std::string name;
     std::vector<int64_t> depths, widths;
   };
-  for (const auto& c : std::vector<Case>{{"repvgg_a0", {1, 2, 4, 14, 1}, {48, 48, 96, 192, 1280}},
-                                         {"repvgg_a1", {1, 2, 4, 14, 1}, {64, 64, 128, 256, 1280}},
-                                         {"repvgg_b0", {1, 4, 6, 16, 1}, {64, 64, 128, 256, 1280}}}) {
+  for (const auto& c :
+       std::vector<Case>{{"repvgg_a0", {1, 2, 4, 14, 1}, {48, 48, 96, 192, 1280}},
+                         {"repvgg_a1", {1, 2, 4, 14, 1}, {64, 64, 128, 256, 1280}},
+                         {"repvgg_b0", {1, 4, 6, 16, 1}, {64, 64, 128, 256, 1280}}}) {
     Model m = create_model(c.name);
     auto* net = m.ptr()->as<RepVGGImpl>();
     ASSERT_NE(net, nullptr) << c.name;
