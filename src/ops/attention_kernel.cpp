@@ -65,29 +65,6 @@ DYNATTN_ALWAYS_INLINE Vec exp_nonpositive(Vec x) {
   return p * (Vec)bits;  // a vector cast reinterprets the bits
 }
 
-// out[i] = sum of the lanes of v[i], for 16 vectors: a tree of pairwise half-folds, 15
-// shuffle-and-add steps instead of 16 horizontal sums.
-DYNATTN_ALWAYS_INLINE Vec sum_lanes_of_16(const Vec* v) {
-  Vec h8[8], h4[4], h2[2];
-  for (int i = 0; i < 8; ++i) {
-    const Vec a = v[2 * i], b = v[2 * i + 1];
-    h8[i] = DYNATTN_SHUFFLE(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
-            DYNATTN_SHUFFLE(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
-  }
-  for (int i = 0; i < 4; ++i) {
-    const Vec a = h8[2 * i], b = h8[2 * i + 1];
-    h4[i] = DYNATTN_SHUFFLE(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
-            DYNATTN_SHUFFLE(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
-  }
-  for (int i = 0; i < 2; ++i) {
-    const Vec a = h4[2 * i], b = h4[2 * i + 1];
-    h2[i] = DYNATTN_SHUFFLE(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
-            DYNATTN_SHUFFLE(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
-  }
-  return DYNATTN_SHUFFLE(h2[0], h2[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
-         DYNATTN_SHUFFLE(h2[0], h2[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-}
-
 // out[j] (vectors over the block's queries) = sum_r rows[r] (vectors) * m[r * k + j] for
 // j in [0, k): the logits (rows = theta, m = phi) and the backward's dP (rows = dy, m = g).
 DYNATTN_ALWAYS_INLINE void rows_times_matrix(const Vec* rows, int64_t r_count, const float* m,

@@ -86,6 +86,46 @@ DYNATTN_ALWAYS_INLINE float lanes_sum(Vec v) {
   return v[0];
 }
 
+// out[i] = the lanes of v[i] combined by op (an associative Vec x Vec -> Vec, e.g. a sum), for
+// 16 vectors at once: a tree of pairwise half-folds, 15 shuffle-and-combine steps instead of 16
+// horizontal reductions.
+template <typename Op>
+DYNATTN_ALWAYS_INLINE Vec fold_lanes_of_16(const Vec* v, Op op) {
+  Vec h8[8], h4[4], h2[2];
+  for (int i = 0; i < 8; ++i) {
+    const Vec a = v[2 * i], b = v[2 * i + 1];
+    h8[i] = op(DYNATTN_SHUFFLE(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23),
+               DYNATTN_SHUFFLE(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31));
+  }
+  for (int i = 0; i < 4; ++i) {
+    const Vec a = h8[2 * i], b = h8[2 * i + 1];
+    h4[i] = op(DYNATTN_SHUFFLE(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27),
+               DYNATTN_SHUFFLE(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31));
+  }
+  for (int i = 0; i < 2; ++i) {
+    const Vec a = h4[2 * i], b = h4[2 * i + 1];
+    h2[i] = op(DYNATTN_SHUFFLE(a, b, 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29),
+               DYNATTN_SHUFFLE(a, b, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31));
+  }
+  return op(
+      DYNATTN_SHUFFLE(h2[0], h2[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30),
+      DYNATTN_SHUFFLE(h2[0], h2[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31));
+}
+
+// Combining ops for fold_lanes_of_16 (functors, so that they inline into each clone).
+struct AddLanes {
+  DYNATTN_ALWAYS_INLINE Vec operator()(Vec a, Vec b) const { return a + b; }
+};
+// max_of's rule lane by lane: a < b ? b : a.
+struct MaxLanes {
+  DYNATTN_ALWAYS_INLINE Vec operator()(Vec a, Vec b) const { return a < b ? b : a; }
+};
+
+// out[i] = the sum of the lanes of v[i], for 16 vectors.
+DYNATTN_ALWAYS_INLINE Vec sum_lanes_of_16(const Vec* v) {
+  return fold_lanes_of_16(v, AddLanes{});
+}
+
 DYNATTN_ALWAYS_INLINE Vec vmax(Vec a, Vec b) {
   return a > b ? a : b;  // keeps a NaN in b, which then reaches every output of the row
 }
