@@ -92,6 +92,31 @@ DYNATTN_ALWAYS_INLINE float max_of(float a, float b) {
   return a < b ? b : a;
 }
 
+#ifdef DYNATTN_HAVE_VEC16
+// sum_max_of for rows of at least 16 on explicit 16-float vectors (max_of's rule throughout):
+// GCC leaves sum_max_of's array form scalar (the conditional maximum beside the sum keeps it
+// from vectorising), which was a quarter of CBAM's NCHW inference. Inference only: the training
+// kernels keep sum_max_of, whose rounding their tests and trained results were made with.
+DYNATTN_ALWAYS_INLINE void vector_sum_max_of(const float* p, int64_t n, float* sum, float* max) {
+  namespace v16 = detail::vec16;
+  v16::Vec acc = v16::load(p, v16::kLanes), top = acc;
+  int64_t i = v16::kLanes;
+  for (; i + v16::kLanes <= n; i += v16::kLanes) {
+    const v16::Vec v = v16::load(p + i, v16::kLanes);
+    acc += v;
+    top = top < v ? v : top;
+  }
+  float total = v16::lanes_sum(acc), best = top[0];
+  for (int64_t l = 1; l < v16::kLanes; ++l) best = max_of(best, top[l]);
+  for (; i < n; ++i) {
+    total += p[i];
+    best = max_of(best, p[i]);
+  }
+  *sum = total;
+  *max = best;
+}
+#endif
+
 // e^v for v in [-87, 88] within 2 ulp, branch-free so that loops over it vectorise: Cephes'
 // expf (n = round(v / ln 2) by the 1.5 * 2^23 trick, v - n ln 2 in two parts, degree-6
 // polynomial, 2^n from the exponent bits). std::exp does not vectorise here.
@@ -143,6 +168,31 @@ void pool_nchw(const float* x, int64_t hw, int64_t c0, int64_t c1, float* mean, 
     mean[ch] = sum * inv;
   }
 }
+
+#ifdef DYNATTN_HAVE_VEC16
+// Whether the 16-float vector forms below pay: with AVX-512 they run as one register; the AVX2
+// clone of pool_max_nchw16 measured slower than pool_nchw here, channel_stats_cl16's no faster.
+bool sixteen_lane_kernels_pay() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  return avx512;
+#else
+  return false;
+#endif
+}
+
+// pool_nchw with max, for hw >= 16, on 16-float vectors. Called from outside the AVX2 clones
+// (see channel_stats_cl16) so that its AVX-512 clone runs.
+DYNATTN_KERNEL_CLONES
+void pool_max_nchw16(const float* x, int64_t hw, int64_t c0, int64_t c1, float* mean, float* max) {
+  const float inv = 1.0f / static_cast<float>(hw);
+  for (int64_t ch = c0; ch < c1; ++ch) {
+    float sum;
+    vector_sum_max_of(x + ch * hw, hw, &sum, &max[ch]);
+    mean[ch] = sum * inv;
+  }
+}
+#endif
 
 // The same for a channels-last image of c channels: four pixels per step into the accumulators.
 DYNATTN_VECTOR_CLONES
@@ -683,6 +733,12 @@ torch::Tensor for_each_image(const torch::Tensor& x, F&& fn) {
 void pool_pixels(const Image& im, float* mean, float* max) {
   if (!im.channels_last) {
     at::parallel_for(0, im.c, grain_for(im.hw), [&](int64_t begin, int64_t end) {
+#ifdef DYNATTN_HAVE_VEC16
+      if (max != nullptr && im.hw >= detail::vec16::kLanes && sixteen_lane_kernels_pay()) {
+        pool_max_nchw16(im.x, im.hw, begin, end, mean, max);
+        return;
+      }
+#endif
       pool_nchw(im.x, im.hw, begin, end, mean, max);
     });
   } else {
@@ -822,7 +878,7 @@ torch::Tensor fused_cbam(const torch::Tensor& x, const ChannelMlp& mlp,
 #ifdef DYNATTN_HAVE_VEC16
         // Called from here, not from channel_stats_cl's clones: GCC binds a call between
         // multi-versioned functions to the caller's own ISA, and those have no AVX-512 clone.
-        if (im.c % detail::vec16::kLanes == 0) {
+        if (im.c % detail::vec16::kLanes == 0 && sixteen_lane_kernels_pay()) {
           done = (p1 - p0) / detail::vec16::kLanes * detail::vec16::kLanes;
           channel_stats_cl16(im.x, im.c, gate.data(), p0, p0 + done, sum.data(), max.data());
         }
