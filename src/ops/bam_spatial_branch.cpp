@@ -145,6 +145,32 @@ DYNATTN_ALWAYS_INLINE void reduce_pixel(const float* x, int64_t c, const float* 
     out[o] = lanes_sum(acc[o]) + (bias != nullptr ? bias[o0 + o] : 0.0f);
 }
 
+// All rd outputs for the 16 pixels from p0 of a channels-last image: each pixel's products to one
+// vector, then the 16 vectors folded together. A horizontal sum per pixel and output (as in
+// reduce_pixel) was most of the forward at C=16; the fold gives the same sums, bit for bit (its
+// steps are lanes_sum's half-folds).
+DYNATTN_ALWAYS_INLINE void reduce_pixels_cl16(const float* x, int64_t c, const float* w,
+                                              const float* bias, int64_t rd, const Lanes& g,
+                                              int64_t n, int64_t p0, float* z) {
+  const int64_t pixels = g.pixels();
+  Vec v[kLanes];
+  for (int64_t o = 0; o < rd; ++o) {
+    const float* wo = w + o * c;
+    for (int64_t q = 0; q < kLanes; ++q) {
+      const float* xq = x + (p0 + q) * c;
+      Vec acc{};
+      for (int64_t c0 = 0; c0 < c; c0 += kLanes) {
+        const int64_t lanes = std::min(kLanes, c - c0);
+        acc += load(xq + c0, lanes) * load(wo + c0, lanes);
+      }
+      v[q] = acc;
+    }
+    const Vec r = sum_lanes_of_16(v) + (bias != nullptr ? bias[o] : 0.0f);
+    float* zo = z + (o * pixels + p0) * g.n + n;
+    for (int64_t q = 0; q < kLanes; ++q) zo[q * g.n] = r[q];
+  }
+}
+
 // Image `n` of x into the lanes: z[o][p][n] = bias[o] + sum_c w[o][c] x[c][p] (x[p][c] when
 // channels-last).
 DYNATTN_KERNEL_CLONES
@@ -181,8 +207,10 @@ void reduce_image(const float* x, bool channels_last, int64_t c, const float* w,
     }
     return;
   }
+  const int64_t full = pixels / kLanes * kLanes;
+  for (int64_t p0 = 0; p0 < full; p0 += kLanes) reduce_pixels_cl16(x, c, w, bias, rd, g, n, p0, z);
   float out[kOutBlock];
-  for (int64_t p = 0; p < pixels; ++p) {
+  for (int64_t p = full; p < pixels; ++p) {
     for (int64_t o0 = 0; o0 < rd; o0 += kOutBlock) {
       const int64_t ob = std::min(kOutBlock, rd - o0);
       switch (ob) {
@@ -225,6 +253,32 @@ DYNATTN_ALWAYS_INLINE void reduce_backward_block(const float* xc, const float* w
     store(dxc + p0, acc, kLanes);
   }
   for (int64_t o = 0; o < OB; ++o) partial[(o0 + o) * c + ch] += pd[o];
+}
+
+// Outputs [o0, o0 + OB) of the reduce's backward at channels [c0, c0 + lanes) of a
+// channels-last image, over every pixel: dx += sum_o w[o] g[o] (written when o0 = 0 unless
+// `accumulate`), and dw[o] += sum_p g[o] x, held in registers across the pixels (added to dw in
+// memory per pixel, each update waited on the last one's store).
+template <int64_t OB>
+DYNATTN_ALWAYS_INLINE void reduce_backward_cl_block(const float* x, const float* w, int64_t c,
+                                                    int64_t c0, int64_t lanes, int64_t o0,
+                                                    const float* gathered, int64_t pixels,
+                                                    bool accumulate, float* dx, float* dw) {
+  Vec wv[OB], dwv[OB] = {};
+  for (int64_t o = 0; o < OB; ++o) wv[o] = load(w + (o0 + o) * c + c0, lanes);
+  const bool fresh = o0 == 0 && !accumulate;
+  for (int64_t p = 0; p < pixels; ++p) {
+    const Vec xv = load(x + p * c + c0, lanes);
+    Vec acc = fresh ? Vec{} : load(dx + p * c + c0, lanes);
+    for (int64_t o = 0; o < OB; ++o) {
+      const float gv = gathered[(o0 + o) * pixels + p];
+      acc += wv[o] * gv;
+      dwv[o] += xv * gv;
+    }
+    store(dx + p * c + c0, acc, lanes);
+  }
+  for (int64_t o = 0; o < OB; ++o)
+    store(dw + (o0 + o) * c + c0, load(dw + (o0 + o) * c + c0, lanes) + dwv[o], lanes);
 }
 
 // The reduce conv's backward for image n: dx = w^T dz (dx += with `accumulate`), and
@@ -277,17 +331,23 @@ void reduce_image_backward(const float* x, bool channels_last, int64_t c, const 
     }
     return;
   }
-  for (int64_t p = 0; p < pixels; ++p) {
-    for (int64_t c0 = 0; c0 < c; c0 += kLanes) {
-      const int64_t lanes = std::min(kLanes, c - c0);
-      const Vec xv = load(x + p * c + c0, lanes);
-      Vec acc = accumulate ? load(dx + p * c + c0, lanes) : Vec{};
-      for (int64_t o = 0; o < rd; ++o) {
-        const float gv = gathered[o * pixels + p];
-        acc += load(w + o * c + c0, lanes) * gv;
-        store(dw + o * c + c0, load(dw + o * c + c0, lanes) + xv * gv, lanes);
+  for (int64_t c0 = 0; c0 < c; c0 += kLanes) {
+    const int64_t lanes = std::min(kLanes, c - c0);
+    for (int64_t o0 = 0; o0 < rd; o0 += kOutBlock) {
+      switch (std::min(kOutBlock, rd - o0)) {
+        case 4:
+          reduce_backward_cl_block<4>(x, w, c, c0, lanes, o0, gathered, pixels, accumulate, dx, dw);
+          break;
+        case 3:
+          reduce_backward_cl_block<3>(x, w, c, c0, lanes, o0, gathered, pixels, accumulate, dx, dw);
+          break;
+        case 2:
+          reduce_backward_cl_block<2>(x, w, c, c0, lanes, o0, gathered, pixels, accumulate, dx, dw);
+          break;
+        default:
+          reduce_backward_cl_block<1>(x, w, c, c0, lanes, o0, gathered, pixels, accumulate, dx, dw);
+          break;
       }
-      store(dx + p * c + c0, acc, lanes);
     }
   }
 }

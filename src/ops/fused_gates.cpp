@@ -490,6 +490,27 @@ void bam_combine_cl(const float* x, float* y, int64_t c, int64_t p0, int64_t p1,
   }
 }
 
+#ifdef DYNATTN_HAVE_VEC16
+// bam_combine_cl in the factor form for c a multiple of 16, on 16-float vectors: the division per
+// element bounds it, and the AVX-512 clone divides 16 at a time (the AVX2 clone's loop over a
+// 16-channel pixel also spent as much on its gate scratch as on the arithmetic). The same
+// operations per element as bam_combine_cl. Called from outside the AVX2 clones (see
+// channel_stats_cl16).
+DYNATTN_KERNEL_CLONES
+void bam_combine_factor_cl16(const float* x, float* y, int64_t c, int64_t p0, int64_t p1,
+                             const float* ec, const float* es) {
+  namespace v16 = detail::vec16;
+  for (int64_t p = p0; p < p1; ++p) {
+    const float e = es[p];
+    for (int64_t ch = 0; ch < c; ch += v16::kLanes) {
+      const v16::Vec v = v16::load(x + p * c + ch, v16::kLanes);
+      const v16::Vec s = 1.0f / (1.0f + v16::load(ec + ch, v16::kLanes) * e);
+      v16::store(y + p * c + ch, v + v * s, v16::kLanes);
+    }
+  }
+}
+#endif
+
 // The backward of y = x + x * s over pixels [p0, p1) of an NCHW image: dx = dy (1 + s), and with
 // t = dy x s (1 - s) (the gradient of the logit): dmc[ch] += sum_p t (times ms[p] in the product
 // form), dms[p] = sum_ch t (times mc[ch]). dmc is this task's partial sum; scratch: 2 (p1 - p0)
@@ -551,6 +572,40 @@ void bam_combine_backward_cl(const float* x, const float* dy, float* dx, int64_t
     }
   }
 }
+
+#ifdef DYNATTN_HAVE_VEC16
+// bam_combine_backward_cl in the factor form for c a multiple of 16, on 16-float vectors (the
+// division per element bounds it, as in bam_combine_factor_cl16): each pixel's t to one vector
+// of partial sums, and 16 pixels' vectors folded into their dms together.
+DYNATTN_KERNEL_CLONES
+void bam_combine_factor_backward_cl16(const float* x, const float* dy, float* dx, int64_t c,
+                                      int64_t p0, int64_t p1, const float* ec, const float* es,
+                                      float* dmc, float* dms) {
+  namespace v16 = detail::vec16;
+  constexpr int64_t L = v16::kLanes;
+  // Pixel p's t, its partial sums over the channels returned.
+  const auto pixel = [&](int64_t p) {
+    const float e = es[p];
+    v16::Vec tsum{};
+    for (int64_t ch = 0; ch < c; ch += L) {
+      const v16::Vec d = v16::load(dy + p * c + ch, L);
+      const v16::Vec s = 1.0f / (1.0f + v16::load(ec + ch, L) * e);
+      v16::store(dx + p * c + ch, d + d * s, L);
+      const v16::Vec t = d * v16::load(x + p * c + ch, L) * (s * (1.0f - s));
+      v16::store(dmc + ch, v16::load(dmc + ch, L) + t, L);
+      tsum += t;
+    }
+    return tsum;
+  };
+  int64_t p = p0;
+  for (; p + L <= p1; p += L) {
+    v16::Vec sums[L];
+    for (int64_t j = 0; j < L; ++j) sums[j] = pixel(p + j);
+    v16::store(dms + p, v16::sum_lanes_of_16(sums), L);
+  }
+  for (; p < p1; ++p) dms[p] = v16::lanes_sum(pixel(p));
+}
+#endif
 
 // The per-image terms of BAM's combine. Sum form: s = sigmoid(mc + ms) = 1 / (1 + e^-mc e^-ms),
 // exact while both exponentials stay finite and non-zero; otherwise (and for the product form)
@@ -770,6 +825,12 @@ void apply_bam_combine(const Image& im, const BamCombine& k) {
     });
   } else {
     at::parallel_for(0, im.hw, grain_for(im.c), [&](int64_t begin, int64_t end) {
+#ifdef DYNATTN_HAVE_VEC16
+      if (k.factor && im.c % detail::vec16::kLanes == 0 && sixteen_lane_kernels_pay()) {
+        bam_combine_factor_cl16(im.x, im.y, im.c, begin, end, k.ec, k.es);
+        return;
+      }
+#endif
       bam_combine_cl(im.x, im.y, im.c, begin, end, k);
     });
   }
@@ -1030,7 +1091,17 @@ void bam_combine_backward(const torch::Tensor& x, const torch::Tensor& grad,
       // Pixel ranges in parallel (a single image's threads); each sums its own share of dmc.
       at::parallel_for(0, hw, grain_for(c), [&](int64_t p0, int64_t p1) {
         std::vector<float> partial(c, 0.0f), scratch(2 * (channels_last ? c : p1 - p0));
-        if (!channels_last) {
+        bool done = false;
+#ifdef DYNATTN_HAVE_VEC16
+        if (channels_last && terms.k.factor && c % detail::vec16::kLanes == 0 &&
+            sixteen_lane_kernels_pay()) {
+          bam_combine_factor_backward_cl16(xp + offset, dyp + offset, dxp + offset, c, p0, p1,
+                                           terms.k.ec, terms.k.es, partial.data(), dmsp + i * hw);
+          done = true;
+        }
+#endif
+        if (done) {
+        } else if (!channels_last) {
           bam_combine_backward_nchw(xp + offset, dyp + offset, dxp + offset, c, hw, p0, p1, terms.k,
                                     partial.data(), dmsp + i * hw, scratch.data());
         } else {
