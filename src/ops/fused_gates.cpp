@@ -1380,6 +1380,25 @@ class PooledChannelGate : public torch::autograd::Function<PooledChannelGate> {
 
 // ---- CBAM's training form ----
 
+// The first position of the maximum `best` of p[0..n) whose sum is `sum` (a NaN sum means a NaN
+// in the row, or inf - inf): the first NaN after element 0 wins (then *best becomes it), else
+// element 0, as in a scan that keeps the first maximum and stops at a NaN.
+DYNATTN_ALWAYS_INLINE int32_t first_position_of_max(const float* p, int64_t n, float sum,
+                                                    float* best) {
+  int64_t where = -1;
+  if (std::isnan(sum)) {
+    for (int64_t i = 1; i < n && where < 0; ++i)
+      if (std::isnan(p[i])) where = i;
+    if (where < 0 && std::isnan(p[0])) where = 0;
+    if (where >= 0) *best = p[where];
+  }
+  if (where < 0) {
+    where = 0;
+    while (where + 1 < n && !(p[where] == *best)) ++where;
+  }
+  return static_cast<int32_t>(where);
+}
+
 // Per channel of [c0, c1): mean, max and the first pixel holding the max.
 DYNATTN_VECTOR_CLONES
 void pool_argmax_nchw(const float* x, int64_t hw, int64_t c0, int64_t c1, float* mean, float* max,
@@ -1392,20 +1411,9 @@ void pool_argmax_nchw(const float* x, int64_t hw, int64_t c0, int64_t c1, float*
     const float* p = x + ch * hw;
     float sum, best;
     sum_max_of(p, hw, &sum, &best);
-    int64_t where = -1;
-    if (std::isnan(sum)) {
-      for (int64_t i = 1; i < hw && where < 0; ++i)
-        if (std::isnan(p[i])) where = i;
-      if (where < 0 && std::isnan(p[0])) where = 0;
-      if (where >= 0) best = p[where];
-    }
-    if (where < 0) {
-      where = 0;
-      while (where + 1 < hw && !(p[where] == best)) ++where;
-    }
+    at[ch] = first_position_of_max(p, hw, sum, &best);
     mean[ch] = sum / static_cast<float>(hw);
     max[ch] = best;
-    at[ch] = static_cast<int32_t>(where);
   }
 }
 
@@ -1486,6 +1494,111 @@ void cbam_pixel_grad_nchw(const float* dy, const float* x, int64_t c, int64_t hw
     for (int64_t p = 0; p < len; ++p) dms[p] += a[p] * b[p] * m;
   }
 }
+
+#ifdef DYNATTN_HAVE_VEC16
+// The NCHW training kernels above on 16-float vectors, for AVX-512 (see channel_stats_cl16):
+// GCC left cbam_channel_grad_nchw and cbam_input_grad_nchw scalar (the per-pixel argmax test, and
+// a sequential sum), channel_argmax_nchw's running maxima in memory, and pool_argmax_nchw's sum
+// and maximum scalar: together about 60% of CBAM's NCHW training step at batch 64. The same
+// operations per element; the sums over pixels (and the mean pooling's) add in another order.
+
+DYNATTN_ALWAYS_INLINE detail::vec16::IVec load_ints(const int32_t* p, int64_t lanes) {
+  detail::vec16::IVec v{};
+  if (lanes == detail::vec16::kLanes) {
+    std::memcpy(&v, p, sizeof v);
+  } else {
+#pragma GCC unroll 16
+    for (int64_t l = 0; l < detail::vec16::kLanes; ++l)
+      if (l < lanes) v[l] = p[l];
+  }
+  return v;
+}
+
+// d x1 (see CbamPixelGrads) at channel ch, pixels [p, p + lanes) of one image.
+DYNATTN_ALWAYS_INLINE detail::vec16::Vec cbam_pixel_grads16(const CbamPixelGrads& g,
+                                                            const float* dy_row, int64_t ch,
+                                                            int64_t p, int64_t lanes) {
+  namespace v16 = detail::vec16;
+  // All ones where at == ch, from integer arithmetic: GCC 12's AVX-512 expansion of a lane
+  // compare failed here (an internal compiler error).
+  const v16::IVec diff = load_ints(g.at + p, lanes) - static_cast<int32_t>(ch);
+  const v16::IVec here = ~((diff | -diff) >> 31);
+  const v16::Vec dmax = (v16::Vec)((v16::IVec)v16::load(g.dmax + p, lanes) & here);
+  return v16::load(dy_row + p, lanes) * v16::load(g.ms + p, lanes) +
+         v16::load(g.dmean + p, lanes) * g.inv_c + dmax;
+}
+
+DYNATTN_KERNEL_CLONES
+void cbam_channel_grad_nchw16(const float* dy, const float* x, int64_t hw, int64_t c0, int64_t c1,
+                              const CbamPixelGrads& g, float* dmc) {
+  namespace v16 = detail::vec16;
+  for (int64_t ch = c0; ch < c1; ++ch) {
+    v16::Vec acc{};
+    for (int64_t p = 0; p < hw; p += v16::kLanes) {
+      const int64_t lanes = std::min(v16::kLanes, hw - p);
+      acc += cbam_pixel_grads16(g, dy + ch * hw, ch, p, lanes) * v16::load(x + ch * hw + p, lanes);
+    }
+    dmc[ch] = v16::lanes_sum(acc);
+  }
+}
+
+DYNATTN_KERNEL_CLONES
+void cbam_input_grad_nchw16(const float* dy, float* dx, int64_t hw, int64_t c0, int64_t c1,
+                            const CbamPixelGrads& g, const float* mc, const float* davg,
+                            const float* dmaxpool, const int32_t* pool_at) {
+  namespace v16 = detail::vec16;
+  for (int64_t ch = c0; ch < c1; ++ch) {
+    float* out = dx + ch * hw;
+    const float m = mc[ch], add = davg[ch] / static_cast<float>(hw);
+    for (int64_t p = 0; p < hw; p += v16::kLanes) {
+      const int64_t lanes = std::min(v16::kLanes, hw - p);
+      v16::store(out + p, cbam_pixel_grads16(g, dy + ch * hw, ch, p, lanes) * m + add, lanes);
+    }
+    out[pool_at[ch]] += dmaxpool[ch];
+  }
+}
+
+// Sixteen pixels' maxima, argmaxima and sums stay in registers across the channels.
+DYNATTN_KERNEL_CLONES
+void channel_argmax_nchw16(const float* x, int64_t c, int64_t hw, const float* gate, int64_t p0,
+                           int64_t p1, float* mean, float* max, int32_t* at) {
+  namespace v16 = detail::vec16;
+  const float inv_c = 1.0f / static_cast<float>(c);
+  for (int64_t p = p0; p < p1; p += v16::kLanes) {
+    const int64_t lanes = std::min(v16::kLanes, p1 - p);
+    v16::Vec sum = v16::load(x + p, lanes) * gate[0], best = sum;
+    v16::IVec where{};
+    for (int64_t ch = 1; ch < c; ++ch) {
+      const v16::Vec v = v16::load(x + ch * hw + p, lanes) * gate[ch];
+      sum += v;
+      const v16::IVec better = v > best;
+      best = better ? v : best;
+      where = better ? static_cast<int32_t>(ch) : where;
+    }
+    v16::store(mean + (p - p0), sum * inv_c, lanes);
+    v16::store(max + (p - p0), best, lanes);
+    if (lanes == v16::kLanes) {
+      std::memcpy(at + (p - p0), &where, sizeof where);
+    } else {
+      for (int64_t l = 0; l < lanes; ++l) at[p - p0 + l] = where[l];
+    }
+  }
+}
+
+// pool_argmax_nchw with the sum and maximum on 16-float vectors, for hw >= 16.
+DYNATTN_KERNEL_CLONES
+void pool_argmax_nchw16(const float* x, int64_t hw, int64_t c0, int64_t c1, float* mean, float* max,
+                        int32_t* at) {
+  for (int64_t ch = c0; ch < c1; ++ch) {
+    const float* p = x + ch * hw;
+    float sum, best;
+    vector_sum_max_of(p, hw, &sum, &best);
+    at[ch] = first_position_of_max(p, hw, sum, &best);
+    mean[ch] = sum / static_cast<float>(hw);
+    max[ch] = best;
+  }
+}
+#endif
 
 // ---- CBAM's training form, channels-last twins (element (p, ch) at p * c + ch) ----
 
@@ -1614,6 +1727,10 @@ class CbamGate : public torch::autograd::Function<CbamGate> {
           pool_argmax_cl(xi, c, hw, a, m, pap + i * c);
         } else {
           at::parallel_for(0, c, grain_for(hw), [&](int64_t c0, int64_t c1) {
+#ifdef DYNATTN_HAVE_VEC16
+            if (hw >= detail::vec16::kLanes && sixteen_lane_kernels_pay())
+              return pool_argmax_nchw16(xi, hw, c0, c1, a, m, pap + i * c);
+#endif
             pool_argmax_nchw(xi, hw, c0, c1, a, m, pap + i * c);
           });
         }
@@ -1627,6 +1744,11 @@ class CbamGate : public torch::autograd::Function<CbamGate> {
             channel_argmax_cl(xi, c, g, p0, p1, st + (1 - max_plane) * hw + p0,
                               st + max_plane * hw + p0, cap + i * hw + p0);
           } else {
+#ifdef DYNATTN_HAVE_VEC16
+            if (sixteen_lane_kernels_pay())
+              return channel_argmax_nchw16(xi, c, hw, g, p0, p1, st + (1 - max_plane) * hw + p0,
+                                           st + max_plane * hw + p0, cap + i * hw + p0);
+#endif
             channel_argmax_nchw(xi, c, hw, g, p0, p1, st + (1 - max_plane) * hw + p0,
                                 st + max_plane * hw + p0, cap + i * hw + p0);
           }
@@ -1744,6 +1866,11 @@ class CbamGate : public torch::autograd::Function<CbamGate> {
           continue;
         }
         at::parallel_for(0, c, grain_for(hw), [&](int64_t c0, int64_t c1) {
+#ifdef DYNATTN_HAVE_VEC16
+          if (sixteen_lane_kernels_pay())
+            return cbam_channel_grad_nchw16(dyp + i * c * hw, xp + i * c * hw, hw, c0, c1, g,
+                                            dmcp + i * c);
+#endif
           cbam_channel_grad_nchw(dyp + i * c * hw, xp + i * c * hw, hw, c0, c1, g, dmcp + i * c);
         });
       }
@@ -1780,6 +1907,11 @@ class CbamGate : public torch::autograd::Function<CbamGate> {
           continue;
         }
         at::parallel_for(0, c, grain_for(hw), [&](int64_t c0, int64_t c1) {
+#ifdef DYNATTN_HAVE_VEC16
+          if (sixteen_lane_kernels_pay())
+            return cbam_input_grad_nchw16(dyp + i * c * hw, dxp + i * c * hw, hw, c0, c1, g,
+                                          mcp + i * c, dap + i * c, dmp + i * c, pap + i * c);
+#endif
           cbam_input_grad_nchw(dyp + i * c * hw, dxp + i * c * hw, hw, c0, c1, g, mcp + i * c,
                                dap + i * c, dmp + i * c, pap + i * c);
         });
