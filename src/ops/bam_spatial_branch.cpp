@@ -156,14 +156,24 @@ DYNATTN_ALWAYS_INLINE void reduce_pixels_cl16(const float* x, int64_t c, const f
   Vec v[kLanes];
   for (int64_t o = 0; o < rd; ++o) {
     const float* wo = w + o * c;
-    for (int64_t q = 0; q < kLanes; ++q) {
-      const float* xq = x + (p0 + q) * c;
-      Vec acc{};
-      for (int64_t c0 = 0; c0 < c; c0 += kLanes) {
-        const int64_t lanes = std::min(kLanes, c - c0);
-        acc += load(xq + c0, lanes) * load(wo + c0, lanes);
+    if (c % kLanes == 0) {  // whole vectors: no per-pixel mask set-up
+      for (int64_t q = 0; q < kLanes; ++q) {
+        const float* xq = x + (p0 + q) * c;
+        Vec acc{};
+        for (int64_t c0 = 0; c0 < c; c0 += kLanes)
+          acc += load(xq + c0, kLanes) * load(wo + c0, kLanes);
+        v[q] = acc;
       }
-      v[q] = acc;
+    } else {
+      for (int64_t q = 0; q < kLanes; ++q) {
+        const float* xq = x + (p0 + q) * c;
+        Vec acc{};
+        for (int64_t c0 = 0; c0 < c; c0 += kLanes) {
+          const int64_t lanes = std::min(kLanes, c - c0);
+          acc += load(xq + c0, lanes) * load(wo + c0, lanes);
+        }
+        v[q] = acc;
+      }
     }
     const Vec r = sum_lanes_of_16(v) + (bias != nullptr ? bias[o] : 0.0f);
     float* zo = z + (o * pixels + p0) * g.n + n;
@@ -259,11 +269,12 @@ DYNATTN_ALWAYS_INLINE void reduce_backward_block(const float* xc, const float* w
 // channels-last image, over every pixel: dx += sum_o w[o] g[o] (written when o0 = 0 unless
 // `accumulate`), and dw[o] += sum_p g[o] x, held in registers across the pixels (added to dw in
 // memory per pixel, each update waited on the last one's store).
-template <int64_t OB>
+template <int64_t OB, bool kWhole>
 DYNATTN_ALWAYS_INLINE void reduce_backward_cl_block(const float* x, const float* w, int64_t c,
-                                                    int64_t c0, int64_t lanes, int64_t o0,
+                                                    int64_t c0, int64_t some_lanes, int64_t o0,
                                                     const float* gathered, int64_t pixels,
                                                     bool accumulate, float* dx, float* dw) {
+  const int64_t lanes = kWhole ? kLanes : some_lanes;  // a constant: no mask set-up per pixel
   Vec wv[OB], dwv[OB] = {};
   for (int64_t o = 0; o < OB; ++o) wv[o] = load(w + (o0 + o) * c + c0, lanes);
   const bool fresh = o0 == 0 && !accumulate;
@@ -279,6 +290,29 @@ DYNATTN_ALWAYS_INLINE void reduce_backward_cl_block(const float* x, const float*
   }
   for (int64_t o = 0; o < OB; ++o)
     store(dw + (o0 + o) * c + c0, load(dw + (o0 + o) * c + c0, lanes) + dwv[o], lanes);
+}
+
+// reduce_backward_cl_block for outputs [o0, min(o0 + kOutBlock, rd)).
+template <bool kWhole>
+DYNATTN_ALWAYS_INLINE void reduce_backward_cl_blocks(const float* x, const float* w, int64_t c,
+                                                     int64_t c0, int64_t lanes, int64_t o0,
+                                                     int64_t rd, const float* gathered,
+                                                     int64_t pixels, bool accumulate, float* dx,
+                                                     float* dw) {
+  switch (std::min(kOutBlock, rd - o0)) {
+    case 4:
+      return reduce_backward_cl_block<4, kWhole>(x, w, c, c0, lanes, o0, gathered, pixels,
+                                                 accumulate, dx, dw);
+    case 3:
+      return reduce_backward_cl_block<3, kWhole>(x, w, c, c0, lanes, o0, gathered, pixels,
+                                                 accumulate, dx, dw);
+    case 2:
+      return reduce_backward_cl_block<2, kWhole>(x, w, c, c0, lanes, o0, gathered, pixels,
+                                                 accumulate, dx, dw);
+    default:
+      return reduce_backward_cl_block<1, kWhole>(x, w, c, c0, lanes, o0, gathered, pixels,
+                                                 accumulate, dx, dw);
+  }
 }
 
 // The reduce conv's backward for image n: dx = w^T dz (dx += with `accumulate`), and
@@ -334,19 +368,12 @@ void reduce_image_backward(const float* x, bool channels_last, int64_t c, const 
   for (int64_t c0 = 0; c0 < c; c0 += kLanes) {
     const int64_t lanes = std::min(kLanes, c - c0);
     for (int64_t o0 = 0; o0 < rd; o0 += kOutBlock) {
-      switch (std::min(kOutBlock, rd - o0)) {
-        case 4:
-          reduce_backward_cl_block<4>(x, w, c, c0, lanes, o0, gathered, pixels, accumulate, dx, dw);
-          break;
-        case 3:
-          reduce_backward_cl_block<3>(x, w, c, c0, lanes, o0, gathered, pixels, accumulate, dx, dw);
-          break;
-        case 2:
-          reduce_backward_cl_block<2>(x, w, c, c0, lanes, o0, gathered, pixels, accumulate, dx, dw);
-          break;
-        default:
-          reduce_backward_cl_block<1>(x, w, c, c0, lanes, o0, gathered, pixels, accumulate, dx, dw);
-          break;
+      if (lanes == kLanes) {
+        reduce_backward_cl_blocks<true>(x, w, c, c0, lanes, o0, rd, gathered, pixels, accumulate,
+                                        dx, dw);
+      } else {
+        reduce_backward_cl_blocks<false>(x, w, c, c0, lanes, o0, rd, gathered, pixels, accumulate,
+                                         dx, dw);
       }
     }
   }
