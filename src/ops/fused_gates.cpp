@@ -630,6 +630,47 @@ void bam_combine_backward_cl(const float* x, const float* dy, float* dx, int64_t
 }
 
 #ifdef DYNATTN_HAVE_VEC16
+// bam_combine_nchw in the factor form on 16-float vectors (division-bound, as
+// bam_combine_factor_cl16), channels [c0, c1).
+DYNATTN_KERNEL_CLONES
+void bam_combine_factor_nchw16(const float* x, float* y, int64_t hw, int64_t c0, int64_t c1,
+                               const float* ec, const float* es) {
+  namespace v16 = detail::vec16;
+  for (int64_t ch = c0; ch < c1; ++ch) {
+    const float e = ec[ch];
+    for (int64_t p = 0; p < hw; p += v16::kLanes) {
+      const int64_t lanes = std::min(v16::kLanes, hw - p);
+      const v16::Vec v = v16::load(x + ch * hw + p, lanes);
+      const v16::Vec s = 1.0f / (1.0f + e * v16::load(es + p, lanes));
+      v16::store(y + ch * hw + p, v + v * s, lanes);
+    }
+  }
+}
+
+// bam_combine_backward_nchw in the factor form on 16-float vectors, pixels [p0, p1): dms's
+// partial sums stay in memory across the channels, dmc's in a vector per channel.
+DYNATTN_KERNEL_CLONES
+void bam_combine_factor_backward_nchw16(const float* x, const float* dy, float* dx, int64_t c,
+                                        int64_t hw, int64_t p0, int64_t p1, const float* ec,
+                                        const float* es, float* dmc, float* dms) {
+  namespace v16 = detail::vec16;
+  std::fill(dms + p0, dms + p1, 0.0f);
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const float e = ec[ch];
+    v16::Vec tsum{};
+    for (int64_t p = p0; p < p1; p += v16::kLanes) {
+      const int64_t lanes = std::min(v16::kLanes, p1 - p);
+      const v16::Vec d = v16::load(dy + ch * hw + p, lanes);
+      const v16::Vec s = 1.0f / (1.0f + e * v16::load(es + p, lanes));
+      v16::store(dx + ch * hw + p, d + d * s, lanes);
+      const v16::Vec t = d * v16::load(x + ch * hw + p, lanes) * (s * (1.0f - s));
+      tsum += t;
+      v16::store(dms + p, v16::load(dms + p, lanes) + t, lanes);
+    }
+    dmc[ch] += v16::lanes_sum(tsum);
+  }
+}
+
 // bam_combine_backward_cl in the factor form for c a multiple of 16, on 16-float vectors (the
 // division per element bounds it, as in bam_combine_factor_cl16): each pixel's t to one vector
 // of partial sums, and 16 pixels' vectors folded into their dms together.
@@ -877,6 +918,10 @@ void apply_gates(const Image& im, const float* gate, const float* pixel_gate) {
 void apply_bam_combine(const Image& im, const BamCombine& k) {
   if (!im.channels_last) {
     at::parallel_for(0, im.c, grain_for(im.hw), [&](int64_t begin, int64_t end) {
+#ifdef DYNATTN_HAVE_VEC16
+      if (k.factor && sixteen_lane_kernels_pay())
+        return bam_combine_factor_nchw16(im.x, im.y, im.hw, begin, end, k.ec, k.es);
+#endif
       bam_combine_nchw(im.x, im.y, im.hw, begin, end, k);
     });
   } else {
@@ -1153,6 +1198,10 @@ void bam_combine_backward(const torch::Tensor& x, const torch::Tensor& grad,
             sixteen_lane_kernels_pay()) {
           bam_combine_factor_backward_cl16(xp + offset, dyp + offset, dxp + offset, c, p0, p1,
                                            terms.k.ec, terms.k.es, partial.data(), dmsp + i * hw);
+          done = true;
+        } else if (!channels_last && terms.k.factor && sixteen_lane_kernels_pay()) {
+          bam_combine_factor_backward_nchw16(xp + offset, dyp + offset, dxp + offset, c, hw, p0, p1,
+                                             terms.k.ec, terms.k.es, partial.data(), dmsp + i * hw);
           done = true;
         }
 #endif
