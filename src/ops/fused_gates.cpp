@@ -169,13 +169,15 @@ void pool_nchw(const float* x, int64_t hw, int64_t c0, int64_t c1, float* mean, 
   }
 }
 
+std::atomic<bool> g_wide_vector_kernels{true};
+
 #ifdef DYNATTN_HAVE_VEC16
 // Whether the 16-float vector forms below pay: with AVX-512 they run as one register; the AVX2
 // clone of pool_max_nchw16 measured slower than pool_nchw here, channel_stats_cl16's no faster.
 bool sixteen_lane_kernels_pay() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   static const bool avx512 = __builtin_cpu_supports("avx512f");
-  return avx512;
+  return avx512 && g_wide_vector_kernels.load(std::memory_order_relaxed);
 #else
   return false;
 #endif
@@ -958,6 +960,14 @@ bool fused_gates_train_apply(const torch::Tensor& x, std::initializer_list<torch
 
 int64_t fused_gates_calls() {
   return g_calls.load();
+}
+
+void set_wide_vector_kernels(bool enabled) {
+  g_wide_vector_kernels.store(enabled);
+}
+
+bool wide_vector_kernels_enabled() {
+  return g_wide_vector_kernels.load();
 }
 
 bool bam_spatial_in_kernel(int64_t batch, int64_t rd) {

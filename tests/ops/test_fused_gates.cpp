@@ -355,6 +355,31 @@ TEST(FusedGates, BamTrainingFormMatchesTheAtenGradients) {
   }
 }
 
+// On an AVX-512 machine the tests above run the 16-float forms of the CBAM and BAM kernels; with
+// them switched off the AVX2/baseline forms run, and must match the ATen path as well.
+TEST(FusedGates, NarrowVectorFormsMatchTheAtenPathToo) {
+  struct WideGuard {
+    bool previous = wide_vector_kernels_enabled();
+    ~WideGuard() { set_wide_vector_kernels(previous); }
+  } guard;
+  set_wide_vector_kernels(false);
+  EXPECT_FALSE(wide_vector_kernels_enabled());
+  expect_parity("cbam", {{1, 16, 28, 28}, {3, 32, 5, 7}, {2, 64, 7, 7}}, 7);
+  expect_parity("bam", {{1, 16, 28, 28}, {3, 32, 5, 7}, {2, 64, 7, 7}}, 10);
+  torch::manual_seed(5);
+  for (const char* spec : {"cbam", "bam"}) {
+    for (const auto& shape : std::vector<std::vector<int64_t>>{{2, 16, 28, 28}, {3, 32, 5, 7}}) {
+      for (bool cl : {false, true}) {
+        auto m = make(spec, shape[1], 31);
+        m.ptr()->train();
+        std::ostringstream what;
+        what << spec << " shape " << shape << " cl " << cl << " (narrow vector forms)";
+        expect_training_form_matches(m, shape, cl, spec, what.str(), 1e-5);
+      }
+    }
+  }
+}
+
 // The combine's own contract, without the module: gradients reach mc and ms in their shapes,
 // and wrong sizes are refused with the shapes in the message.
 TEST(FusedGates, BamCombineGradientsKeepTheGateShapes) {

@@ -26,6 +26,13 @@ bool fused_gates_apply(const torch::Tensor& x, std::initializer_list<torch::Tens
 // Number of calls that ran a fused kernel in this process: tests use it to tell which path ran.
 int64_t fused_gates_calls();
 
+// Where the CPU has AVX-512, several of the kernels (inference and training) run as forms on
+// 16-float vectors; elsewhere their AVX2 or baseline forms run. Process-wide, on by default; off,
+// the AVX2/baseline forms run on every CPU: tests hold both forms to the ATen path on one
+// machine.
+void set_wide_vector_kernels(bool enabled);
+bool wide_vector_kernels_enabled();
+
 enum class GateFunction { Sigmoid, HardSigmoid };  // hard: relu6(v + 3) / 6
 
 // BatchNorm in eval form: y = (v - running_mean) / sqrt(running_var + eps) * weight + bias;
