@@ -666,8 +666,6 @@ torch::Tensor NonLocalBlockImpl::affinity(const Projections& p, const torch::Ten
 #ifdef DYNATTN_HAVE_ONEDNN
 namespace {
 
-// Sum over the batch of out[n] = a[n] b[n]^T, a [N, r, m] and b [N, c, m] contiguous: a weight's
-// gradient [r, c] from its output gradient and input.
 // data[j] += data[i * size + j] for i = 1 .. count - 1, in that order per element: a batch of
 // per-sample products summed into the first. Cloned per ISA: the baseline build of this loop
 // (SSE2) was about 3% of the block's training step at 64@7x7, batch 64.
@@ -682,6 +680,8 @@ void sum_slices_into_first(float* data, int64_t count, int64_t size) {
   }
 }
 
+// Sum over the batch of out[n] = a[n] b[n]^T, a [N, r, m] and b [N, c, m] contiguous: a weight's
+// gradient [r, c] from its output gradient and input.
 torch::Tensor weight_gradient(const torch::Tensor& a, const torch::Tensor& b) {
   const int64_t n = a.size(0), r = a.size(1), m = a.size(2), c = b.size(1);
   auto per_sample = torch::empty({n, r, c}, a.options());

@@ -149,6 +149,8 @@ DYNATTN_ALWAYS_INLINE void reduce_pixel(const float* x, int64_t c, const float* 
 // vector, then the 16 vectors folded together. A horizontal sum per pixel and output (as in
 // reduce_pixel) was most of the forward at C=16; the fold gives the same sums, bit for bit (its
 // steps are lanes_sum's half-folds).
+// kWhole: c is a multiple of 16, and every load a whole vector (no mask set-up per pixel).
+template <bool kWhole>
 DYNATTN_ALWAYS_INLINE void reduce_pixels_cl16(const float* x, int64_t c, const float* w,
                                               const float* bias, int64_t rd, const Lanes& g,
                                               int64_t n, int64_t p0, float* z) {
@@ -156,24 +158,14 @@ DYNATTN_ALWAYS_INLINE void reduce_pixels_cl16(const float* x, int64_t c, const f
   Vec v[kLanes];
   for (int64_t o = 0; o < rd; ++o) {
     const float* wo = w + o * c;
-    if (c % kLanes == 0) {  // whole vectors: no per-pixel mask set-up
-      for (int64_t q = 0; q < kLanes; ++q) {
-        const float* xq = x + (p0 + q) * c;
-        Vec acc{};
-        for (int64_t c0 = 0; c0 < c; c0 += kLanes)
-          acc += load(xq + c0, kLanes) * load(wo + c0, kLanes);
-        v[q] = acc;
+    for (int64_t q = 0; q < kLanes; ++q) {
+      const float* xq = x + (p0 + q) * c;
+      Vec acc{};
+      for (int64_t c0 = 0; c0 < c; c0 += kLanes) {
+        const int64_t lanes = kWhole ? kLanes : std::min(kLanes, c - c0);
+        acc += load(xq + c0, lanes) * load(wo + c0, lanes);
       }
-    } else {
-      for (int64_t q = 0; q < kLanes; ++q) {
-        const float* xq = x + (p0 + q) * c;
-        Vec acc{};
-        for (int64_t c0 = 0; c0 < c; c0 += kLanes) {
-          const int64_t lanes = std::min(kLanes, c - c0);
-          acc += load(xq + c0, lanes) * load(wo + c0, lanes);
-        }
-        v[q] = acc;
-      }
+      v[q] = acc;
     }
     const Vec r = sum_lanes_of_16(v) + (bias != nullptr ? bias[o] : 0.0f);
     float* zo = z + (o * pixels + p0) * g.n + n;
@@ -218,7 +210,13 @@ void reduce_image(const float* x, bool channels_last, int64_t c, const float* w,
     return;
   }
   const int64_t full = pixels / kLanes * kLanes;
-  for (int64_t p0 = 0; p0 < full; p0 += kLanes) reduce_pixels_cl16(x, c, w, bias, rd, g, n, p0, z);
+  for (int64_t p0 = 0; p0 < full; p0 += kLanes) {
+    if (c % kLanes == 0) {
+      reduce_pixels_cl16<true>(x, c, w, bias, rd, g, n, p0, z);
+    } else {
+      reduce_pixels_cl16<false>(x, c, w, bias, rd, g, n, p0, z);
+    }
+  }
   float out[kOutBlock];
   for (int64_t p = full; p < pixels; ++p) {
     for (int64_t o0 = 0; o0 < rd; o0 += kOutBlock) {

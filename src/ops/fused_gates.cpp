@@ -95,8 +95,9 @@ DYNATTN_ALWAYS_INLINE float max_of(float a, float b) {
 #ifdef DYNATTN_HAVE_VEC16
 // sum_max_of for rows of at least 16 on explicit 16-float vectors (max_of's rule throughout):
 // GCC leaves sum_max_of's array form scalar (the conditional maximum beside the sum keeps it
-// from vectorising), which was a quarter of CBAM's NCHW inference. Inference only: the training
-// kernels keep sum_max_of, whose rounding their tests and trained results were made with.
+// from vectorising), which was a quarter of CBAM's NCHW inference. Its sum adds in another order
+// than sum_max_of's: the channels-last training kernels, which the experiments train with, keep
+// sum_max_of's rounding; the NCHW ones use this form where the CPU has AVX-512.
 DYNATTN_ALWAYS_INLINE void vector_sum_max_of(const float* p, int64_t n, float* sum, float* max) {
   namespace v16 = detail::vec16;
   v16::Vec acc = v16::load(p, v16::kLanes), top = acc;
@@ -549,6 +550,25 @@ void bam_combine_cl(const float* x, float* y, int64_t c, int64_t p0, int64_t p1,
 }
 
 #ifdef DYNATTN_HAVE_VEC16
+// BAM's factor form on 16 elements, from e = e^-mc e^-ms (the product of the two exponentials):
+// s = 1 / (1 + e) = sigmoid(mc + ms); y = v + v s.
+DYNATTN_ALWAYS_INLINE detail::vec16::Vec bam_factor_output(detail::vec16::Vec v,
+                                                           detail::vec16::Vec e) {
+  const detail::vec16::Vec s = 1.0f / (1.0f + e);
+  return v + v * s;
+}
+
+// Its backward for the output gradient d at input v: dx = d + d s, returned, and the logit's
+// gradient t = d v s (1 - s).
+DYNATTN_ALWAYS_INLINE detail::vec16::Vec bam_factor_backward(detail::vec16::Vec d,
+                                                             detail::vec16::Vec v,
+                                                             detail::vec16::Vec e,
+                                                             detail::vec16::Vec* t) {
+  const detail::vec16::Vec s = 1.0f / (1.0f + e);
+  *t = d * v * (s * (1.0f - s));
+  return d + d * s;
+}
+
 // bam_combine_cl in the factor form for c a multiple of 16, on 16-float vectors: the division per
 // element bounds it, and the AVX-512 clone divides 16 at a time (the AVX2 clone's loop over a
 // 16-channel pixel also spent as much on its gate scratch as on the arithmetic). The same
@@ -561,9 +581,10 @@ void bam_combine_factor_cl16(const float* x, float* y, int64_t c, int64_t p0, in
   for (int64_t p = p0; p < p1; ++p) {
     const float e = es[p];
     for (int64_t ch = 0; ch < c; ch += v16::kLanes) {
-      const v16::Vec v = v16::load(x + p * c + ch, v16::kLanes);
-      const v16::Vec s = 1.0f / (1.0f + v16::load(ec + ch, v16::kLanes) * e);
-      v16::store(y + p * c + ch, v + v * s, v16::kLanes);
+      v16::store(y + p * c + ch,
+                 bam_factor_output(v16::load(x + p * c + ch, v16::kLanes),
+                                   v16::load(ec + ch, v16::kLanes) * e),
+                 v16::kLanes);
     }
   }
 }
@@ -642,9 +663,9 @@ void bam_combine_factor_nchw16(const float* x, float* y, int64_t hw, int64_t c0,
     const float e = ec[ch];
     for (int64_t p = 0; p < hw; p += v16::kLanes) {
       const int64_t lanes = std::min(v16::kLanes, hw - p);
-      const v16::Vec v = v16::load(x + ch * hw + p, lanes);
-      const v16::Vec s = 1.0f / (1.0f + e * v16::load(es + p, lanes));
-      v16::store(y + ch * hw + p, v + v * s, lanes);
+      v16::store(y + ch * hw + p,
+                 bam_factor_output(v16::load(x + ch * hw + p, lanes), e * v16::load(es + p, lanes)),
+                 lanes);
     }
   }
 }
@@ -662,10 +683,12 @@ void bam_combine_factor_backward_nchw16(const float* x, const float* dy, float* 
     v16::Vec tsum{};
     for (int64_t p = p0; p < p1; p += v16::kLanes) {
       const int64_t lanes = std::min(v16::kLanes, p1 - p);
-      const v16::Vec d = v16::load(dy + ch * hw + p, lanes);
-      const v16::Vec s = 1.0f / (1.0f + e * v16::load(es + p, lanes));
-      v16::store(dx + ch * hw + p, d + d * s, lanes);
-      const v16::Vec t = d * v16::load(x + ch * hw + p, lanes) * (s * (1.0f - s));
+      v16::Vec t;
+      v16::store(
+          dx + ch * hw + p,
+          bam_factor_backward(v16::load(dy + ch * hw + p, lanes), v16::load(x + ch * hw + p, lanes),
+                              e * v16::load(es + p, lanes), &t),
+          lanes);
       tsum += t;
       v16::store(dms + p, v16::load(dms + p, lanes) + t, lanes);
     }
@@ -687,10 +710,11 @@ void bam_combine_factor_backward_cl16(const float* x, const float* dy, float* dx
     const float e = es[p];
     v16::Vec tsum{};
     for (int64_t ch = 0; ch < c; ch += L) {
-      const v16::Vec d = v16::load(dy + p * c + ch, L);
-      const v16::Vec s = 1.0f / (1.0f + v16::load(ec + ch, L) * e);
-      v16::store(dx + p * c + ch, d + d * s, L);
-      const v16::Vec t = d * v16::load(x + p * c + ch, L) * (s * (1.0f - s));
+      v16::Vec t;
+      v16::store(dx + p * c + ch,
+                 bam_factor_backward(v16::load(dy + p * c + ch, L), v16::load(x + p * c + ch, L),
+                                     v16::load(ec + ch, L) * e, &t),
+                 L);
       v16::store(dmc + ch, v16::load(dmc + ch, L) + t, L);
       tsum += t;
     }
@@ -1202,27 +1226,27 @@ void bam_combine_backward(const torch::Tensor& x, const torch::Tensor& grad,
       // Pixel ranges in parallel (a single image's threads); each sums its own share of dmc.
       at::parallel_for(0, hw, grain_for(c), [&](int64_t p0, int64_t p1) {
         std::vector<float> partial(c, 0.0f), scratch(2 * (channels_last ? c : p1 - p0));
-        bool done = false;
+        const auto run = [&] {
 #ifdef DYNATTN_HAVE_VEC16
-        if (channels_last && terms.k.factor && c % detail::vec16::kLanes == 0 &&
-            sixteen_lane_kernels_pay()) {
-          bam_combine_factor_backward_cl16(xp + offset, dyp + offset, dxp + offset, c, p0, p1,
-                                           terms.k.ec, terms.k.es, partial.data(), dmsp + i * hw);
-          done = true;
-        } else if (!channels_last && terms.k.factor && sixteen_lane_kernels_pay()) {
-          bam_combine_factor_backward_nchw16(xp + offset, dyp + offset, dxp + offset, c, hw, p0, p1,
-                                             terms.k.ec, terms.k.es, partial.data(), dmsp + i * hw);
-          done = true;
-        }
+          if (terms.k.factor && sixteen_lane_kernels_pay()) {
+            if (!channels_last)
+              return bam_combine_factor_backward_nchw16(xp + offset, dyp + offset, dxp + offset, c,
+                                                        hw, p0, p1, terms.k.ec, terms.k.es,
+                                                        partial.data(), dmsp + i * hw);
+            if (c % detail::vec16::kLanes == 0)
+              return bam_combine_factor_backward_cl16(xp + offset, dyp + offset, dxp + offset, c,
+                                                      p0, p1, terms.k.ec, terms.k.es,
+                                                      partial.data(), dmsp + i * hw);
+          }
 #endif
-        if (done) {
-        } else if (!channels_last) {
-          bam_combine_backward_nchw(xp + offset, dyp + offset, dxp + offset, c, hw, p0, p1, terms.k,
-                                    partial.data(), dmsp + i * hw, scratch.data());
-        } else {
+          if (!channels_last)
+            return bam_combine_backward_nchw(xp + offset, dyp + offset, dxp + offset, c, hw, p0, p1,
+                                             terms.k, partial.data(), dmsp + i * hw,
+                                             scratch.data());
           bam_combine_backward_cl(xp + offset, dyp + offset, dxp + offset, c, p0, p1, terms.k,
                                   partial.data(), dmsp + i * hw, scratch.data());
-        }
+        };
+        run();
         std::lock_guard<std::mutex> lock(merge);
         for (int64_t ch = 0; ch < c; ++ch) dmcp[i * c + ch] += partial[ch];
       });
