@@ -461,6 +461,9 @@ struct NonLocalBlockImpl::InferencePlan {
   torch::Tensor w_theta, b_theta;  // [inter, C], [inter] (embedded)
   torch::Tensor w_keys;            // [phi; g] [2 inter, C] (embedded), g [inter, C] (gaussian)
   torch::Tensor w_z;               // [C, inter + 1]: z with BN and g's bias folded; bias column
+  // For z applied to g first: [phi; W_z' g] [inter + C, C] (embedded), W_z' g [C, C]
+  // (gaussian), W_z' being w_z's first inter columns; the output's shift, w_z's last column.
+  torch::Tensor w_keys_z, shift;
 };
 
 namespace {
@@ -476,6 +479,16 @@ int64_t key_count(const NonLocalOptions& options, const torch::Tensor& x) {
     keys *= pooled ? x.size(d) / 2 : x.size(d);
   }
   return keys;
+}
+
+// Multiply-adds per image of g, the product P g^T and z (inter C K + Q K inter + C inter Q)
+// against those of z applied to g first (C C K + Q K C, and W_z W_g once per batch).
+bool z_on_keys_takes_fewer_macs(int64_t n, int64_t c, int64_t inter, int64_t q, int64_t k) {
+  const double as_defined = static_cast<double>(inter) * c * k +
+                            static_cast<double>(q) * k * inter + static_cast<double>(c) * inter * q;
+  const double z_first = static_cast<double>(c) * c * k + static_cast<double>(q) * k * c +
+                         static_cast<double>(c) * inter * c / static_cast<double>(n);
+  return z_first < as_defined;
 }
 
 const torch::nn::BatchNormOptions& batch_norm_options(const torch::nn::AnyModule& bn) {
@@ -732,7 +745,7 @@ struct NonLocalTrainingFunction : torch::autograd::Function<NonLocalTrainingFunc
                                const torch::Tensor& beta, const torch::Tensor& b_phi,
                                const torch::Tensor& b_g, const torch::Tensor& b_z,
                                torch::Tensor running_mean, torch::Tensor running_var, double factor,
-                               double eps, double scale, int64_t pooled_dims) {
+                               double eps, double scale, int64_t pooled_dims, bool z_first) {
     const int64_t n = x.size(0), c = x.size(1), q = x.numel() / (n * c), inter = w_theta.size(0);
     auto theta = torch::empty({n, inter, q}, x.options());
     detail::strided_matmul(detail::row_major(1, inter, c), w_theta.data_ptr<float>(),
@@ -740,23 +753,30 @@ struct NonLocalTrainingFunction : torch::autograd::Function<NonLocalTrainingFunc
                            detail::row_major(n, inter, q), theta.data_ptr<float>());
     const auto pooled = pooled_dims > 0 ? halve_by_max_direct(x, pooled_dims) : x;
     const int64_t k = pooled.numel() / (n * c);
-    const auto w_keys = torch::cat({w_phi, w_g}, 0);
-    auto keys = torch::empty({n, 2 * inter, k}, x.options());  // phi, then g, per image
-    detail::strided_matmul(detail::row_major(1, 2 * inter, c), w_keys.data_ptr<float>(),
+    // The key side per image: phi, then g, or with z applied to g first, W_z W_g pooled.
+    const auto w_phi_g = w_phi.reshape({inter, c}), w_g_m = w_g.reshape({inter, c});
+    const auto w_keys =
+        torch::cat({w_phi_g, z_first ? torch::mm(w_z.reshape({c, inter}), w_g_m) : w_g_m}, 0);
+    const int64_t key_rows = w_keys.size(0), dv = z_first ? c : inter;
+    auto keys = torch::empty({n, key_rows, k}, x.options());
+    detail::strided_matmul(detail::row_major(1, key_rows, c), w_keys.data_ptr<float>(),
                            detail::row_major(n, c, k), pooled.data_ptr<float>(),
-                           detail::row_major(n, 2 * inter, k), keys.data_ptr<float>());
-    auto y = torch::empty({n, inter, q}, x.options());
+                           detail::row_major(n, key_rows, k), keys.data_ptr<float>());
+    auto y = torch::empty({n, dv, q}, x.options());  // z itself when z_first
     auto probs = torch::empty({n, detail::attention_kernel_probs_size(q, k)}, x.options());
-    auto args = kernel_args(theta, b_theta, keys, probs, n, inter, q, k, scale);
+    auto args = kernel_args(theta, b_theta, keys, probs, n, inter, dv, q, k, scale);
     args.y = y.data_ptr<float>();
-    args.y_stride = inter * q;
+    args.y_stride = dv * q;
     at::parallel_for(0, n, 1, [&](int64_t n0, int64_t n1) {
       detail::attention_kernel_forward(detail::attention_kernel_images(args, n0, n1));
     });
-    auto z = torch::empty({n, c, q}, x.options());
-    detail::strided_matmul(detail::row_major(1, c, inter), w_z.data_ptr<float>(),
-                           detail::row_major(n, inter, q), y.data_ptr<float>(),
-                           detail::row_major(n, c, q), z.data_ptr<float>());
+    auto z = y;
+    if (!z_first) {
+      z = torch::empty({n, c, q}, x.options());
+      detail::strided_matmul(detail::row_major(1, c, inter), w_z.data_ptr<float>(),
+                             detail::row_major(n, inter, q), y.data_ptr<float>(),
+                             detail::row_major(n, c, q), z.data_ptr<float>());
+    }
     torch::Tensor out, mean, inv_std;
     detail::batch_norm_add_forward(z, x.view({n, c, q}), gamma, beta, running_mean, running_var,
                                    factor, eps, out, mean, inv_std);
@@ -773,12 +793,14 @@ struct NonLocalTrainingFunction : torch::autograd::Function<NonLocalTrainingFunc
         rm[ch] += static_cast<float>(factor * shift);
       }
     }
+    // The MACs of the block as defined, whichever way round z goes (see projects_z_on_keys).
     record_macs("dynattn::pointwise_conv", n * inter * c * (2 * q + 2 * k));
     record_macs("dynattn::softmax_attention", n * q * k * 2 * inter);
-    ctx->save_for_backward(
-        {x, pooled, theta, keys, probs, y, z, mean, inv_std, w_theta, w_keys, w_z, b_theta, gamma});
+    ctx->save_for_backward({x, pooled, theta, keys, probs, z_first ? torch::Tensor() : y, z, mean,
+                            inv_std, w_theta, w_keys, w_z, b_theta, gamma, w_g});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["pooled_dims"] = pooled_dims;
+    ctx->saved_data["z_first"] = z_first;
     return out.view(x.sizes());
   }
 
@@ -787,35 +809,40 @@ struct NonLocalTrainingFunction : torch::autograd::Function<NonLocalTrainingFunc
     const auto s = ctx->get_saved_variables();
     const auto &x = s[0], &pooled = s[1], &theta = s[2], &keys = s[3], &probs = s[4], &y = s[5],
                &z = s[6], &mean = s[7], &inv_std = s[8], &w_theta = s[9], &w_keys = s[10],
-               &w_z = s[11], &b_theta = s[12], &gamma = s[13];
+               &w_z = s[11], &b_theta = s[12], &gamma = s[13], &w_g = s[14];
     const double scale = ctx->saved_data["scale"].toDouble();
     const int64_t pooled_dims = ctx->saved_data["pooled_dims"].toInt();
+    const bool z_first = ctx->saved_data["z_first"].toBool();
     const auto d_out = grads[0].contiguous();
     const int64_t n = x.size(0), c = x.size(1), q = x.numel() / (n * c), inter = w_theta.size(0),
-                  k = keys.size(2);
+                  k = keys.size(2), key_rows = keys.size(1), dv = z_first ? c : inter;
 
     torch::Tensor dz, d_gamma, d_beta;
     detail::batch_norm_add_backward(z, gamma, mean, inv_std, d_out.view({n, c, q}), dz, d_gamma,
                                     d_beta);
-    const auto d_wz = weight_gradient(dz, y);
-    auto dy = torch::empty({n, inter, q}, x.options());
-    detail::strided_matmul(detail::transposed(1, inter, c), w_z.data_ptr<float>(),
-                           detail::row_major(n, c, q), dz.data_ptr<float>(),
-                           detail::row_major(n, inter, q), dy.data_ptr<float>());
+    // The attention output's gradient: z's own when z was applied to g first.
+    torch::Tensor d_wz, dy = dz;
+    if (!z_first) {
+      d_wz = weight_gradient(dz, y);
+      dy = torch::empty({n, inter, q}, x.options());
+      detail::strided_matmul(detail::transposed(1, inter, c), w_z.data_ptr<float>(),
+                             detail::row_major(n, c, q), dz.data_ptr<float>(),
+                             detail::row_major(n, inter, q), dy.data_ptr<float>());
+    }
 
     auto d_theta = torch::empty({n, inter, q}, x.options());
-    auto d_keys = torch::empty({n, 2 * inter, k}, x.options());
-    const auto args = kernel_args(theta, b_theta, keys, probs, n, inter, q, k, scale);
+    auto d_keys = torch::empty({n, key_rows, k}, x.options());
+    const auto args = kernel_args(theta, b_theta, keys, probs, n, inter, dv, q, k, scale);
     at::parallel_for(0, n, 1, [&](int64_t n0, int64_t n1) {
       detail::AttentionKernelGrads g;
-      g.dy = dy.data_ptr<float>() + n0 * inter * q;
-      g.dy_stride = inter * q;
+      g.dy = dy.data_ptr<float>() + n0 * dv * q;
+      g.dy_stride = dv * q;
       g.d_theta = d_theta.data_ptr<float>() + n0 * inter * q;
       g.d_theta_stride = inter * q;
-      g.d_phi = d_keys.data_ptr<float>() + n0 * 2 * inter * k;
-      g.d_phi_stride = 2 * inter * k;
+      g.d_phi = d_keys.data_ptr<float>() + n0 * key_rows * k;
+      g.d_phi_stride = key_rows * k;
       g.d_g = g.d_phi + inter * k;
-      g.d_g_stride = 2 * inter * k;
+      g.d_g_stride = key_rows * k;
       detail::attention_kernel_backward(detail::attention_kernel_images(args, n0, n1), g);
     });
 
@@ -823,6 +850,12 @@ struct NonLocalTrainingFunction : torch::autograd::Function<NonLocalTrainingFunc
     const auto d_w_theta = weight_gradient(d_theta, x3);
     const auto d_b_theta = row_sums(d_theta);
     const auto d_w_keys = weight_gradient(d_keys, pooled.view({n, c, k}));
+    auto d_wg = d_w_keys.narrow(0, inter, key_rows - inter);
+    if (z_first) {  // d(W_z W_g) to its factors
+      const auto w_z_m = w_z.reshape({c, inter});
+      d_wz = torch::mm(d_wg, w_g.reshape({inter, c}).t());
+      d_wg = torch::mm(w_z_m.t(), d_wg);
+    }
     // dx = w_theta^T d_theta + d_out (the residual), then the key side's share.
     auto dx = torch::empty_like(x);
     detail::strided_matmul(detail::transposed(1, c, inter), w_theta.data_ptr<float>(),
@@ -830,8 +863,8 @@ struct NonLocalTrainingFunction : torch::autograd::Function<NonLocalTrainingFunc
                            detail::row_major(n, c, q), dx.data_ptr<float>(),
                            d_out.data_ptr<float>());
     auto d_pooled = torch::empty_like(pooled);
-    detail::strided_matmul(detail::transposed(1, c, 2 * inter), w_keys.data_ptr<float>(),
-                           detail::row_major(n, 2 * inter, k), d_keys.data_ptr<float>(),
+    detail::strided_matmul(detail::transposed(1, c, key_rows), w_keys.data_ptr<float>(),
+                           detail::row_major(n, key_rows, k), d_keys.data_ptr<float>(),
                            detail::row_major(n, c, k), d_pooled.data_ptr<float>());
     if (pooled_dims > 0) {
       add_halve_by_max_gradient(x, pooled, d_pooled, pooled_dims, dx);
@@ -841,8 +874,8 @@ struct NonLocalTrainingFunction : torch::autograd::Function<NonLocalTrainingFunc
     return {dx,
             d_w_theta.view(w_theta.sizes()),
             d_w_keys.narrow(0, 0, inter).view(w_theta.sizes()),
-            d_w_keys.narrow(0, inter, inter).view(w_theta.sizes()),
-            d_wz.view(w_z.sizes()),
+            d_wg.reshape(w_theta.sizes()),
+            d_wz.reshape(w_z.sizes()),
             d_b_theta,
             d_gamma,
             d_beta,
@@ -854,24 +887,29 @@ struct NonLocalTrainingFunction : torch::autograd::Function<NonLocalTrainingFunc
             {},
             {},
             {},
+            {},
             {}};
   }
 
-  static detail::AttentionKernelArgs kernel_args(
-      const torch::Tensor& theta, const torch::Tensor& b_theta, const torch::Tensor& keys,
-      const torch::Tensor& probs, int64_t n, int64_t inter, int64_t q, int64_t k, double scale) {
+  static detail::AttentionKernelArgs kernel_args(const torch::Tensor& theta,
+                                                 const torch::Tensor& b_theta,
+                                                 const torch::Tensor& keys,
+                                                 const torch::Tensor& probs, int64_t n,
+                                                 int64_t inter, int64_t dv, int64_t q, int64_t k,
+                                                 double scale) {
+    const int64_t key_rows = keys.size(1);
     detail::AttentionKernelArgs a;
     a.theta = theta.data_ptr<float>();
     a.theta_stride = inter * q;
     a.theta_bias = b_theta.data_ptr<float>();
     a.phi = keys.data_ptr<float>();
-    a.phi_stride = 2 * inter * k;
+    a.phi_stride = key_rows * k;
     a.g = a.phi + inter * k;
-    a.g_stride = 2 * inter * k;
+    a.g_stride = key_rows * k;
     a.probs = const_cast<float*>(probs.data_ptr<float>());
     a.count = n;
     a.d = inter;
-    a.dv = inter;
+    a.dv = dv;
     a.q = q;
     a.k = k;
     a.scale = static_cast<float>(scale);
@@ -894,6 +932,19 @@ bool NonLocalBlockImpl::training_path_applies(const torch::Tensor& x) const {
 #else
   return false;
 #endif
+}
+
+bool NonLocalBlockImpl::z_on_keys_pays(const torch::Tensor& x) const {
+  if (options.subsample() && !options.pool_first()) return false;  // W_z and max do not commute
+  const int64_t n = x.size(0), c = options.channels(), q = x.numel() / (n * c);
+  const int64_t k = key_count(options, x), d = mode_ == Mode::Gaussian ? c : inter_;
+  return k > 0 && detail::attention_kernel_suits(d, c, k) &&
+         z_on_keys_takes_fewer_macs(n, c, inter_, q, k);
+}
+
+bool NonLocalBlockImpl::projects_z_on_keys(const torch::Tensor& x) const {
+  check_attention_input(kModule, x, options.channels(), options.dims());
+  return (inference_path_applies(x) || training_path_applies(x)) && z_on_keys_pays(x);
 }
 
 torch::Tensor NonLocalBlockImpl::run_training(const torch::Tensor& x) {
@@ -920,10 +971,10 @@ torch::Tensor NonLocalBlockImpl::run_training(const torch::Tensor& x) {
     running_var = buffers["running_var"];
   }
   const int64_t pooled_dims = options.subsample() ? std::min<int64_t>(options.dims(), 2) : 0;
-  return NonLocalTrainingFunction::apply(x, tp["weight"], pp["weight"], gp["weight"], zp["weight"],
-                                         tp["bias"], bp["weight"], bp["bias"], pp["bias"],
-                                         gp["bias"], zp["bias"], running_mean, running_var, factor,
-                                         bn_options.eps(), logit_scale_, pooled_dims);
+  return NonLocalTrainingFunction::apply(
+      x, tp["weight"], pp["weight"], gp["weight"], zp["weight"], tp["bias"], bp["weight"],
+      bp["bias"], pp["bias"], gp["bias"], zp["bias"], running_mean, running_var, factor,
+      bn_options.eps(), logit_scale_, pooled_dims, z_on_keys_pays(x));
 #endif
 }
 
@@ -1061,13 +1112,18 @@ torch::Tensor NonLocalBlockImpl::run_inference(const torch::Tensor& x) {
     const auto w_z = matrix(z, c, inter);
     const auto z_bias = bias(z) + torch::mv(w_z, bias(g));
     const auto shift = (z_bias - bn_buffers["running_mean"]) * inv_std + bn_params["bias"];
-    plan.w_z = torch::cat({w_z * inv_std.unsqueeze(1), shift.unsqueeze(1)}, 1).contiguous();
+    const auto w_z_folded = w_z * inv_std.unsqueeze(1);
+    plan.w_z = torch::cat({w_z_folded, shift.unsqueeze(1)}, 1).contiguous();
+    plan.shift = shift.contiguous();
+    const auto w_z_g = torch::mm(w_z_folded, matrix(g, inter, c));
     if (gaussian) {
       plan.w_keys = matrix(g, inter, c).contiguous();
+      plan.w_keys_z = w_z_g.contiguous();
     } else {
       plan.w_theta = matrix(theta, inter, c).contiguous();
       plan.b_theta = bias(theta).contiguous();
       plan.w_keys = torch::cat({matrix(phi, inter, c), matrix(g, inter, c)}, 0).contiguous();
+      plan.w_keys_z = torch::cat({matrix(phi, inter, c), w_z_g}, 0).contiguous();
     }
     plan.versions = std::move(versions);
   }
@@ -1075,16 +1131,22 @@ torch::Tensor NonLocalBlockImpl::run_inference(const torch::Tensor& x) {
   const int64_t n = x.size(0), q = x.numel() / (n * c);
   const int64_t pooled_dims = std::min<int64_t>(options.dims(), 2);
   const bool subsample = options.subsample(), pool_first = options.pool_first();
-  // Key side: [phi; g] (embedded) or g (gaussian) of the (pooled) input, pooled after if asked.
+  const bool z_first = z_on_keys_pays(x);
+  // Key side: [phi; g] (embedded) or g (gaussian) of the (pooled) input, pooled after if asked;
+  // with z applied to g first, z's folded weights times g's.
+  const auto& w_keys = z_first ? plan.w_keys_z : plan.w_keys;
   const auto keys_in = subsample && pool_first ? halve_by_max(x, pooled_dims) : x;
-  const int64_t keys_in_count = keys_in.numel() / (n * c), key_rows = plan.w_keys.size(0);
+  const int64_t keys_in_count = keys_in.numel() / (n * c), key_rows = w_keys.size(0);
   auto key_shape = keys_in.sizes().vec();
   key_shape[1] = key_rows;
   auto keys = torch::empty(key_shape, x.options());
-  detail::strided_matmul(detail::row_major(1, key_rows, c), plan.w_keys.data_ptr<float>(),
+  detail::strided_matmul(detail::row_major(1, key_rows, c), w_keys.data_ptr<float>(),
                          detail::row_major(n, c, keys_in_count), keys_in.data_ptr<float>(),
                          detail::row_major(n, key_rows, keys_in_count), keys.data_ptr<float>());
-  record_macs("dynattn::pointwise_conv", n * key_rows * c * keys_in_count);
+  // The MACs of the block as defined, whichever way round z goes (as a Winograd convolution
+  // counts its direct form's).
+  const int64_t g_row = gaussian ? 0 : inter;
+  record_macs("dynattn::pointwise_conv", n * (g_row + inter) * c * keys_in_count);
   if (subsample && !pool_first) keys = halve_by_max(keys, pooled_dims);
   const int64_t k = keys.numel() / (n * key_rows);
 
@@ -1113,14 +1175,29 @@ torch::Tensor NonLocalBlockImpl::run_inference(const torch::Tensor& x) {
     a.d = inter;
   }
   a.g_stride = key_rows * k;
+  a.q = q;
+  a.k = k;
+  a.scale = static_cast<float>(logit_scale_);
+  if (z_first) {
+    // The kernel's output is the block's: (W_z' g) P^T + shift + x.
+    auto out = torch::empty_like(x);
+    a.y = out.data_ptr<float>();
+    a.y_stride = c * q;
+    a.y_bias = plan.shift.data_ptr<float>();
+    a.y_residual = x.data_ptr<float>();
+    a.dv = c;
+    at::parallel_for(0, n, 1, [&](int64_t n0, int64_t n1) {
+      detail::attention_kernel_forward(detail::attention_kernel_images(a, n0, n1));
+    });
+    record_macs("dynattn::softmax_attention", n * q * k * (a.d + inter));
+    record_macs("dynattn::pointwise_conv", n * c * inter * q);
+    return out;
+  }
   // y with a row of ones under it: z's bias column multiplies it.
   auto y = torch::empty({n, inter + 1, q}, x.options());
   a.y_stride = (inter + 1) * q;
   a.y_ones_row = true;
   a.dv = inter;
-  a.q = q;
-  a.k = k;
-  a.scale = static_cast<float>(logit_scale_);
   float* y_data = y.data_ptr<float>();
   a.y = y_data;
   at::parallel_for(0, n, 1, [&](int64_t n0, int64_t n1) {

@@ -27,6 +27,7 @@ AttentionKernelArgs attention_kernel_images(AttentionKernelArgs a, int64_t n0, i
   a.phi += n0 * a.phi_stride;
   a.g += n0 * a.g_stride;
   if (a.y != nullptr) a.y += n0 * a.y_stride;
+  if (a.y_residual != nullptr) a.y_residual += n0 * a.y_stride;
   if (a.probs != nullptr) a.probs += n0 * attention_kernel_probs_size(a.q, a.k);
   a.count = n1 - n0;
   return a;
@@ -65,33 +66,57 @@ DYNATTN_ALWAYS_INLINE Vec exp_nonpositive(Vec x) {
   return p * (Vec)bits;  // a vector cast reinterprets the bits
 }
 
-// out[j] (vectors over the block's queries) = sum_r rows[r] (vectors) * m[r * k + j] for
-// j in [0, k): the logits (rows = theta, m = phi) and the backward's dP (rows = dy, m = g).
-DYNATTN_ALWAYS_INLINE void rows_times_matrix(const Vec* rows, int64_t r_count, const float* m,
-                                             int64_t k, Vec* out) {
-  int64_t j = 0;
-  for (; j + 8 <= k; j += 8) {
-    Vec acc[8] = {};
-    for (int64_t r = 0; r < r_count; ++r) {
-      const Vec v = rows[r];
-      const float* row = m + r * k + j;
-#pragma GCC unroll 8
-      for (int t = 0; t < 8; ++t) acc[t] += v * row[t];
-    }
-    for (int t = 0; t < 8; ++t) out[j + t] = acc[t];
+// out[t] = sum_r rows[r] * m[r * k + t] for t in [0, W): W keys at once, one accumulator each.
+template <int W>
+DYNATTN_ALWAYS_INLINE void rows_times_keys(const Vec* rows, int64_t r_count, const float* m,
+                                           int64_t k, Vec* out) {
+  Vec acc[W] = {};
+  for (int64_t r = 0; r < r_count; ++r) {
+    const Vec v = rows[r];
+    const float* row = m + r * k;
+#pragma GCC unroll 16
+    for (int t = 0; t < W; ++t) acc[t] += v * row[t];
   }
-  for (; j < k; ++j) {
-    Vec acc{};
-    for (int64_t r = 0; r < r_count; ++r) acc += rows[r] * m[r * k + j];
-    out[j] = acc;
+  for (int t = 0; t < W; ++t) out[t] = acc[t];
+}
+
+// rows_times_keys<w> for a w <= W known at run time only (0: nothing).
+template <int W>
+DYNATTN_ALWAYS_INLINE void rows_times_last_keys(int64_t w, const Vec* rows, int64_t r_count,
+                                                const float* m, int64_t k, Vec* out) {
+  if constexpr (W > 0) {
+    if (w == W) return rows_times_keys<W>(rows, r_count, m, k, out);
+    rows_times_last_keys<W - 1>(w, rows, r_count, m, k, out);
   }
 }
 
+// out[j] (vectors over the block's queries) = sum_r rows[r] (vectors) * m[r * k + j] for
+// j in [0, k): the logits (rows = theta, m = phi) and the backward's dP (rows = dy, m = g).
+// Keys go 8 at a time; the last 9 to 15 (or the only 1 to 7) in one pass of their own, not one
+// key at a time: a single key is a chain of r_count dependent FMAs (at 9 keys it took as long
+// as the other 8). Each output's sum runs over r in the same order either way.
+DYNATTN_ALWAYS_INLINE void rows_times_matrix(const Vec* rows, int64_t r_count, const float* m,
+                                             int64_t k, Vec* out) {
+  const int64_t rest = k < 8 ? k : (k % 8 == 0 ? 0 : 8 + k % 8);
+  int64_t j = 0;
+  for (; j < k - rest; j += 8) rows_times_keys<8>(rows, r_count, m + j, k, out + j);
+  rows_times_last_keys<15>(rest, rows, r_count, m + j, k, out + j);
+}
+
 // dst[i * stride] (first `lanes` lanes) = factor * sum_j cols[j] * m[i * k + j] for i in
-// [0, count): the output y (cols = probabilities, m = g) and dtheta (cols = dS, m = phi).
+// [0, count): the output y (cols = probabilities, m = g) and dtheta (cols = dS, m = phi). When
+// given, bias[i] and then residual[i * stride] (same lanes) are added to each output.
 DYNATTN_ALWAYS_INLINE void matrix_times_columns(const float* m, int64_t count, int64_t k,
                                                 const Vec* cols, Vec factor, float* dst,
-                                                int64_t stride, int64_t lanes) {
+                                                int64_t stride, int64_t lanes,
+                                                const float* bias = nullptr,
+                                                const float* residual = nullptr) {
+  auto finish = [&](int64_t i, Vec acc) {
+    Vec out = acc * factor;
+    if (bias != nullptr) out += bias[i];
+    if (residual != nullptr) out += load(residual + i * stride, lanes);
+    store(dst + i * stride, out, lanes);
+  };
   int64_t i = 0;
   for (; i + 8 <= count; i += 8) {
     Vec acc[8] = {};
@@ -100,52 +125,75 @@ DYNATTN_ALWAYS_INLINE void matrix_times_columns(const float* m, int64_t count, i
 #pragma GCC unroll 8
       for (int t = 0; t < 8; ++t) acc[t] += c * m[(i + t) * k + j];
     }
-    for (int t = 0; t < 8; ++t) store(dst + (i + t) * stride, acc[t] * factor, lanes);
+    for (int t = 0; t < 8; ++t) finish(i + t, acc[t]);
   }
   for (; i < count; ++i) {
     Vec acc{};
     for (int64_t j = 0; j < k; ++j) acc += cols[j] * m[i * k + j];
-    store(dst + i * stride, acc * factor, lanes);
+    finish(i, acc);
   }
 }
 
-// out [rows, k] = sum over blocks b and lanes of a[b][r] * c[b][j], in 4 x 4 tiles whose 16
-// lane sums are folded together (a: blocks of a_count vectors, c: blocks of k vectors): the
-// products that reduce over queries, dg = dy P and dphi = theta dS.
+// One R x J tile (R * J <= 16) of reduce_over_queries at rows r0.., columns j0..: the 16 lane
+// sums are folded together. Edge tiles repeat the last row/column, stored once.
+template <int R, int J>
+DYNATTN_ALWAYS_INLINE void reduce_tile(const Vec* a, int64_t a_count, const Vec* c, int64_t k,
+                                       int64_t blocks, int64_t r0, int64_t j0, float* out) {
+  static_assert(R * J <= 16);
+  int64_t rs[R], js[J];
+  for (int t = 0; t < R; ++t) rs[t] = std::min(r0 + t, a_count - 1);
+  for (int u = 0; u < J; ++u) js[u] = std::min(j0 + u, k - 1);
+  Vec acc[16] = {};
+  for (int64_t b = 0; b < blocks; ++b) {
+    const Vec* ab = a + b * a_count;
+    const Vec* cb = c + b * k;
+    Vec cv[J];
+    for (int u = 0; u < J; ++u) cv[u] = cb[js[u]];
+#pragma GCC unroll 16
+    for (int t = 0; t < R; ++t) {
+      const Vec v = ab[rs[t]];
+      for (int u = 0; u < J; ++u) acc[t * J + u] += v * cv[u];
+    }
+  }
+  const Vec sums = sum_lanes_of_16(acc);
+  for (int t = 0; t < R && r0 + t < a_count; ++t)
+    for (int u = 0; u < J && j0 + u < k; ++u) out[(r0 + t) * k + j0 + u] = sums[t * J + u];
+}
+
+// out [rows, k] = sum over blocks b and lanes of a[b][r] * c[b][j] (a: blocks of a_count
+// vectors, c: blocks of k vectors): the products that reduce over queries, dg = dy P and
+// dphi = theta dS. 4 x 4 tiles; the last 1 to 3 columns in tiles of 16 x 1, 8 x 2 or 5 x 3, so
+// that at 9 keys a quarter of the tiles' products is not spent on repeated columns. Each
+// output's sum has the same order whichever tile holds it (the lane fold is the same tree for
+// every vector).
 DYNATTN_ALWAYS_INLINE void reduce_over_queries(const Vec* a, int64_t a_count, const Vec* c,
                                                int64_t k, int64_t blocks, float* out) {
-  for (int64_t r0 = 0; r0 < a_count; r0 += 4) {
-    for (int64_t j0 = 0; j0 < k; j0 += 4) {
-      int64_t rs[4], js[4];
-      for (int t = 0; t < 4; ++t) {  // edge tiles repeat the last row/column, stored once
-        rs[t] = std::min(r0 + t, a_count - 1);
-        js[t] = std::min(j0 + t, k - 1);
-      }
-      Vec acc[16] = {};
-      for (int64_t b = 0; b < blocks; ++b) {
-        const Vec* ab = a + b * a_count;
-        const Vec* cb = c + b * k;
-        const Vec c0 = cb[js[0]], c1 = cb[js[1]], c2 = cb[js[2]], c3 = cb[js[3]];
-#pragma GCC unroll 4
-        for (int t = 0; t < 4; ++t) {
-          const Vec v = ab[rs[t]];
-          acc[4 * t] += v * c0;
-          acc[4 * t + 1] += v * c1;
-          acc[4 * t + 2] += v * c2;
-          acc[4 * t + 3] += v * c3;
-        }
-      }
-      const Vec sums = sum_lanes_of_16(acc);
-      for (int t = 0; t < 4 && r0 + t < a_count; ++t)
-        for (int u = 0; u < 4 && j0 + u < k; ++u) out[(r0 + t) * k + j0 + u] = sums[4 * t + u];
-    }
+  const int64_t whole = k - k % 4;
+  for (int64_t r0 = 0; r0 < a_count; r0 += 4)
+    for (int64_t j0 = 0; j0 < whole; j0 += 4)
+      reduce_tile<4, 4>(a, a_count, c, k, blocks, r0, j0, out);
+  switch (k % 4) {
+    case 1:
+      for (int64_t r0 = 0; r0 < a_count; r0 += 16)
+        reduce_tile<16, 1>(a, a_count, c, k, blocks, r0, whole, out);
+      break;
+    case 2:
+      for (int64_t r0 = 0; r0 < a_count; r0 += 8)
+        reduce_tile<8, 2>(a, a_count, c, k, blocks, r0, whole, out);
+      break;
+    case 3:
+      for (int64_t r0 = 0; r0 < a_count; r0 += 5)
+        reduce_tile<5, 3>(a, a_count, c, k, blocks, r0, whole, out);
+      break;
+    default:
+      break;
   }
 }
 
 DYNATTN_KERNEL_CLONES
 void forward_impl(const float* theta, const float* phi, const float* g, const float* theta_bias,
-                  float* y, float* probs, int64_t d, int64_t dv, int64_t q, int64_t k, float scale,
-                  Vec* t, Vec* s) {
+                  float* y, const float* y_bias, const float* y_residual, float* probs, int64_t d,
+                  int64_t dv, int64_t q, int64_t k, float scale, Vec* t, Vec* s) {
   for (int64_t q0 = 0; q0 < q; q0 += kLanes) {
     const int64_t lanes = std::min(kLanes, q - q0);
     for (int64_t i = 0; i < d; ++i) {
@@ -177,7 +225,8 @@ void forward_impl(const float* theta, const float* phi, const float* g, const fl
       inv = splat(1.0f);
     }
     // Without probs to save, the normalisation scales the dv outputs instead of the k weights.
-    matrix_times_columns(g, dv, k, s, inv, y + q0, q, lanes);
+    matrix_times_columns(g, dv, k, s, inv, y + q0, q, lanes, y_bias,
+                         y_residual == nullptr ? nullptr : y_residual + q0);
   }
 }
 
@@ -225,8 +274,10 @@ void attention_kernel_forward(const AttentionKernelArgs& a) {
   for (int64_t n = 0; n < a.count; ++n) {
     float* y = a.y + n * a.y_stride;
     forward_impl(a.theta + n * a.theta_stride, a.phi + n * a.phi_stride, a.g + n * a.g_stride,
-                 a.theta_bias, y, a.probs == nullptr ? nullptr : a.probs + n * probs_size, a.d,
-                 a.dv, a.q, a.k, a.scale, scratch.data(), scratch.data() + a.d);
+                 a.theta_bias, y, a.y_bias,
+                 a.y_residual == nullptr ? nullptr : a.y_residual + n * a.y_stride,
+                 a.probs == nullptr ? nullptr : a.probs + n * probs_size, a.d, a.dv, a.q, a.k,
+                 a.scale, scratch.data(), scratch.data() + a.d);
     if (a.y_ones_row) std::fill(y + a.dv * a.q, y + (a.dv + 1) * a.q, 1.0f);
   }
 }

@@ -38,6 +38,10 @@ struct AttentionKernelArgs {
   // Also writes a row of ones after y's dv rows (y_stride >= (dv + 1) q): the next product can
   // then take a bias as one more weight column.
   bool y_ones_row = false;
+  // When not null: y[i] += y_bias[i] (dv floats), then y += y_residual (laid out as y): the
+  // block's output when its last projection was applied to g before the product.
+  const float* y_bias = nullptr;
+  const float* y_residual = nullptr;
   // When not null: the softmax output for the backward, attention_kernel_probs_size floats per
   // image, 64-byte aligned (a tensor's storage is).
   float* probs = nullptr;

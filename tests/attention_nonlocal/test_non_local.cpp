@@ -969,3 +969,50 @@ TEST(NonLocalBlock, InferencePoolingEqualsTheAutogradPath) {
     }
   }
 }
+
+TEST(NonLocalBlock, ZAppliedToTheKeysFirstEqualsTheDoubleAtenForm) {
+  // With few keys against the queries and channels (here 32 channels at 7x7, sub-sampled to 3x3
+  // keys), the fast paths compute (W_z g) P^T instead of W_z (g P^T). Training (output, input
+  // and parameter gradients, running statistics) and inference (embedded and gaussian) against
+  // the ATen form in double; and that form is the one taken, and not at 14x14.
+  if (!fused_attention_applies()) GTEST_SKIP() << "no attention kernel in this build";
+  const auto x = torch::randn({3, 32, 7, 7});
+  for (const std::string mode : {"embedded", "gaussian"}) {
+    SCOPED_TRACE(mode);
+    torch::manual_seed(15);
+    NonLocalBlock block(NonLocalOptions(32).mode(mode));
+    randomise(*block, 0.2);
+    auto block64 = clone_of(block);
+    block64->to(torch::kDouble);
+    if (mode == "embedded") {
+      auto run = [&](auto& b) {
+        b->zero_grad();
+        const auto xx =
+            x.to(b->g.ptr()->parameters()[0].scalar_type()).detach().clone().requires_grad_();
+        const auto y = b->forward(xx);
+        y.mul(torch::linspace(-1, 1, y.numel(), y.options()).view(y.sizes())).sum().backward();
+        std::vector<torch::Tensor> out = {y.detach(), xx.grad()};
+        for (const auto& p : b->parameters()) out.push_back(p.grad().clone());
+        for (const auto& t : b->buffers()) out.push_back(t.clone());
+        return out;
+      };
+      EXPECT_TRUE(block->projects_z_on_keys(x.clone().requires_grad_()));
+      const auto fused = run(block);
+      const auto exact = run(block64);
+      ASSERT_EQ(fused.size(), exact.size());
+      for (size_t i = 0; i < fused.size(); ++i) {
+        SCOPED_TRACE("training, tensor " + std::to_string(i));
+        expect_close(fused[i], exact[i], 1e-5, 1.0);
+      }
+    }
+    block->eval();
+    block64->eval();
+    torch::NoGradGuard no_grad;
+    EXPECT_TRUE(block->projects_z_on_keys(x));
+    EXPECT_FALSE(block->projects_z_on_keys(torch::randn({3, 32, 14, 14})));
+    expect_close(block->forward(x), block64->forward(x.to(torch::kDouble)), 1e-5);
+    // The MACs of the block as defined, not of the form run.
+    EXPECT_EQ(dynattn::count_macs([&] { block->forward(x); }).macs,
+              dynattn::count_macs([&] { block64->forward(x.to(torch::kDouble)); }).macs);
+  }
+}

@@ -69,6 +69,12 @@ class NonLocalBlockImpl : public torch::nn::Cloneable<NonLocalBlockImpl>, public
   int64_t inter_channels() const { return inter_; }
   // The factor applied to the logits before the softmax (1 for dot and concat).
   double logit_scale() const { return logit_scale_; }
+  // Whether forward on x applies z's projection to g before the attention product, as
+  // (W_z g) P^T instead of W_z (g P^T): the fast paths (float CPU, embedded or gaussian,
+  // pooled before the convs) do so when it takes fewer multiply-adds, i.e. when the keys are
+  // few against the queries and channels (a sub-sampled 7x7 map of 64 channels: 25% fewer).
+  // The same function, rounded differently; MAC counts stay those of the block as defined.
+  bool projects_z_on_keys(const torch::Tensor& x) const;
 
   NonLocalOptions options;
   // ConvNd / BatchNormNd with N = options.dims(); typed access through ptr() or parameters().
@@ -91,6 +97,8 @@ class NonLocalBlockImpl : public torch::nn::Cloneable<NonLocalBlockImpl>, public
   // backward over the same products, the attention kernel and BN + residual.
   bool training_path_applies(const torch::Tensor& x) const;
   torch::Tensor run_training(const torch::Tensor& x);
+  // projects_z_on_keys once a fast path applies.
+  bool z_on_keys_pays(const torch::Tensor& x) const;
 
   Mode mode_ = Mode::Embedded;
   int64_t inter_ = 0;
