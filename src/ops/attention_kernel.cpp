@@ -103,6 +103,16 @@ DYNATTN_ALWAYS_INLINE void rows_times_matrix(const Vec* rows, int64_t r_count, c
   rows_times_last_keys<15>(rest, rows, r_count, m + j, k, out + j);
 }
 
+// dst (first `lanes` lanes) = acc * factor (+ bias) (+ residual): one output row of
+// matrix_times_columns.
+DYNATTN_ALWAYS_INLINE void finish_row(Vec acc, Vec factor, const float* bias, const float* residual,
+                                      float* dst, int64_t lanes) {
+  Vec out = acc * factor;
+  if (bias != nullptr) out += *bias;
+  if (residual != nullptr) out += load(residual, lanes);
+  store(dst, out, lanes);
+}
+
 // dst[i * stride] (first `lanes` lanes) = factor * sum_j cols[j] * m[i * k + j] for i in
 // [0, count): the output y (cols = probabilities, m = g) and dtheta (cols = dS, m = phi). When
 // given, bias[i] and then residual[i * stride] (same lanes) are added to each output.
@@ -111,12 +121,6 @@ DYNATTN_ALWAYS_INLINE void matrix_times_columns(const float* m, int64_t count, i
                                                 int64_t stride, int64_t lanes,
                                                 const float* bias = nullptr,
                                                 const float* residual = nullptr) {
-  auto finish = [&](int64_t i, Vec acc) {
-    Vec out = acc * factor;
-    if (bias != nullptr) out += bias[i];
-    if (residual != nullptr) out += load(residual + i * stride, lanes);
-    store(dst + i * stride, out, lanes);
-  };
   int64_t i = 0;
   for (; i + 8 <= count; i += 8) {
     Vec acc[8] = {};
@@ -125,12 +129,17 @@ DYNATTN_ALWAYS_INLINE void matrix_times_columns(const float* m, int64_t count, i
 #pragma GCC unroll 8
       for (int t = 0; t < 8; ++t) acc[t] += c * m[(i + t) * k + j];
     }
-    for (int t = 0; t < 8; ++t) finish(i + t, acc[t]);
+#pragma GCC unroll 8
+    for (int t = 0; t < 8; ++t)
+      finish_row(acc[t], factor, bias == nullptr ? nullptr : bias + i + t,
+                 residual == nullptr ? nullptr : residual + (i + t) * stride,
+                 dst + (i + t) * stride, lanes);
   }
   for (; i < count; ++i) {
     Vec acc{};
     for (int64_t j = 0; j < k; ++j) acc += cols[j] * m[i * k + j];
-    finish(i, acc);
+    finish_row(acc, factor, bias == nullptr ? nullptr : bias + i,
+               residual == nullptr ? nullptr : residual + i * stride, dst + i * stride, lanes);
   }
 }
 
@@ -211,10 +220,19 @@ void forward_impl(const float* theta, const float* phi, const float* g, const fl
       for (int u = 0; u < 4; ++u) top[u] = vmax(s[j + u], top[u]);
     for (; j < k; ++j) top[0] = vmax(s[j], top[0]);
     const Vec row_max = vmax(vmax(top[0], top[1]), vmax(top[2], top[3]));
+    // total[u] sums keys j = u mod 4 in order; four at a time, so that the index is a constant
+    // and the partial sums stay in registers (total[j & 3] put them on the stack).
     Vec total[4] = {};
-    for (j = 0; j < k; ++j) {
+    for (j = 0; j + 4 <= k; j += 4) {
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) {
+        s[j + u] = exp_nonpositive(s[j + u] - row_max);
+        total[u] += s[j + u];
+      }
+    }
+    for (int u = 0; j < k; ++j, ++u) {
       s[j] = exp_nonpositive(s[j] - row_max);
-      total[j & 3] += s[j];
+      total[u] += s[j];
     }
     Vec inv = 1.0f / ((total[0] + total[1]) + (total[2] + total[3]));
     // Padding lanes get probability 0, so the backward's sums over queries can include them.
