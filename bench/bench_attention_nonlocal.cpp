@@ -1,8 +1,12 @@
 // The non-local block (embedded gaussian, C/2 inner width) next to the 3x3 conv + BN it is
 // usually compared with, at the shapes of the CIFAR-style ResNet's stages 2 and 3.
 // Counters for the overhead rule (see bench_attention_channel.cpp): MACs per image, and the
-// non-local block's memory passes over the C x H x W map beyond its convolutions: 3 (BN, the
-// residual add, and the softmax over the affinity, which at these shapes is as large as the map).
+// non-local block's memory passes over the C x H x W map beyond its products, counted as there
+// (each traversal of its ATen-path forward; those of maps a fraction of the size as that
+// fraction): BN, the residual add, the 2x max-pool of the keys' input when sub-sampled, and the
+// softmax over the affinity, [Q, K] per image against the map's [C, Q]: K / C passes (1.5 at
+// 32@14x14 sub-sampled, 6.1 without, 0.14 and 0.77 at 64@7x7). (Until 2026-12 this was a flat 3,
+// which missed the max-pool and took the affinity for the map's size at every shape.)
 // Run: build/bench/dynattn_bench
 // --benchmark_filter='NonLocal|Conv3x3BN|SoftmaxAttention|PointwiseConv|BatchNormAdd'
 #include <benchmark/benchmark.h>
@@ -19,7 +23,7 @@
 namespace {
 
 template <typename M>
-void set_counters(benchmark::State& state, M& module, const torch::Tensor& x, int passes) {
+void set_counters(benchmark::State& state, M& module, const torch::Tensor& x, double passes) {
   torch::NoGradGuard no_grad;
   const auto macs = dynattn::count_macs([&] { module->forward(x); }).macs;
   state.counters["macs_per_image"] = static_cast<double>(macs) / static_cast<double>(x.size(0));
@@ -36,7 +40,8 @@ void BM_NonLocal(benchmark::State& state) {
     block->named_parameters()["bn.weight"].fill_(1.0);  // a real branch, not the init identity
   }
   const auto x = torch::randn({batch, channels, size, size});
-  set_counters(state, block, x, 3);
+  const double keys = subsample ? static_cast<double>((size / 2) * (size / 2)) : size * size;
+  set_counters(state, block, x, (subsample ? 3.0 : 2.0) + keys / static_cast<double>(channels));
   if (backward) {
     const auto input = x.clone().requires_grad_();
     for (auto _ : state) {
