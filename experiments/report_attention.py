@@ -222,9 +222,11 @@ def main():
     if micro:
         L += ["## Per-module time (Google Benchmark, one thread)\n",
               "`OMP_NUM_THREADS=1 build/bench/dynattn_bench --benchmark_filter='Attention|NonLocal|Conv3x3BN|BilinearHead|PointwiseConv|BatchNormAdd' "
-              "--benchmark_repetitions=3` (the micro stage of experiments/attention): "
+              "--benchmark_min_time=0.1 --benchmark_repetitions=5 --benchmark_enable_random_interleaving=true` "
+              "(the micro stage of experiments/attention): "
               "each module's time as a multiple of a reference of the same shape measured in the same process, "
-              "each time the median of three repetitions.\n",
+              "each time the median of five repetitions, those of all benchmarks run in random order so that a "
+              "module and its reference sample the same stretch of time on this shared machine.\n",
               "The overhead rule of the issue: a module's time over its reference must stay within "
               "1.5 x (its MACs over the reference's + its memory passes over the C x H x W map x the time "
               "of one pass over the reference's). MACs are counted by the benchmarks; the passes of each "
