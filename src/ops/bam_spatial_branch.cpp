@@ -120,15 +120,37 @@ void relu_grad_sums(const float* da, float coef, const float* a, const float* z,
 template <int64_t OB>
 DYNATTN_ALWAYS_INLINE void reduce_block(const float* x, int64_t c, int64_t pixels, const float* w,
                                         const float* bias, int64_t o0, int64_t p0, const Lanes& g,
-                                        int64_t n, float* z) {
+                                        int64_t n, float* z, int64_t lanes = kLanes) {
   Vec acc[OB];
   for (int64_t o = 0; o < OB; ++o) acc[o] = splat(bias != nullptr ? bias[o0 + o] : 0.0f);
   for (int64_t ch = 0; ch < c; ++ch) {
-    const Vec v = load(x + ch * pixels + p0, kLanes);
+    const Vec v = load(x + ch * pixels + p0, lanes);
     for (int64_t o = 0; o < OB; ++o) acc[o] += v * w[(o0 + o) * c + ch];
   }
   for (int64_t o = 0; o < OB; ++o)
-    for (int64_t l = 0; l < kLanes; ++l) z[((o0 + o) * pixels + p0 + l) * g.n + n] = acc[o][l];
+    for (int64_t l = 0; l < lanes; ++l) z[((o0 + o) * pixels + p0 + l) * g.n + n] = acc[o][l];
+}
+
+// reduce_block over the outputs [0, rd) for pixels [p0, p0 + lanes).
+DYNATTN_ALWAYS_INLINE void reduce_blocks(const float* x, int64_t c, int64_t pixels, const float* w,
+                                         const float* bias, int64_t rd, int64_t p0, const Lanes& g,
+                                         int64_t n, float* z, int64_t lanes) {
+  int64_t o0 = 0;
+  for (; o0 + kOutBlock <= rd; o0 += kOutBlock)
+    reduce_block<kOutBlock>(x, c, pixels, w, bias, o0, p0, g, n, z, lanes);
+  switch (rd - o0) {
+    case 3:
+      reduce_block<3>(x, c, pixels, w, bias, o0, p0, g, n, z, lanes);
+      break;
+    case 2:
+      reduce_block<2>(x, c, pixels, w, bias, o0, p0, g, n, z, lanes);
+      break;
+    case 1:
+      reduce_block<1>(x, c, pixels, w, bias, o0, p0, g, n, z, lanes);
+      break;
+    default:
+      break;
+  }
 }
 
 // The same for OB outputs at one pixel of a channels-last image (x: the pixel's c values).
@@ -180,33 +202,13 @@ void reduce_image(const float* x, bool channels_last, int64_t c, const float* w,
                   int64_t rd, const Lanes& g, int64_t n, float* z) {
   const int64_t pixels = g.pixels();
   if (!channels_last) {
-    // Whole vectors of pixels, then the last pixels one by one.
+    // Whole vectors of pixels, then the last pixels as a partial vector (one by one, each
+    // output at a pixel was a chain of c dependent FMAs: at 7x7 about as long as the 48 pixels
+    // before it). A lane's sum is the same either way: bias, then the channels in order.
     const int64_t full = pixels / kLanes * kLanes;
-    for (int64_t p0 = 0; p0 < full; p0 += kLanes) {
-      int64_t o0 = 0;
-      for (; o0 + kOutBlock <= rd; o0 += kOutBlock)
-        reduce_block<kOutBlock>(x, c, pixels, w, bias, o0, p0, g, n, z);
-      switch (rd - o0) {
-        case 3:
-          reduce_block<3>(x, c, pixels, w, bias, o0, p0, g, n, z);
-          break;
-        case 2:
-          reduce_block<2>(x, c, pixels, w, bias, o0, p0, g, n, z);
-          break;
-        case 1:
-          reduce_block<1>(x, c, pixels, w, bias, o0, p0, g, n, z);
-          break;
-        default:
-          break;
-      }
-    }
-    for (int64_t p = full; p < pixels; ++p) {
-      for (int64_t o = 0; o < rd; ++o) {
-        float acc = bias != nullptr ? bias[o] : 0.0f;
-        for (int64_t ch = 0; ch < c; ++ch) acc += w[o * c + ch] * x[ch * pixels + p];
-        z[(o * pixels + p) * g.n + n] = acc;
-      }
-    }
+    for (int64_t p0 = 0; p0 < full; p0 += kLanes)
+      reduce_blocks(x, c, pixels, w, bias, rd, p0, g, n, z, kLanes);
+    if (full < pixels) reduce_blocks(x, c, pixels, w, bias, rd, full, g, n, z, pixels - full);
     return;
   }
   const int64_t full = pixels / kLanes * kLanes;
