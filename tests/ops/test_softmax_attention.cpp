@@ -36,12 +36,14 @@ TEST(SoftmaxAttention, MatchesAtenInDoubleWithGradients) {
   struct Shape {
     int64_t n, d, q, k, dv;
   };
-  // Tails in every loop of the kernel (16 queries, 8 keys or rows, 4 x 4 tiles); the last shape
-  // has phi and g too large for the kernel (oneDNN's GEMMs where built with it).
+  // Tails in every loop of the kernel (16 queries, 8 keys or rows, 4 x 4 tiles and the 16 x 1,
+  // 8 x 2 and 5 x 3 edge tiles of 1, 2 or 3 last keys); the last shape has phi and g too large
+  // for the kernel (oneDNN's GEMMs where built with it).
   for (const auto& s : std::vector<Shape>{{2, 4, 16, 4, 4},
                                           {3, 16, 49, 13, 8},
                                           {1, 5, 7, 7, 3},
                                           {2, 9, 33, 17, 10},
+                                          {2, 6, 18, 10, 5},
                                           {1, 8, 20, 4500, 8}}) {
     SCOPED_TRACE(std::to_string(s.n) + "x" + std::to_string(s.d) + "x" + std::to_string(s.q));
     auto theta = torch::randn({s.n, s.d, s.q}).requires_grad_();
