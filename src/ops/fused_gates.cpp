@@ -1538,10 +1538,12 @@ DYNATTN_ALWAYS_INLINE int32_t first_position_of_max(const float* p, int64_t n, f
   return static_cast<int32_t>(where);
 }
 
-// Per channel of [c0, c1): mean, max and the first pixel holding the max.
-DYNATTN_VECTOR_CLONES
-void pool_argmax_nchw(const float* x, int64_t hw, int64_t c0, int64_t c1, float* mean, float* max,
-                      int32_t* at) {
+// Per channel of [c0, c1): mean, max and the first pixel holding the max, the sum and maximum
+// from sum_max(p, n, &sum, &max) (an inlined functor, so that it is built for the caller's ISA).
+template <typename SumMax>
+DYNATTN_ALWAYS_INLINE void pool_argmax_channels(SumMax sum_max, const float* x, int64_t hw,
+                                                int64_t c0, int64_t c1, float* mean, float* max,
+                                                int32_t* at) {
   // Vectorised sum and maximum, then one scan to the maximum's first position (a scan that
   // compares and branches per element mispredicts on real data). A NaN sum means a NaN in the
   // channel (or inf - inf): the first NaN after element 0 wins, else element 0, as in a scan
@@ -1549,11 +1551,23 @@ void pool_argmax_nchw(const float* x, int64_t hw, int64_t c0, int64_t c1, float*
   for (int64_t ch = c0; ch < c1; ++ch) {
     const float* p = x + ch * hw;
     float sum, best;
-    sum_max_of(p, hw, &sum, &best);
+    sum_max(p, hw, &sum, &best);
     at[ch] = first_position_of_max(p, hw, sum, &best);
     mean[ch] = sum / static_cast<float>(hw);
     max[ch] = best;
   }
+}
+
+struct SumMaxOf {
+  DYNATTN_ALWAYS_INLINE void operator()(const float* p, int64_t n, float* sum, float* max) const {
+    sum_max_of(p, n, sum, max);
+  }
+};
+
+DYNATTN_VECTOR_CLONES
+void pool_argmax_nchw(const float* x, int64_t hw, int64_t c0, int64_t c1, float* mean, float* max,
+                      int32_t* at) {
+  pool_argmax_channels(SumMaxOf{}, x, hw, c0, c1, mean, max, at);
 }
 
 // Per pixel of [p0, p1): max (and its channel) and mean over channels of x * gate.
@@ -1724,18 +1738,17 @@ void channel_argmax_nchw16(const float* x, int64_t c, int64_t hw, const float* g
   }
 }
 
+struct VectorSumMaxOf {
+  DYNATTN_ALWAYS_INLINE void operator()(const float* p, int64_t n, float* sum, float* max) const {
+    vector_sum_max_of(p, n, sum, max);
+  }
+};
+
 // pool_argmax_nchw with the sum and maximum on 16-float vectors, for hw >= 16.
 DYNATTN_KERNEL_CLONES
 void pool_argmax_nchw16(const float* x, int64_t hw, int64_t c0, int64_t c1, float* mean, float* max,
                         int32_t* at) {
-  for (int64_t ch = c0; ch < c1; ++ch) {
-    const float* p = x + ch * hw;
-    float sum, best;
-    vector_sum_max_of(p, hw, &sum, &best);
-    at[ch] = first_position_of_max(p, hw, sum, &best);
-    mean[ch] = sum / static_cast<float>(hw);
-    max[ch] = best;
-  }
+  pool_argmax_channels(VectorSumMaxOf{}, x, hw, c0, c1, mean, max, at);
 }
 #endif
 
