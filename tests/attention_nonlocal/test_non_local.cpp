@@ -187,6 +187,19 @@ std::shared_ptr<NonLocalBlockImpl> clone_of(const NonLocalBlock& block) {
   return std::dynamic_pointer_cast<NonLocalBlockImpl>(block->clone());
 }
 
+// One training step of b on x (in b's dtype) with a weighted sum as the loss: the output, the
+// input gradient, every parameter's gradient and every buffer after it.
+std::vector<torch::Tensor> training_step(NonLocalBlockImpl& b, const torch::Tensor& x) {
+  b.zero_grad();
+  const auto xx = x.to(b.g.ptr()->parameters()[0].scalar_type()).detach().clone().requires_grad_();
+  const auto y = b.forward(xx);
+  y.mul(torch::linspace(-1, 1, y.numel(), y.options()).view(y.sizes())).sum().backward();
+  std::vector<torch::Tensor> out = {y.detach(), xx.grad()};
+  for (const auto& p : b.parameters()) out.push_back(p.grad().clone());
+  for (const auto& t : b.buffers()) out.push_back(t.clone());
+  return out;
+}
+
 }  // namespace
 
 TEST(NonLocalBlock, IsTheExactIdentityAtInitialisation) {
@@ -906,27 +919,16 @@ TEST(NonLocalBlock, TrainingPathEqualsTheDoubleAtenForm) {
       block64->to(torch::kDouble);
       for (int step = 0; step < 2; ++step) {
         const auto x = torch::randn(shape);
-        auto run = [&](auto& b) {
-          b->zero_grad();
-          const auto xx =
-              x.to(b->g.ptr()->parameters()[0].scalar_type()).detach().clone().requires_grad_();
-          const auto y = b->forward(xx);
-          y.mul(torch::linspace(-1, 1, y.numel(), y.options()).view(y.sizes())).sum().backward();
-          std::vector<torch::Tensor> out = {y.detach(), xx.grad()};
-          for (const auto& p : b->parameters()) out.push_back(p.grad().clone());
-          for (const auto& t : b->buffers()) out.push_back(t.clone());
-          return out;
-        };
         auto counted = clone_of(block);  // a forward of its own: the running statistics move
         const auto count = dynattn::count_macs([&] {
           c10::InferenceMode off(false);
           torch::AutoGradMode grad(true);
-          run(counted);
+          training_step(*counted, x);
         });
         if (fused_attention_applies() && count.calls.count("dynattn::pointwise_conv") == 0)
           ADD_FAILURE() << "the training path did not run";
-        const auto fused = run(block);
-        const auto exact = run(block64);
+        const auto fused = training_step(*block, x);
+        const auto exact = training_step(*block64, x);
         ASSERT_EQ(fused.size(), exact.size());
         for (size_t i = 0; i < fused.size(); ++i) {
           SCOPED_TRACE("tensor " + std::to_string(i) + ", step " + std::to_string(step));
@@ -985,20 +987,9 @@ TEST(NonLocalBlock, ZAppliedToTheKeysFirstEqualsTheDoubleAtenForm) {
     auto block64 = clone_of(block);
     block64->to(torch::kDouble);
     if (mode == "embedded") {
-      auto run = [&](auto& b) {
-        b->zero_grad();
-        const auto xx =
-            x.to(b->g.ptr()->parameters()[0].scalar_type()).detach().clone().requires_grad_();
-        const auto y = b->forward(xx);
-        y.mul(torch::linspace(-1, 1, y.numel(), y.options()).view(y.sizes())).sum().backward();
-        std::vector<torch::Tensor> out = {y.detach(), xx.grad()};
-        for (const auto& p : b->parameters()) out.push_back(p.grad().clone());
-        for (const auto& t : b->buffers()) out.push_back(t.clone());
-        return out;
-      };
       EXPECT_TRUE(block->projects_z_on_keys(x.clone().requires_grad_()));
-      const auto fused = run(block);
-      const auto exact = run(block64);
+      const auto fused = training_step(*block, x);
+      const auto exact = training_step(*block64, x);
       ASSERT_EQ(fused.size(), exact.size());
       for (size_t i = 0; i < fused.size(); ++i) {
         SCOPED_TRACE("training, tensor " + std::to_string(i));
