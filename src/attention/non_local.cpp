@@ -1178,38 +1178,33 @@ torch::Tensor NonLocalBlockImpl::run_inference(const torch::Tensor& x) {
   a.q = q;
   a.k = k;
   a.scale = static_cast<float>(logit_scale_);
+  auto out = torch::empty_like(x);
+  torch::Tensor y;
   if (z_first) {
     // The kernel's output is the block's: (W_z' g) P^T + shift + x.
-    auto out = torch::empty_like(x);
     a.y = out.data_ptr<float>();
     a.y_stride = c * q;
     a.y_bias = plan.shift.data_ptr<float>();
     a.y_residual = x.data_ptr<float>();
     a.dv = c;
-    at::parallel_for(0, n, 1, [&](int64_t n0, int64_t n1) {
-      detail::attention_kernel_forward(detail::attention_kernel_images(a, n0, n1));
-    });
-    record_macs("dynattn::softmax_attention", n * q * k * (a.d + inter));
-    record_macs("dynattn::pointwise_conv", n * c * inter * q);
-    return out;
+  } else {
+    // y with a row of ones under it: z's bias column multiplies it.
+    y = torch::empty({n, inter + 1, q}, x.options());
+    a.y = y.data_ptr<float>();
+    a.y_stride = (inter + 1) * q;
+    a.y_ones_row = true;
+    a.dv = inter;
   }
-  // y with a row of ones under it: z's bias column multiplies it.
-  auto y = torch::empty({n, inter + 1, q}, x.options());
-  a.y_stride = (inter + 1) * q;
-  a.y_ones_row = true;
-  a.dv = inter;
-  float* y_data = y.data_ptr<float>();
-  a.y = y_data;
   at::parallel_for(0, n, 1, [&](int64_t n0, int64_t n1) {
     detail::attention_kernel_forward(detail::attention_kernel_images(a, n0, n1));
   });
   record_macs("dynattn::softmax_attention", n * q * k * (a.d + inter));
-
-  auto out = torch::empty_like(x);
-  detail::strided_matmul(detail::row_major(1, c, inter + 1), plan.w_z.data_ptr<float>(),
-                         detail::row_major(n, inter + 1, q), y_data, detail::row_major(n, c, q),
-                         out.data_ptr<float>(), x.data_ptr<float>());
-  record_macs("dynattn::pointwise_conv", n * c * inter * q);
+  if (!z_first) {
+    detail::strided_matmul(detail::row_major(1, c, inter + 1), plan.w_z.data_ptr<float>(),
+                           detail::row_major(n, inter + 1, q), y.data_ptr<float>(),
+                           detail::row_major(n, c, q), out.data_ptr<float>(), x.data_ptr<float>());
+  }
+  record_macs("dynattn::pointwise_conv", n * c * inter * q);  // z's, as defined
   return out;
 #endif
 }
