@@ -33,6 +33,7 @@
 #include "dynattn/models/cifar_resnet.h"
 #include "dynattn/ops/bam_spatial_branch.h"
 #include "dynattn/ops/conv2d.h"
+#include "dynattn/ops/dispatch.h"
 #include "dynattn/ops/fused_gates.h"
 #include "dynattn/profile/mac_counter.h"
 
@@ -65,12 +66,13 @@ std::string module_kind(const std::string& kind) {
 
 // Switches the fused kernels (and conv2d_forward's kernel choice) off while alive, for the
 // "_aten" variants.
-struct AtenPathGuard {
-  explicit AtenPathGuard(bool aten) : previous(dynattn::conv2d_kernel_selection_enabled()) {
-    if (aten) dynattn::set_conv2d_kernel_selection(false);
+struct AtenPathGuard : dynattn::KernelPolicyGuard {
+  explicit AtenPathGuard(bool aten) : dynattn::KernelPolicyGuard(policy_for(aten)) {}
+  static dynattn::KernelPolicy policy_for(bool aten) {
+    auto p = dynattn::kernel_policy();
+    if (aten) p.dynattn = false;
+    return p;
   }
-  ~AtenPathGuard() { dynattn::set_conv2d_kernel_selection(previous); }
-  bool previous;
 };
 
 int memory_passes(const std::string& kind) {

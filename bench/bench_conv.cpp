@@ -19,13 +19,13 @@ void BM_Conv3x3Batch1(benchmark::State& state) {
     conv->weight.set_data(conv->weight.contiguous(torch::MemoryFormat::ChannelsLast));
     x = x.contiguous(torch::MemoryFormat::ChannelsLast);
   }
-  const bool previous = dynattn::conv2d_kernel_selection_enabled();
-  dynattn::set_conv2d_kernel_selection(select);
+  auto policy = dynattn::kernel_policy();
+  policy.dynattn = select;
+  dynattn::KernelPolicyGuard policy_guard(policy);
   dynattn::InferenceGuard guard;
   const bool onednn = dynattn::select_conv2d_kernel(x, *conv) == dynattn::ConvKernel::OneDnn;
   for (int i = 0; i < 10; ++i) dynattn::conv2d_forward(*conv, x);
   for (auto _ : state) benchmark::DoNotOptimize(dynattn::conv2d_forward(*conv, x));
-  dynattn::set_conv2d_kernel_selection(previous);
   state.SetLabel(std::string(channels_last ? "channels_last" : "contiguous") +
                  (onednn ? " onednn" : " aten"));
 }

@@ -28,6 +28,7 @@
 #include "dynattn/models/registry.h"
 #include "dynattn/models/repvgg.h"
 #include "dynattn/ops/conv2d.h"
+#include "dynattn/ops/dispatch.h"
 #include "dynattn/ops/onednn_chain.h"
 #include "dynattn/profile/benchmark.h"
 #include "dynattn/profile/mac_counter.h"

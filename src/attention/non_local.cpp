@@ -6,6 +6,7 @@
 #include "../ops/vec16.h"
 #include "dynattn/ops/batch_norm_add.h"
 #include "dynattn/ops/conv2d.h"
+#include "dynattn/ops/dispatch.h"
 #include "dynattn/ops/pointwise_conv.h"
 #include "dynattn/ops/softmax_attention.h"
 #include "dynattn/profile/mac_counter.h"
@@ -394,15 +395,15 @@ struct HalveByMaxFunction : torch::autograd::Function<HalveByMaxFunction> {
 };
 
 // Max-pooling by 2 over the last `count` dimensions (the paper's video models pool space only,
-// 1x2x2), floor for odd sizes. Contiguous float CPU tensors take a direct pass (with the kernel
-// selection switch on, also under autograd): a tenth of the time of LibTorch 1.13's CPU
+// 1x2x2), floor for odd sizes. Contiguous float CPU tensors take a direct pass (with the dynattn
+// kernel policy, also under autograd): a tenth of the time of LibTorch 1.13's CPU
 // max_pool kernel at these shapes. Otherwise max_pool under autograd (its backward is cheaper
 // than maximum's), maxima of strided slices without.
 torch::Tensor halve_by_max(torch::Tensor t, int64_t count) {
   const bool direct =
       t.is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous() && t.numel() > 0;
   if (torch::GradMode::is_enabled() && t.requires_grad()) {
-    if (direct && conv2d_kernel_selection_enabled()) return HalveByMaxFunction::apply(t, count);
+    if (direct && dynattn_kernels_enabled()) return HalveByMaxFunction::apply(t, count);
     switch (count) {
       case 1:
         return torch::max_pool1d(t, {2}, {2});
@@ -923,7 +924,7 @@ struct NonLocalTrainingFunction : torch::autograd::Function<NonLocalTrainingFunc
 bool NonLocalBlockImpl::training_path_applies(const torch::Tensor& x) const {
 #ifdef DYNATTN_HAVE_ONEDNN
   if (!is_training() || mode_ != Mode::Embedded || (options.subsample() && !options.pool_first()) ||
-      !conv2d_kernel_selection_enabled() || !x.is_cpu() || x.scalar_type() != torch::kFloat ||
+      !dynattn_kernels_enabled() || !x.is_cpu() || x.scalar_type() != torch::kFloat ||
       !x.is_contiguous() || x.numel() == 0 || !batch_norm_options(bn).affine())
     return false;
   const int64_t keys = key_count(options, x);
@@ -1068,7 +1069,7 @@ torch::Tensor NonLocalBlockImpl::run(const torch::Tensor& x, AttentionMaps* maps
 bool NonLocalBlockImpl::inference_path_applies(const torch::Tensor& x) const {
 #ifdef DYNATTN_HAVE_ONEDNN
   if (is_training() || !(mode_ == Mode::Embedded || mode_ == Mode::Gaussian) ||
-      !conv2d_kernel_selection_enabled() || !x.is_cpu() || x.scalar_type() != torch::kFloat ||
+      !dynattn_kernels_enabled() || !x.is_cpu() || x.scalar_type() != torch::kFloat ||
       !x.is_contiguous() || x.numel() == 0)
     return false;
   if (torch::GradMode::is_enabled()) {

@@ -181,8 +181,13 @@ torch::Tensor RepVGGImpl::forward(const torch::Tensor& x) {
   if (plain && onednn_chain_applicable(x)) {
     std::vector<const torch::nn::Conv2dImpl*> convs;
     for (const auto& block : all) convs.push_back(block->rbr_reparam.get());
-    if (OnednnConvStack::supports(convs) && x.numel() > 0)
-      return linear(conv_stack_.forward(convs, x).mean({2, 3}));
+    // The candidates of ops/dispatch.h's deployed_conv_stack, in order: the libdnnl stack
+    // (it refuses where a layer would run a reference kernel), ATen's oneDNN convolution on
+    // blocked tensors, ATen.
+    if (OnednnConvStack::supports(convs) && x.numel() > 0) {
+      auto y = conv_stack_.try_forward(convs, x);
+      if (y.defined()) return linear(y.mean({2, 3}));
+    }
     auto y = x.contiguous().to_mkldnn();
     for (auto block : all) y = block->forward_onednn(y);
     return linear(y.to_dense().mean({2, 3}));

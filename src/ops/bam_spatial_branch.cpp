@@ -1,4 +1,5 @@
 #include "dynattn/ops/bam_spatial_branch.h"
+#include "dynattn/ops/dispatch.h"
 
 #include <ATen/Parallel.h>
 
@@ -812,8 +813,8 @@ bool bam_spatial_branch_applicable(const torch::Tensor& x, const BamSpatialLayer
 #ifndef DYNATTN_HAVE_VEC16
   return false;  // the kernels are written in GCC/Clang vector extensions
 #else
-  if (!conv2d_kernel_selection_enabled() || !x.defined() || x.layout() != torch::kStrided ||
-      !x.is_cpu() || x.scalar_type() != torch::kFloat || x.dim() != 4 || x.numel() == 0)
+  if (!dynattn_kernels_enabled() || !x.defined() || x.layout() != torch::kStrided || !x.is_cpu() ||
+      x.scalar_type() != torch::kFloat || x.dim() != 4 || x.numel() == 0)
     return false;
   if (!x.is_contiguous() && !x.is_contiguous(torch::MemoryFormat::ChannelsLast)) return false;
   if (layers.reduce == nullptr || layers.dilated[0] == nullptr) return false;

@@ -1,4 +1,5 @@
 #include "dynattn/ops/batch_norm_add.h"
+#include "dynattn/ops/dispatch.h"
 
 #include <cmath>
 #include <utility>
@@ -226,7 +227,7 @@ bool batch_norm_add_applicable(const torch::Tensor& z, const torch::Tensor& resi
     if (!t->defined() || !t->is_cpu() || t->scalar_type() != torch::kFloat || !t->is_contiguous() ||
         t->numel() == 0 || t->dim() < 2)
       return false;
-  return z.sizes() == residual.sizes() && conv2d_kernel_selection_enabled();
+  return z.sizes() == residual.sizes() && dynattn_kernels_enabled();
 }
 
 torch::Tensor batch_norm_add(const torch::Tensor& z, const torch::Tensor& residual,
@@ -235,7 +236,7 @@ torch::Tensor batch_norm_add(const torch::Tensor& z, const torch::Tensor& residu
                              double factor, double eps) {
   TORCH_CHECK(batch_norm_add_applicable(z, residual),
               "batch_norm_add: expected contiguous non-empty float CPU tensors z and residual of "
-              "one shape (and the kernel selection switch on), got ",
+              "one shape (and the dynattn kernel policy on), got ",
               z.sizes(), " and ", residual.sizes());
   const int64_t c = z.size(1);
   TORCH_CHECK(weight.defined() && bias.defined() && weight.numel() == c && bias.numel() == c &&

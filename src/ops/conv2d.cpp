@@ -14,7 +14,6 @@
 
 namespace dynattn {
 namespace {
-std::atomic<bool> g_selection_enabled{true};
 
 // ATen's own rule (ConvParams::use_mkldnn, LibTorch 1.13 and 2.x) for float CPU input, groups 1:
 // oneDNN unless a single small image meets a kernel of at most 3x3.
@@ -326,15 +325,8 @@ torch::Tensor same_conv2d(const torch::Tensor& input, const torch::Tensor& weigh
                            bias.defined() ? bias : torch::empty({0}, weight.options()), dilation);
 }
 
-void set_conv2d_kernel_selection(bool enabled) {
-  g_selection_enabled = enabled;
-}
-bool conv2d_kernel_selection_enabled() {
-  return g_selection_enabled;
-}
-
 ConvKernel select_conv2d_kernel(const torch::Tensor& input, const torch::nn::Conv2dImpl& conv) {
-  if (!g_selection_enabled || !at::hasMKLDNN()) return ConvKernel::Aten;
+  if (!dynattn_kernels_enabled() || !at::hasMKLDNN()) return ConvKernel::Aten;
   if (torch::GradMode::is_enabled() && (input.requires_grad() || conv.weight.requires_grad()))
     return ConvKernel::Aten;
   const auto& o = conv.options;

@@ -1,4 +1,5 @@
 #include "dynattn/ops/fused_gates.h"
+#include "dynattn/ops/dispatch.h"
 
 #include <ATen/Parallel.h>
 
@@ -170,18 +171,12 @@ void pool_nchw(const float* x, int64_t hw, int64_t c0, int64_t c1, float* mean, 
   }
 }
 
-std::atomic<bool> g_wide_vector_kernels{true};
-
 #ifdef DYNATTN_HAVE_VEC16
-// Whether the 16-float vector forms below pay: with AVX-512 they run as one register; the AVX2
-// clone of pool_max_nchw16 measured slower than pool_nchw here, channel_stats_cl16's no faster.
-bool sixteen_lane_kernels_pay() {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  static const bool avx512 = __builtin_cpu_supports("avx512f");
-  return avx512 && g_wide_vector_kernels.load(std::memory_order_relaxed);
-#else
-  return false;
-#endif
+// Whether the 16-float vector forms below run: the dispatch's rule (ops/dispatch.h), AVX-512
+// and the policy's 16-float forms on. With AVX-512 they run as one register; the AVX2 clone of
+// pool_max_nchw16 measured slower than pool_nchw here, channel_stats_cl16's no faster.
+inline bool sixteen_lane_kernels_pay() {
+  return wide_vector_kernels_run();
 }
 
 // pool_nchw with max, for hw >= 16, on 16-float vectors. Called from outside the AVX2 clones
@@ -969,7 +964,7 @@ bool fused_gates_apply(const torch::Tensor& x, std::initializer_list<torch::Tens
 }
 
 bool fused_gates_train_apply(const torch::Tensor& x, std::initializer_list<torch::Tensor> params) {
-  if (!conv2d_kernel_selection_enabled()) return false;
+  if (!dynattn_kernels_enabled()) return false;
   if (!x.defined() || x.layout() != torch::kStrided || !x.is_cpu() ||
       x.scalar_type() != torch::kFloat || x.dim() != 4 || x.numel() == 0)
     return false;
@@ -984,14 +979,6 @@ bool fused_gates_train_apply(const torch::Tensor& x, std::initializer_list<torch
 
 int64_t fused_gates_calls() {
   return g_calls.load();
-}
-
-void set_wide_vector_kernels(bool enabled) {
-  g_wide_vector_kernels.store(enabled);
-}
-
-bool wide_vector_kernels_enabled() {
-  return g_wide_vector_kernels.load();
 }
 
 bool bam_spatial_in_kernel(int64_t batch, int64_t rd) {

@@ -1,4 +1,5 @@
 #include "dynattn/ops/onednn_chain.h"
+#include "dynattn/ops/dispatch.h"
 
 #include "dynattn/core/compat.h"
 #include "dynattn/ops/conv2d.h"
@@ -16,7 +17,7 @@
 namespace dynattn {
 
 bool onednn_chain_applicable(const torch::Tensor& x) {
-  return conv2d_kernel_selection_enabled() && at::hasMKLDNN() && x.is_cpu() && !x.is_mkldnn() &&
+  return dynattn_kernels_enabled() && at::hasMKLDNN() && x.is_cpu() && !x.is_mkldnn() &&
          x.scalar_type() == torch::kFloat && x.dim() == 4 && !torch::GradMode::is_enabled();
 }
 
@@ -53,8 +54,6 @@ torch::Tensor PackedConv2d::forward(const torch::nn::Conv2dImpl& conv, const tor
 }
 
 namespace {
-std::atomic<int> winograd_policy{static_cast<int>(WinogradPolicy::kMeasured)};
-
 // Under WinogradPolicy::kMeasured, which candidate won for a layer configuration (input dims,
 // weight dims, stride, dilation, padding, bias, thread count), process-wide, as
 // cudnn.benchmark's cache: two stacks with the same layers then run the same algorithms and
@@ -82,13 +81,6 @@ MeasuredChoices& measured_choices() {
   return choices;
 }
 }  // namespace
-
-void set_onednn_winograd(WinogradPolicy policy) {
-  winograd_policy = static_cast<int>(policy);
-}
-WinogradPolicy onednn_winograd() {
-  return static_cast<WinogradPolicy>(winograd_policy.load());
-}
 
 OnednnConvStack::OnednnConvStack() = default;
 OnednnConvStack::~OnednnConvStack() = default;
@@ -122,6 +114,13 @@ bool OnednnConvStack::available() {
 torch::Tensor OnednnConvStack::forward(const std::vector<const torch::nn::Conv2dImpl*>&,
                                        const torch::Tensor&) {
   TORCH_CHECK(false, "OnednnConvStack: dynattn was built without the oneDNN library (libdnnl)");
+}
+torch::Tensor OnednnConvStack::try_forward(const std::vector<const torch::nn::Conv2dImpl*>&,
+                                           const torch::Tensor&) {
+  return {};
+}
+std::string OnednnConvStack::refusal() const {
+  return "dynattn was built without the oneDNN library (libdnnl)";
 }
 std::vector<std::string> OnednnConvStack::implementations() const {
   return {};
@@ -175,6 +174,7 @@ struct OnednnConvStack::Plan {
   std::vector<Layer> layers;
   std::vector<int64_t> output_sizes;
   size_t scratchpad_bytes = 0;
+  std::string refused;  // why the stack cannot run this input without a reference kernel
 
   bool matches(const torch::Tensor& x, bool cl, const std::vector<Stamp>& s) const {
     return channels_last == cl && x.sizes().vec() == input_sizes && stamps == s;
@@ -186,6 +186,16 @@ bool OnednnConvStack::available() {
 }
 
 namespace {
+
+bool is_reference(const dnnl::convolution_forward::primitive_desc& pd) {
+  return std::string(pd.impl_info_str()).rfind("ref", 0) == 0;
+}
+
+std::string to_string(const std::vector<int64_t>& dims) {
+  std::string s = "[";
+  for (size_t i = 0; i < dims.size(); ++i) s += (i ? ", " : "") + std::to_string(dims[i]);
+  return s + "]";
+}
 
 // Median-free quick timing: the best of a few runs, enough to tell algorithms 1.2x apart.
 double best_time_ms(dnnl::convolution_forward& prim, const memory::desc& src_desc,
@@ -223,7 +233,7 @@ void OnednnConvStack::build(Plan& plan, const std::vector<const torch::nn::Conv2
                             bool may_measure) {
   auto& engine = detail::onednn_cpu_engine();
   auto& stream = detail::onednn_cpu_stream();
-  const auto policy = onednn_winograd();
+  const auto policy = kernel_policy().winograd;
   dnnl::primitive_attr attr;
   dnnl::post_ops relu;
   relu.append_eltwise(1.f, dnnl::algorithm::eltwise_relu, 0.f, 0.f);
@@ -232,12 +242,17 @@ void OnednnConvStack::build(Plan& plan, const std::vector<const torch::nn::Conv2
   auto any = [](const memory::dims& dims) {
     return memory::desc(dims, memory::data_type::f32, Tag::any);
   };
-  // Activations in the 16-channel blocked layout wherever the channels allow: left to choose
-  // (`any`), oneDNN 2.6 picks NHWC for strided convs, which ran several times slower here
-  // (3-5x for RepVGG-A0's stride-2 layers at batch 64, in one side-by-side run).
-  auto activations = [&](const std::vector<int64_t>& dims) {
-    return dims[1] % 16 == 0 ? memory::desc(to_dims(dims), memory::data_type::f32, Tag::nChw16c)
-                             : any(to_dims(dims));
+  // Activations in the channel-blocked layout of this CPU's oneDNN kernels (16 channels on
+  // AVX-512, 8 on AVX2 and older: ops/dispatch.h) wherever the channels allow. Left to choose
+  // (`any`), oneDNN 2.6 picks NHWC for strided convs, which ran several times slower on an
+  // AVX-512 CPU (3-5x for RepVGG-A0's stride-2 layers at batch 64). Given the other block size,
+  // oneDNN has nothing but its reference kernel (1.9 s per image for RepVGG-A0 on an AVX2 CPU).
+  const int64_t block = cpu_capability().onednn_block;
+  const Tag blocked = block == 16 ? Tag::nChw16c : Tag::nChw8c;
+  auto activations = [&](const std::vector<int64_t>& dims, bool prefer_blocked) {
+    return prefer_blocked && dims[1] % block == 0
+               ? memory::desc(to_dims(dims), memory::data_type::f32, blocked)
+               : any(to_dims(dims));
   };
 
   std::vector<int64_t> sizes = plan.input_sizes;
@@ -271,22 +286,40 @@ void OnednnConvStack::build(Plan& plan, const std::vector<const torch::nn::Conv2
                        dilates = {dilation[0] - 1, dilation[1] - 1},
                        pads = {padding[0], padding[1]};
 
-    auto make = [&](dnnl::algorithm alg) {
-      const auto desc =
-          has_bias
-              ? dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference, alg,
-                                                activations(sizes), any(weight_dims), bias_desc,
-                                                activations(out), strides, dilates, pads, pads)
-              : dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference, alg,
-                                                activations(sizes), any(weight_dims),
-                                                activations(out), strides, dilates, pads, pads);
+    auto make = [&](dnnl::algorithm alg, bool prefer_blocked) {
+      const auto src = activations(sizes, prefer_blocked), dst = activations(out, prefer_blocked);
+      const auto desc = has_bias
+                            ? dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference,
+                                                              alg, src, any(weight_dims), bias_desc,
+                                                              dst, strides, dilates, pads, pads)
+                            : dnnl::convolution_forward::desc(dnnl::prop_kind::forward_inference,
+                                                              alg, src, any(weight_dims), dst,
+                                                              strides, dilates, pads, pads);
       return dnnl::convolution_forward::primitive_desc(desc, attr, engine);
     };
+    // Never a reference implementation: the blocked layout first, then `any`; a layer with
+    // nothing else makes the whole stack refuse (the caller takes its next candidate).
     std::vector<dnnl::convolution_forward::primitive_desc> candidates;
-    candidates.push_back(make(dnnl::algorithm::convolution_direct));
+    std::string refused;
+    for (const bool prefer_blocked : {true, false}) {
+      auto pd = make(dnnl::algorithm::convolution_direct, prefer_blocked);
+      if (!is_reference(pd)) {
+        candidates.push_back(std::move(pd));
+        break;
+      }
+      refused = pd.impl_info_str();
+    }
+    if (candidates.empty()) {
+      plan.refused = where + ": oneDNN offers only its reference convolution (" + refused +
+                     ") for input " + to_string(sizes) + " and weight " +
+                     to_string(weight.sizes().vec());
+      plan.layers.clear();
+      return;
+    }
     if (policy != WinogradPolicy::kNever) {
       try {
-        candidates.push_back(make(dnnl::algorithm::convolution_winograd));
+        auto pd = make(dnnl::algorithm::convolution_winograd, true);
+        if (!is_reference(pd)) candidates.push_back(std::move(pd));
       } catch (const dnnl::error&) {
         // Not supported for this shape or CPU (needs 3x3, stride 1, AVX-512): direct only.
       }
@@ -397,6 +430,13 @@ torch::Tensor OnednnConvStack::run(const Plan& plan, const torch::Tensor& x) {
 
 torch::Tensor OnednnConvStack::forward(const std::vector<const torch::nn::Conv2dImpl*>& convs,
                                        const torch::Tensor& input) {
+  auto out = try_forward(convs, input);
+  TORCH_CHECK(out.defined(), "OnednnConvStack: ", refusal());
+  return out;
+}
+
+torch::Tensor OnednnConvStack::try_forward(const std::vector<const torch::nn::Conv2dImpl*>& convs,
+                                           const torch::Tensor& input) {
   TORCH_CHECK(!convs.empty(), "OnednnConvStack: no layers");
   TORCH_CHECK(supports(convs),
               "OnednnConvStack: every conv needs zero padding given as numbers and float CPU "
@@ -449,11 +489,17 @@ torch::Tensor OnednnConvStack::forward(const std::vector<const torch::nn::Conv2d
     }
     last_ = plan;
   }
+  if (!plan->refused.empty()) return {};
   try {
     return run(*plan, x);
   } catch (const dnnl::error& e) {
     TORCH_CHECK(false, "OnednnConvStack: oneDNN failed on input ", x.sizes(), ": ", e.what());
   }
+}
+
+std::string OnednnConvStack::refusal() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return last_ ? last_->refused : std::string();
 }
 
 std::vector<std::string> OnednnConvStack::implementations() const {

@@ -1,4 +1,5 @@
 #include "dynattn/ops/pointwise_conv.h"
+#include "dynattn/ops/dispatch.h"
 
 #include "dynattn/ops/conv2d.h"
 #include "dynattn/profile/mac_counter.h"
@@ -82,7 +83,7 @@ bool pointwise_conv_applicable(const torch::Tensor& x, const torch::Tensor& weig
     if (!t->defined() || !t->is_cpu() || t->scalar_type() != torch::kFloat ||
         t->layout() != torch::kStrided || t->numel() == 0)
       return false;
-  return x.dim() >= 3 && conv2d_kernel_selection_enabled();
+  return x.dim() >= 3 && dynattn_kernels_enabled();
 #else
   return false;
 #endif
@@ -93,7 +94,7 @@ torch::Tensor pointwise_conv(const torch::Tensor& x, const torch::Tensor& weight
   check_shapes(x, weight, bias);
   TORCH_CHECK(pointwise_conv_applicable(x, weight),
               "pointwise_conv: expected non-empty float CPU tensors, the oneDNN library and the "
-              "kernel selection switch on, got ",
+              "dynattn kernel policy, got ",
               x.scalar_type(), " on ", x.device());
 #ifdef DYNATTN_HAVE_ONEDNN
   try {

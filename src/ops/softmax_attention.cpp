@@ -1,4 +1,5 @@
 #include "dynattn/ops/softmax_attention.h"
+#include "dynattn/ops/dispatch.h"
 
 #include "attention_kernel.h"
 #include "dynattn/ops/conv2d.h"
@@ -225,7 +226,7 @@ bool softmax_attention_applicable(const torch::Tensor& theta, const torch::Tenso
 #else
   const bool some_path = detail::attention_kernel_available();
 #endif
-  return some_path && conv2d_kernel_selection_enabled();
+  return some_path && dynattn_kernels_enabled();
 }
 
 torch::Tensor softmax_attention(const torch::Tensor& theta, const torch::Tensor& phi,

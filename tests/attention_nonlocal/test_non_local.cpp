@@ -17,6 +17,7 @@
 #include "dynattn/ops/softmax_attention.h"
 #include "dynattn/profile/mac_counter.h"
 #include "gradcheck.h"
+#include "kernel_policy.h"
 #include "test_util.h"
 
 using dynattn::NonLocalBlock;
@@ -688,14 +689,14 @@ TEST(NonLocalBlock, FusedAttentionGivesTheAtenFormsOutputAndGradients) {
       const auto x = torch::randn({3, 8, 6, 5});
       // Output, input gradient and parameter gradients of one backward.
       auto run = [&](auto& b, bool fused) {
-        const bool previous = dynattn::conv2d_kernel_selection_enabled();
-        dynattn::set_conv2d_kernel_selection(fused);
+        const auto previous = dynattn::kernel_policy();
+        dynattn::testing::set_dynattn_kernels(fused);
         b->zero_grad();
         const auto xx =
             x.to(b->g.ptr()->parameters()[0].scalar_type()).detach().clone().requires_grad_();
         const auto y = b->forward(xx);
         y.mul(torch::linspace(-1, 1, y.numel(), y.options()).view(y.sizes())).sum().backward();
-        dynattn::set_conv2d_kernel_selection(previous);
+        dynattn::set_kernel_policy(previous);
         std::vector<torch::Tensor> out = {y.detach(), xx.grad()};
         for (const auto& p : b->parameters()) out.push_back(p.grad().clone());
         return out;
@@ -783,12 +784,12 @@ TEST(NonLocalBlock, PoolingGradientGoesToTheFirstMaximum) {
       auto block64 = clone_of(block);
       block64->to(torch::kDouble);
       auto input_gradient = [&](auto& b, bool kernels) {
-        const bool previous = dynattn::conv2d_kernel_selection_enabled();
-        dynattn::set_conv2d_kernel_selection(kernels);
+        const auto previous = dynattn::kernel_policy();
+        dynattn::testing::set_dynattn_kernels(kernels);
         const auto xx = x.to(b->g.ptr()->parameters()[0].scalar_type()).requires_grad_();
         const auto y = b->forward(xx);
         y.mul(torch::linspace(-1, 1, y.numel(), y.options()).view(y.sizes())).sum().backward();
-        dynattn::set_conv2d_kernel_selection(previous);
+        dynattn::set_kernel_policy(previous);
         return xx.grad();
       };
       expect_close(input_gradient(block, true), input_gradient(block64, false), 1e-5);
@@ -814,8 +815,8 @@ TEST(NonLocalBlock, PoolingMatchesTheAtenFormOnEveryPlaneSize) {
       block64->to(torch::kDouble);
       auto x = torch::randint(0, 3, {2, 4, h, w}).to(torch::kFloat);
       auto run = [&](auto& b, bool kernels, bool training) {
-        const bool previous = dynattn::conv2d_kernel_selection_enabled();
-        dynattn::set_conv2d_kernel_selection(kernels);
+        const auto previous = dynattn::kernel_policy();
+        dynattn::testing::set_dynattn_kernels(kernels);
         b->train(training);
         const auto xx = x.to(b->g.ptr()->parameters()[0].scalar_type());
         std::pair<torch::Tensor, torch::Tensor> out;
@@ -831,7 +832,7 @@ TEST(NonLocalBlock, PoolingMatchesTheAtenFormOnEveryPlaneSize) {
           torch::NoGradGuard no_grad;
           out = {b->forward(xx), torch::Tensor()};
         }
-        dynattn::set_conv2d_kernel_selection(previous);
+        dynattn::set_kernel_policy(previous);
         return out;
       };
       const auto [y, dx] = run(block, true, true);
@@ -863,8 +864,8 @@ TEST(NonLocalBlock, NaNInTheInputSpreadsAsOnTheAtenPath) {
       auto x = torch::randn(shape);
       x[0][3][2][4] = std::numeric_limits<float>::quiet_NaN();
       auto run = [&](bool kernels) {
-        const bool previous = dynattn::conv2d_kernel_selection_enabled();
-        dynattn::set_conv2d_kernel_selection(kernels);
+        const auto previous = dynattn::kernel_policy();
+        dynattn::testing::set_dynattn_kernels(kernels);
         torch::Tensor y;
         if (training) {
           y = block->forward(x.clone().requires_grad_());
@@ -872,7 +873,7 @@ TEST(NonLocalBlock, NaNInTheInputSpreadsAsOnTheAtenPath) {
           torch::NoGradGuard no_grad;
           y = block->forward(x);
         }
-        dynattn::set_conv2d_kernel_selection(previous);
+        dynattn::set_kernel_policy(previous);
         return y.detach();
       };
       const auto fused = run(true), aten = run(false);

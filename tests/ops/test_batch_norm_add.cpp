@@ -4,6 +4,7 @@
 
 #include "dynattn/ops/batch_norm_add.h"
 #include "dynattn/ops/conv2d.h"
+#include "kernel_policy.h"
 #include "test_util.h"
 
 using dynattn::batch_norm_add;
@@ -65,16 +66,16 @@ TEST(BatchNormAdd, ApplicabilityAndBadArguments) {
   EXPECT_FALSE(batch_norm_add_applicable(z, torch::zeros({2, 3, 5})));
   EXPECT_FALSE(batch_norm_add_applicable(z.transpose(1, 2), z.transpose(1, 2)));
   {
-    const bool previous = dynattn::conv2d_kernel_selection_enabled();
-    dynattn::set_conv2d_kernel_selection(false);
+    const auto previous = dynattn::kernel_policy();
+    dynattn::testing::set_dynattn_kernels(false);
     EXPECT_FALSE(batch_norm_add_applicable(z, z));
-    dynattn::set_conv2d_kernel_selection(previous);
+    dynattn::set_kernel_policy(previous);
   }
   EXPECT_THAT(error_of([&] {
                 batch_norm_add(z, torch::zeros({2, 3, 5}), torch::ones({3}), torch::zeros({3}),
                                torch::Tensor(), torch::Tensor(), 0.1, 1e-5);
               }),
-              HasSubstr("of one shape (and the kernel selection switch on), got [2, 3, 4] and "
+              HasSubstr("of one shape (and the dynattn kernel policy on), got [2, 3, 4] and "
                         "[2, 3, 5]"));
   EXPECT_THAT(error_of([&] {
                 batch_norm_add(z, z, torch::ones({2}), torch::zeros({3}), torch::Tensor(),

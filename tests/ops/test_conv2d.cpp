@@ -4,6 +4,7 @@
 #include "dynattn/core/compat.h"
 #include "dynattn/ops/conv2d.h"
 #include "dynattn/profile/mac_counter.h"
+#include "kernel_policy.h"
 
 using dynattn::conv2d_forward;
 using dynattn::ConvKernel;
@@ -21,10 +22,7 @@ torch::nn::Conv2d make_conv(int64_t in, int64_t out, int64_t stride = 1, bool bi
 }
 
 // Restores the process-wide switch whatever a test does.
-struct SelectionGuard {
-  bool previous = dynattn::conv2d_kernel_selection_enabled();
-  ~SelectionGuard() { dynattn::set_conv2d_kernel_selection(previous); }
-};
+using SelectionGuard = dynattn::testing::PolicyRestorer;
 
 }  // namespace
 
@@ -51,7 +49,7 @@ TEST(Conv2dKernel, LargeSingleImagesGoToOneDnnOnlyWithoutAutograd) {
         torch::nn::Conv2dOptions(16, 16, 3).padding(1).padding_mode(torch::kReflect));
     EXPECT_EQ(select_conv2d_kernel(x, *reflect), ConvKernel::Aten);
     SelectionGuard guard;
-    dynattn::set_conv2d_kernel_selection(false);
+    dynattn::testing::set_dynattn_kernels(false);
     EXPECT_EQ(select_conv2d_kernel(x, *conv), ConvKernel::Aten);
   }
 }
@@ -89,7 +87,7 @@ TEST(Conv2dKernel, MacCounterCountsTheOneDnnPathOnce) {
   const int64_t macs = dynattn::count_macs([&] { conv2d_forward(*conv, x); }).macs;
   EXPECT_EQ(macs, 16 * 16 * 9 * 28 * 28);
   SelectionGuard guard;
-  dynattn::set_conv2d_kernel_selection(false);
+  dynattn::testing::set_dynattn_kernels(false);
   EXPECT_EQ(dynattn::count_macs([&] { conv2d_forward(*conv, x); }).macs, macs);
 }
 

@@ -19,6 +19,7 @@
 #include "dynattn/ops/conv2d.h"
 #include "dynattn/ops/fused_gates.h"
 #include "dynattn/profile/mac_counter.h"
+#include "kernel_policy.h"
 #include "test_util.h"
 
 using namespace dynattn;
@@ -31,10 +32,7 @@ using ::testing::HasSubstr;
 namespace {
 
 // Restores the process-wide switch whatever a test does.
-struct SelectionGuard {
-  bool previous = conv2d_kernel_selection_enabled();
-  ~SelectionGuard() { set_conv2d_kernel_selection(previous); }
-};
+using SelectionGuard = dynattn::testing::PolicyRestorer;
 
 struct Shape {
   int64_t n, c, h, w;
@@ -58,7 +56,7 @@ TwoPaths run_both(torch::nn::AnyModule& m, const torch::Tensor& x) {
   InferenceGuard inference;
   {
     SelectionGuard guard;
-    set_conv2d_kernel_selection(false);
+    dynattn::testing::set_dynattn_kernels(false);
     const int64_t before = fused_gates_calls();
     r.aten = m.forward<torch::Tensor>(x);
     EXPECT_EQ(fused_gates_calls(), before) << "switch off must keep the ATen path";
@@ -242,7 +240,7 @@ std::vector<torch::Tensor> train_step(torch::nn::AnyModule& m, const torch::Tens
                                       const std::vector<torch::Tensor>& buffers0, bool selection,
                                       torch::Dtype dtype, const std::string& spec) {
   SelectionGuard guard;
-  set_conv2d_kernel_selection(selection);
+  dynattn::testing::set_dynattn_kernels(selection);
   m.ptr()->to(torch::kFloat);
   auto buffers = m.ptr()->buffers();
   EXPECT_EQ(buffers.size(), buffers0.size()) << spec;
@@ -358,12 +356,9 @@ TEST(FusedGates, BamTrainingFormMatchesTheAtenGradients) {
 // On an AVX-512 machine the tests above run the 16-float forms of the CBAM and BAM kernels; with
 // them switched off the AVX2/baseline forms run, and must match the ATen path as well.
 TEST(FusedGates, NarrowVectorFormsMatchTheAtenPathToo) {
-  struct WideGuard {
-    bool previous = wide_vector_kernels_enabled();
-    ~WideGuard() { set_wide_vector_kernels(previous); }
-  } guard;
-  set_wide_vector_kernels(false);
-  EXPECT_FALSE(wide_vector_kernels_enabled());
+  dynattn::testing::PolicyRestorer guard;
+  dynattn::testing::set_wide_vectors(false);
+  EXPECT_FALSE(wide_vector_kernels_run());
   expect_parity("cbam", {{1, 16, 28, 28}, {3, 32, 5, 7}, {2, 64, 7, 7}}, 7);
   expect_parity("bam", {{1, 16, 28, 28}, {3, 32, 5, 7}, {2, 64, 7, 7}}, 10);
   torch::manual_seed(5);
@@ -402,9 +397,9 @@ TEST(FusedGates, MacsAreCountedAsOnTheAtenPath) {
     for (int64_t n : {1, 3, 9}) {
       const auto x = torch::randn({n, 64, 7, 5});
       SelectionGuard guard;
-      set_conv2d_kernel_selection(false);
+      dynattn::testing::set_dynattn_kernels(false);
       const int64_t aten = count_macs([&] { m.forward(x); }).macs;
-      set_conv2d_kernel_selection(true);
+      dynattn::testing::set_dynattn_kernels(true);
       const int64_t before = fused_gates_calls();
       const auto fused = count_macs([&] { m.forward(x); });
       EXPECT_EQ(fused_gates_calls(), before + 1) << spec;

@@ -5,6 +5,7 @@
 #include "dynattn/core/compat.h"
 #include "dynattn/ops/onednn_chain.h"
 #include "dynattn/profile/mac_counter.h"
+#include "kernel_policy.h"
 #include "test_util.h"
 
 using dynattn::OnednnConvStack;
@@ -15,10 +16,7 @@ using testing::HasSubstr;
 namespace {
 
 // Restores the process-wide policy whatever a test does.
-struct PolicyGuard {
-  WinogradPolicy previous = dynattn::onednn_winograd();
-  ~PolicyGuard() { dynattn::set_onednn_winograd(previous); }
-};
+using PolicyGuard = dynattn::testing::PolicyRestorer;
 
 using Convs = std::vector<torch::nn::Conv2d>;
 
@@ -84,7 +82,7 @@ TEST(OnednnConvStack, MatchesAtenConvReluChainsUnderEveryPolicy) {
   torch::NoGradGuard no_grad;
   for (auto policy :
        {WinogradPolicy::kNever, WinogradPolicy::kWhenSupported, WinogradPolicy::kMeasured}) {
-    dynattn::set_onednn_winograd(policy);
+    dynattn::testing::set_winograd(policy);
     OnednnConvStack stack;
     for (int64_t batch : {1, 5}) {
       for (bool channels_last : {false, true}) {
@@ -109,7 +107,7 @@ TEST(OnednnConvStack, PolicyDecidesWinograd) {
   const auto x = torch::randn({2, 32, 8, 8});
   torch::NoGradGuard no_grad;
   auto kernels_under = [&](WinogradPolicy policy) {
-    dynattn::set_onednn_winograd(policy);
+    dynattn::testing::set_winograd(policy);
     OnednnConvStack stack;
     stack.forward(raw(convs), x);
     return stack.implementations();
@@ -130,7 +128,7 @@ TEST(OnednnConvStack, MeasuredChoicesAreKeptForTheProcess) {
   // bitwise equal. Timed per stack, near-tied layers picked differently from stack to stack.
   if (!OnednnConvStack::available()) GTEST_SKIP() << "built without the oneDNN library";
   PolicyGuard guard;
-  dynattn::set_onednn_winograd(WinogradPolicy::kMeasured);
+  dynattn::testing::set_winograd(WinogradPolicy::kMeasured);
   torch::manual_seed(11);
   const Convs first = {conv(32, 32, 3), conv(32, 48, 3), conv(48, 48, 3), conv(48, 32, 3)};
   const auto x = torch::randn({3, 32, 10, 10});

@@ -5,6 +5,7 @@
 #include "dynattn/ops/conv2d.h"
 #include "dynattn/ops/pointwise_conv.h"
 #include "dynattn/profile/mac_counter.h"
+#include "kernel_policy.h"
 #include "test_util.h"
 
 using dynattn::pointwise_conv;
@@ -85,10 +86,10 @@ TEST(PointwiseConv, ApplicabilityAndBadShapes) {
   EXPECT_FALSE(pointwise_conv_applicable(x.to(torch::kDouble), w));
   EXPECT_FALSE(pointwise_conv_applicable(torch::zeros({0, 2, 3}), w));
   {
-    const bool previous = dynattn::conv2d_kernel_selection_enabled();
-    dynattn::set_conv2d_kernel_selection(false);
+    const auto previous = dynattn::kernel_policy();
+    dynattn::testing::set_dynattn_kernels(false);
     EXPECT_FALSE(pointwise_conv_applicable(x, w));
-    dynattn::set_conv2d_kernel_selection(previous);
+    dynattn::set_kernel_policy(previous);
   }
   EXPECT_THAT(
       error_of([] {

@@ -7,6 +7,7 @@
 #include "dynattn/ops/conv2d.h"
 #include "dynattn/ops/softmax_attention.h"
 #include "dynattn/profile/mac_counter.h"
+#include "kernel_policy.h"
 #include "test_util.h"
 
 using dynattn::softmax_attention;
@@ -138,10 +139,10 @@ TEST(SoftmaxAttention, ApplicabilityAndBadShapes) {
   EXPECT_FALSE(softmax_attention_applicable(t, torch::zeros({1, 2}), t));
   EXPECT_FALSE(softmax_attention_applicable(torch::zeros({0, 2, 3}), t, t));
   {
-    const bool previous = dynattn::conv2d_kernel_selection_enabled();
-    dynattn::set_conv2d_kernel_selection(false);
+    const auto previous = dynattn::kernel_policy();
+    dynattn::testing::set_dynattn_kernels(false);
     EXPECT_FALSE(softmax_attention_applicable(t, t, t));
-    dynattn::set_conv2d_kernel_selection(previous);
+    dynattn::set_kernel_policy(previous);
   }
   EXPECT_THAT(error_of([] {
                 softmax_attention(torch::randn({2, 4, 9}), torch::randn({2, 5, 3}),

@@ -10,18 +10,19 @@
 #include "dynattn/io/checkpoint.h"
 #include "dynattn/io/key_map.h"
 #include "dynattn/io/safetensors.h"
-#include "dynattn/ops/conv2d.h"
-#include "dynattn/ops/onednn_chain.h"
+#include "dynattn/ops/dispatch.h"
 
 namespace dynattn::cli {
 
 int setup_runtime(const GlobalOptions& g) {
   apply_malloc_policy(parse_malloc_policy(g.malloc));
   const int threads = configure_threads(g.threads);
-  set_conv2d_kernel_selection(g.kernels == "dynattn");
-  set_onednn_winograd(g.winograd == "never"    ? WinogradPolicy::kNever
-                      : g.winograd == "always" ? WinogradPolicy::kWhenSupported
-                                               : WinogradPolicy::kMeasured);
+  KernelPolicy policy;
+  policy.dynattn = g.kernels == "dynattn";
+  policy.winograd = g.winograd == "never"    ? WinogradPolicy::kNever
+                    : g.winograd == "always" ? WinogradPolicy::kWhenSupported
+                                             : WinogradPolicy::kMeasured;
+  set_kernel_policy(policy);
   if (!g.quiet) {
     const BlasInfo blas = detect_blas();
     std::fprintf(stderr, "%s\n",
@@ -109,11 +110,11 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"tuned", "default"}));
   app.add_flag("--quiet", g.quiet, "do not log the runtime banner");
   app.add_option("--kernels", g.kernels,
-                 "CPU kernel choices for inference: dynattn (oneDNN where measured faster, "
-                 "oneDNN-layout chains for deployed models, fused attention gates) or aten "
-                 "(ATen's own)")
+                 "CPU kernel choices (ops/dispatch.h): dynattn (the first candidate of each op "
+                 "that is available on this CPU and applies), aten (ATen's own choices), or "
+                 "list (print each op's candidates for this CPU and exit)")
       ->capture_default_str()
-      ->check(CLI::IsMember({"dynattn", "aten"}));
+      ->check(CLI::IsMember({"dynattn", "aten", "list"}));
   app.add_option("--winograd", g.winograd,
                  "Winograd convolutions in deployed conv stacks (ops/onednn_chain.h): measured "
                  "(per layer, where timed faster on first use), always (where oneDNN supports "
@@ -130,6 +131,15 @@ int main(int argc, char** argv) {
   add_deploy_command(app, g);
   add_rebirth_command(app, g);
   add_calibrate_command(app, g);
+  // `dynattn --kernels list` needs no subcommand: the report, then exit.
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--kernels=list" ||
+        (arg == "--kernels" && i + 1 < argc && std::string(argv[i + 1]) == "list")) {
+      std::printf("%s", dynattn::kernel_list_report().c_str());
+      return 0;
+    }
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -31,7 +31,7 @@ struct BamSpatialLayers {
 };
 
 // Whether bam_spatial_branch() computes this branch on x: x a non-empty CPU float32 [N,C,H,W],
-// contiguous or channels-last, the kernel selection switch (ops/conv2d.h) on, and the layers
+// contiguous or channels-last, the kernel policy (ops/dispatch.h) on, and the layers
 // shaped as BAM builds them (1x1 C -> rd, 3x3 rd -> rd with padding = dilation, 1x1 rd -> 1,
 // stride 1, no groups, zero padding; float32 CPU parameters; BN over rd channels). Otherwise the
 // caller keeps the ATen form.

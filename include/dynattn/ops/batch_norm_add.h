@@ -8,7 +8,7 @@
 // (bench/bench_attention_nonlocal.cpp) times this op against torch::batch_norm + add side by
 // side.
 //
-// Applies to contiguous float CPU tensors with the kernel selection switch (ops/conv2d.h) on;
+// Applies to contiguous float CPU tensors with the kernel policy (ops/dispatch.h) on;
 // callers keep the ATen form otherwise. Double backward is not supported.
 #pragma once
 #include <torch/torch.h>

@@ -14,6 +14,8 @@
 #pragma once
 #include <torch/torch.h>
 
+#include "dynattn/ops/dispatch.h"
+
 namespace dynattn {
 
 enum class ConvKernel { Aten, OneDnn };
@@ -61,10 +63,5 @@ struct SameConv2dGrads {
 SameConv2dGrads same_conv2d_backward(const torch::Tensor& input, const torch::Tensor& weight,
                                      const torch::Tensor& grad, int64_t dilation,
                                      bool input_grad = true, bool weight_grad = true);
-
-// Process-wide switch (default on), so that benchmarks and tests can compare with ATen's choice.
-// It also switches the fused attention gates of ops/fused_gates.h on and off.
-void set_conv2d_kernel_selection(bool enabled);
-bool conv2d_kernel_selection_enabled();
 
 }  // namespace dynattn

@@ -17,7 +17,7 @@ namespace dynattn {
 
 // Whether the fused kernels may replace a module's ATen forward on `x`: autograd is not
 // recording (GradMode off, as under InferenceMode or NoGradGuard), the process-wide switch of
-// ops/conv2d.h (conv2d_kernel_selection_enabled()) is on, `x` is a CPU float32 4-D strided
+// ops/dispatch.h (dynattn_kernels_enabled()) is on, `x` is a CPU float32 4-D strided
 // tensor with elements, contiguous NCHW or channels-last, and every defined tensor of `params`
 // (the module's weights and statistics) is a CPU float32 tensor. Anything else keeps the ATen
 // path, with its errors.
@@ -27,11 +27,9 @@ bool fused_gates_apply(const torch::Tensor& x, std::initializer_list<torch::Tens
 int64_t fused_gates_calls();
 
 // Where the CPU has AVX-512, several of the kernels (inference and training) run as forms on
-// 16-float vectors; elsewhere their AVX2 or baseline forms run. Process-wide, on by default; off,
-// the AVX2/baseline forms run on every CPU: tests hold both forms to the ATen path on one
-// machine.
-void set_wide_vector_kernels(bool enabled);
-bool wide_vector_kernels_enabled();
+// 16-float vectors; elsewhere their AVX2 or baseline forms run. KernelPolicy::wide_vectors
+// (ops/dispatch.h) off, the AVX2/baseline forms run on every CPU: tests hold both forms to the
+// ATen path on one machine.
 
 enum class GateFunction { Sigmoid, HardSigmoid };  // hard: relu6(v + 3) / 6
 

@@ -8,10 +8,12 @@
 // stack (2 threads, PyTorch 1.13, same kernels): 2.2 vs 5.6-8.0 ms at batch 1 and 37 vs 43-50 ms
 // at batch 64; `dynattn bench --compare-deployed` reports the whole-model figures.
 // The chain applies only to CPU float inference (no autograd) when oneDNN is available and the
-// conv-kernel selection switch (ops/conv2d.h) is on; callers fall back to the ordinary path
+// kernel policy (ops/dispatch.h) is dynattn's; callers fall back to the ordinary path
 // otherwise, so results never depend on it beyond rounding.
 #pragma once
 #include <torch/torch.h>
+
+#include "dynattn/ops/dispatch.h"
 
 #include <memory>
 #include <mutex>
@@ -62,9 +64,7 @@ class PackedConv2d {
 // Plans (primitives and reordered weights) are cached per input shape and rebuilt when a weight
 // changes. Without oneDNN at build time (DYNATTN_HAVE_ONEDNN unset), available() is false and
 // callers keep the PackedConv2d path.
-enum class WinogradPolicy { kNever, kMeasured, kWhenSupported };
-void set_onednn_winograd(WinogradPolicy policy);
-WinogradPolicy onednn_winograd();
+// The policy (WinogradPolicy) is KernelPolicy::winograd of ops/dispatch.h.
 
 class OnednnConvStack {
  public:
@@ -78,8 +78,15 @@ class OnednnConvStack {
   static bool supports(const std::vector<const torch::nn::Conv2dImpl*>& convs);
   // relu(conv_n(... relu(conv_1(x)))) for dense 4-D float CPU `x` (NCHW or channels-last);
   // the result is dense NCHW. Inference only: nothing is recorded for autograd.
+  // Errors when try_forward() refuses.
   torch::Tensor forward(const std::vector<const torch::nn::Conv2dImpl*>& convs,
                         const torch::Tensor& x);
+  // The same, or an undefined tensor when some layer would run oneDNN's reference kernel on
+  // this CPU whatever the layout (refusal() then says which and why): the caller takes its next
+  // candidate (ops/dispatch.h). Never runs a reference kernel.
+  torch::Tensor try_forward(const std::vector<const torch::nn::Conv2dImpl*>& convs,
+                            const torch::Tensor& x);
+  std::string refusal() const;  // of the last call, empty when it ran
   // Per layer, the oneDNN implementation the last call used (e.g. "jit_wino_4x3:avx512_core").
   std::vector<std::string> implementations() const;
 

@@ -8,7 +8,7 @@
 // (bench/bench_attention_nonlocal.cpp) times this op against torch::conv2d side by side.
 //
 // Applies to float CPU tensors when dynattn was built with the oneDNN library and the kernel
-// selection switch (ops/conv2d.h) is on; callers keep the ATen convolution otherwise. Double
+// policy (ops/dispatch.h) is dynattn's; callers keep the ATen convolution otherwise. Double
 // backward is not supported.
 #pragma once
 #include <torch/torch.h>

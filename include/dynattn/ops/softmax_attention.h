@@ -14,7 +14,7 @@
 // from the softmax output the forward saves (what ATen's own backward saves too).
 //
 // Applies to CPU float tensors when either implementation is in the build (the kernel needs GCC
-// or Clang) and the kernel selection switch (ops/conv2d.h) is on; callers keep the ATen form
+// or Clang) and the kernel policy (ops/dispatch.h) is on; callers keep the ATen form
 // otherwise. Double backward is not supported (the ATen form, `--kernels aten`, supports it).
 #pragma once
 #include <torch/torch.h>
