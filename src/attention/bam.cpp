@@ -4,6 +4,7 @@
 #include "dynattn/models/attention_slot.h"
 #include "dynattn/ops/bam_spatial_branch.h"
 #include "dynattn/ops/conv2d.h"
+#include "dynattn/ops/dispatch.h"
 #include "dynattn/ops/fused_gates.h"
 
 namespace dynattn {
@@ -134,17 +135,37 @@ BamSpatialLayers BAMSpatialGateImpl::layers() const {
   return l;
 }
 
-torch::Tensor BAMSpatialGateImpl::forward(const torch::Tensor& x) {
-  check_attention_input("BAM spatial gate", x, options.channels());
+const KernelOp<BAMSpatialGateImpl::KernelCall>& BAMSpatialGateImpl::kernels() {
+  using Call = KernelCall;
   // Float CPU input and the layers as reset() builds them: the lane kernels of
   // ops/bam_spatial_branch.h, forward and backward (LibTorch 1.13's backward of such narrow
   // convolutions is most of a BAM training step), and in inference from the batch where they
-  // pay off; the ATen form otherwise.
-  const auto l = layers();
-  if (bam_spatial_branch_applicable(x, l) &&
-      (torch::GradMode::is_enabled() || bam_spatial_branch_pays_off(x.size(0), rd_channels)))
-    return bam_spatial_branch(x, l);
-  return gate_s->forward(x);
+  // pay off.
+  static const KernelOp<Call> op(
+      "bam_spatial_gate",
+      {{"lanes",
+        [](const Call& c) {
+          return bam_spatial_branch_applicable(c.x, c.self->layers()) &&
+                 (torch::GradMode::is_enabled() ||
+                  bam_spatial_branch_pays_off(c.x.size(0), c.self->rd_channels));
+        },
+        [](const Call& c) { return bam_spatial_branch(c.x, c.self->layers()); }},
+       {"aten", always_applies<Call>, [](const Call& c) { return c.self->gate_s->forward(c.x); }}});
+  return op;
+}
+
+torch::Tensor BAMSpatialGateImpl::forward(const torch::Tensor& x) {
+  check_attention_input("BAM spatial gate", x, options.channels());
+  return kernels()({this, x});
+}
+
+std::string BAMSpatialGateImpl::kernel_for(const torch::Tensor& x) {
+  return kernels().chosen({this, x});
+}
+
+torch::Tensor BAMSpatialGateImpl::forward_with(const std::string& kernel, const torch::Tensor& x) {
+  check_attention_input("BAM spatial gate", x, options.channels());
+  return kernels().run(kernel, {this, x});
 }
 
 void BAMSpatialGateImpl::pretty_print(std::ostream& stream) const {
@@ -181,67 +202,110 @@ torch::Tensor BAMImpl::combine(const torch::Tensor& x, const torch::Tensor& mc,
   return torch::addcmul(x, x, s);
 }
 
-torch::Tensor BAMImpl::fused_forward(const torch::Tensor& x) {
-  const auto& gc = *channel_att->gate_c;
-  const auto& gs = *spatial_att->gate_s;
-  const auto* fc0 = gc.ptr(0)->as<torch::nn::Linear>();
-  const auto* fc_final = gc.ptr(3)->as<torch::nn::Linear>();
-  const auto* reduce = gs.ptr(0)->as<torch::nn::Conv2d>();
-  const torch::nn::Conv2dImpl* dilated[2] = {gs.ptr(3)->as<torch::nn::Conv2d>(),
-                                             gs.ptr(6)->as<torch::nn::Conv2d>()};
-  const auto* final_conv = gs.ptr(9)->as<torch::nn::Conv2d>();
-  // Every BN must normalise with its running statistics: [channel, reduce, dilated 0, 1].
+namespace {
+// BAM's layers as the fused inference kernel takes them, every BN in eval form (`eval`: all four
+// normalise with running statistics: [channel, reduce, dilated 0, 1]).
+struct FusedBamLayers {
+  const torch::nn::LinearImpl* fc0 = nullptr;
+  const torch::nn::LinearImpl* fc_final = nullptr;
+  const torch::nn::Conv2dImpl* reduce = nullptr;
+  const torch::nn::Conv2dImpl* dilated[2] = {nullptr, nullptr};
+  const torch::nn::Conv2dImpl* final_conv = nullptr;
   BatchNormEval bn[4];
-  if (!eval_form(*gc.ptr(1)->as<torch::nn::BatchNorm1d>(), bn[0])) return {};
-  for (int i = 0; i < 3; ++i) {
-    if (!eval_form(*gs.ptr(1 + 3 * i)->as<torch::nn::BatchNorm2d>(), bn[1 + i])) return {};
-  }
-  const std::initializer_list<torch::Tensor> params = {
-      fc0->weight,        fc0->bias,        fc_final->weight,   fc_final->bias,
-      reduce->weight,     reduce->bias,     dilated[0]->weight, dilated[0]->bias,
-      dilated[1]->weight, dilated[1]->bias, final_conv->weight, final_conv->bias,
-      bn[0].weight,       bn[0].bias,       bn[0].running_mean, bn[0].running_var,
-      bn[1].weight,       bn[1].bias,       bn[1].running_mean, bn[1].running_var,
-      bn[2].weight,       bn[2].bias,       bn[2].running_mean, bn[2].running_var,
-      bn[3].weight,       bn[3].bias,       bn[3].running_mean, bn[3].running_var};
-  if (!fused_gates_apply(x, params)) return {};
-  const ChannelMlp mlp{fc0->weight, fc0->bias, fc_final->weight, fc_final->bias, &bn[0]};
+  bool eval = true;
+};
+
+FusedBamLayers fused_layers(const BAMImpl& m) {
+  const auto& gc = *m.channel_att->gate_c;
+  const auto& gs = *m.spatial_att->gate_s;
+  FusedBamLayers l;
+  l.fc0 = gc.ptr(0)->as<torch::nn::Linear>();
+  l.fc_final = gc.ptr(3)->as<torch::nn::Linear>();
+  l.reduce = gs.ptr(0)->as<torch::nn::Conv2d>();
+  l.dilated[0] = gs.ptr(3)->as<torch::nn::Conv2d>();
+  l.dilated[1] = gs.ptr(6)->as<torch::nn::Conv2d>();
+  l.final_conv = gs.ptr(9)->as<torch::nn::Conv2d>();
+  l.eval = eval_form(*gc.ptr(1)->as<torch::nn::BatchNorm1d>(), l.bn[0]);
+  for (int i = 0; i < 3 && l.eval; ++i)
+    l.eval = eval_form(*gs.ptr(1 + 3 * i)->as<torch::nn::BatchNorm2d>(), l.bn[1 + i]);
+  return l;
+}
+
+bool fused_inference_applies(const BAMImpl& m, const torch::Tensor& x) {
+  const auto l = fused_layers(m);
+  if (!l.eval) return false;
+  const auto& bn = l.bn;
+  return fused_gates_apply(
+      x, {l.fc0->weight,        l.fc0->bias,        l.fc_final->weight,   l.fc_final->bias,
+          l.reduce->weight,     l.reduce->bias,     l.dilated[0]->weight, l.dilated[0]->bias,
+          l.dilated[1]->weight, l.dilated[1]->bias, l.final_conv->weight, l.final_conv->bias,
+          bn[0].weight,         bn[0].bias,         bn[0].running_mean,   bn[0].running_var,
+          bn[1].weight,         bn[1].bias,         bn[1].running_mean,   bn[1].running_var,
+          bn[2].weight,         bn[2].bias,         bn[2].running_mean,   bn[2].running_var,
+          bn[3].weight,         bn[3].bias,         bn[3].running_mean,   bn[3].running_var});
+}
+}  // namespace
+
+torch::Tensor BAMImpl::fused_forward(const torch::Tensor& x) {
+  if (!fused_inference_applies(*this, x)) return {};
+  const auto l = fused_layers(*this);
+  const ChannelMlp mlp{l.fc0->weight, l.fc0->bias, l.fc_final->weight, l.fc_final->bias, &l.bn[0]};
   // Narrow spatial branches run inside the kernel; wider ones are faster as ATen convolutions.
   if (!bam_spatial_in_kernel(x.size(0), spatial_att->rd_channels)) {
     return fused_bam(x, mlp, nullptr, spatial_att(x), options.product());
   }
   BamSpatialWeights sw;
-  sw.reduce_weight = reduce->weight;
-  sw.reduce_bias = reduce->bias;
-  sw.reduce_bn = &bn[1];
+  sw.reduce_weight = l.reduce->weight;
+  sw.reduce_bias = l.reduce->bias;
+  sw.reduce_bn = &l.bn[1];
   for (int i = 0; i < 2; ++i) {
-    sw.dilated_weight[i] = dilated[i]->weight;
-    sw.dilated_bias[i] = dilated[i]->bias;
-    sw.dilated_bn[i] = &bn[2 + i];
+    sw.dilated_weight[i] = l.dilated[i]->weight;
+    sw.dilated_bias[i] = l.dilated[i]->bias;
+    sw.dilated_bn[i] = &l.bn[2 + i];
   }
-  sw.final_weight = final_conv->weight;
-  sw.final_bias = final_conv->bias;
+  sw.final_weight = l.final_conv->weight;
+  sw.final_bias = l.final_conv->bias;
   sw.dilation = options.dilation();
   return fused_bam(x, mlp, &sw, {}, options.product());
 }
 
+torch::Tensor BAMImpl::fused_train_forward(const torch::Tensor& x) {
+  // The channel gate keeps its modules (BN with batch statistics); the spatial branch and the
+  // combine, where most of the passes over the map are, are one autograd node.
+  auto mc = channel_att(x);
+  const auto layers = spatial_att->layers();
+  if (bam_spatial_branch_applicable(x, layers) && fused_gates_train_apply(x, {mc}))
+    return bam_spatial_branch_combine(x, mc, layers, options.product());
+  auto ms = spatial_att(x);
+  if (fused_gates_train_apply(x, {mc, ms}))
+    return fused_bam_combine_train(x, mc, ms, options.product());
+  return combine(x, mc, ms);
+}
+
+const KernelOp<BAMImpl::KernelCall>& BAMImpl::kernels() {
+  using Call = KernelCall;
+  static const KernelOp<Call> op(
+      "bam",
+      {{"fused", [](const Call& c) { return fused_inference_applies(*c.self, c.x); },
+        [](const Call& c) { return c.self->fused_forward(c.x); }},
+       {"fused_train", [](const Call& c) { return fused_gates_train_apply(c.x); },
+        [](const Call& c) { return c.self->fused_train_forward(c.x); }},
+       {"aten", always_applies<Call>, [](const Call& c) { return c.self->run(c.x, nullptr); }}});
+  return op;
+}
+
 torch::Tensor BAMImpl::forward(const torch::Tensor& x) {
   check_attention_input("BAM", x, options.channels());
-  auto fused = fused_forward(x);
-  if (fused.defined()) return fused;
-  // Training: the channel gate keeps its modules (BN with batch statistics); the spatial branch
-  // and the combine, where most of the passes over the map are, are one autograd node.
-  if (fused_gates_train_apply(x)) {
-    auto mc = channel_att(x);
-    const auto layers = spatial_att->layers();
-    if (bam_spatial_branch_applicable(x, layers) && fused_gates_train_apply(x, {mc}))
-      return bam_spatial_branch_combine(x, mc, layers, options.product());
-    auto ms = spatial_att(x);
-    if (fused_gates_train_apply(x, {mc, ms}))
-      return fused_bam_combine_train(x, mc, ms, options.product());
-    return combine(x, mc, ms);
-  }
-  return run(x, nullptr);
+  return kernels()({this, x});
+}
+
+std::string BAMImpl::kernel_for(const torch::Tensor& x) {
+  return kernels().chosen({this, x});
+}
+
+torch::Tensor BAMImpl::forward_with(const std::string& kernel, const torch::Tensor& x) {
+  check_attention_input("BAM", x, options.channels());
+  return kernels().run(kernel, {this, x});
 }
 
 AttentionOutput BAMImpl::forward_with_maps(const torch::Tensor& x) {

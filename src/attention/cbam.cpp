@@ -3,6 +3,7 @@
 #include "dynattn/attention/channel_reduction.h"
 #include "dynattn/models/attention_slot.h"
 #include "dynattn/ops/conv2d.h"
+#include "dynattn/ops/dispatch.h"
 #include "dynattn/ops/fused_gates.h"
 
 namespace dynattn {
@@ -157,36 +158,72 @@ torch::Tensor CBAMImpl::run(const torch::Tensor& x, AttentionMaps* maps) {
   return refined * ms;
 }
 
+namespace {
+// Whether CBAM's fused inference kernel applies: the spatial BN (if any) in eval form, and
+// fused_gates_apply() on the input and every parameter.
+bool fused_inference_applies(const CBAMImpl& m, const torch::Tensor& x) {
+  const auto& c = *m.channel;
+  const auto& s = *m.spatial;
+  BatchNormEval bn;
+  if (s.bn && !eval_form(*s.bn, bn)) return false;
+  return fused_gates_apply(
+      x, {c.fc1->weight, c.fc1->bias, c.fc2->weight, c.fc2->bias, s.conv->weight, s.conv->bias,
+          bn.weight, bn.bias, bn.running_mean, bn.running_var});
+}
+
+// Whether its training form applies: the spatial BN (if any) tracks running statistics.
+bool fused_training_applies(const CBAMImpl& m, const torch::Tensor& x) {
+  const auto& c = *m.channel;
+  const auto& s = *m.spatial;
+  if (s.bn && !s.bn->options.track_running_stats()) return false;
+  const auto bn_w = s.bn ? s.bn->weight : torch::Tensor();
+  const auto bn_b = s.bn ? s.bn->bias : torch::Tensor();
+  return fused_gates_train_apply(x, {c.fc1->weight, c.fc1->bias, c.fc2->weight, c.fc2->bias,
+                                     s.conv->weight, s.conv->bias, bn_w, bn_b});
+}
+}  // namespace
+
 torch::Tensor CBAMImpl::fused_forward(const torch::Tensor& x) {
+  if (!fused_inference_applies(*this, x)) return {};
   const auto& c = *channel;
   const auto& s = *spatial;
   BatchNormEval bn;
-  if (s.bn && !eval_form(*s.bn, bn)) return {};
-  const std::initializer_list<torch::Tensor> params = {
-      c.fc1->weight, c.fc1->bias, c.fc2->weight, c.fc2->bias,     s.conv->weight,
-      s.conv->bias,  bn.weight,   bn.bias,       bn.running_mean, bn.running_var};
-  if (!fused_gates_apply(x, params)) return {};
+  if (s.bn) eval_form(*s.bn, bn);
   return fused_cbam(x, {c.fc1->weight, c.fc1->bias, c.fc2->weight, c.fc2->bias},
                     {s.conv->weight, s.conv->bias, s.bn ? &bn : nullptr, options.max_first()});
 }
 
+const KernelOp<CBAMImpl::KernelCall>& CBAMImpl::kernels() {
+  using Call = KernelCall;
+  static const KernelOp<Call> op(
+      "cbam",
+      {{"fused", [](const Call& c) { return fused_inference_applies(*c.self, c.x); },
+        [](const Call& c) { return c.self->fused_forward(c.x); }},
+       // Training: one autograd node with a three-pass backward instead of ATen's operator chain.
+       {"fused_train", [](const Call& c) { return fused_training_applies(*c.self, c.x); },
+        [](const Call& c) {
+          const auto& ch = *c.self->channel;
+          auto& s = *c.self->spatial;
+          return fused_cbam_train(c.x, {ch.fc1->weight, ch.fc1->bias, ch.fc2->weight, ch.fc2->bias},
+                                  s.conv->weight, s.conv->bias, s.bn ? s.bn.get() : nullptr,
+                                  c.self->options.max_first());
+        }},
+       {"aten", always_applies<Call>, [](const Call& c) { return c.self->run(c.x, nullptr); }}});
+  return op;
+}
+
 torch::Tensor CBAMImpl::forward(const torch::Tensor& x) {
   check_attention_input("CBAM", x, options.channels());
-  auto fused = fused_forward(x);
-  if (fused.defined()) return fused;
-  // Training: one autograd node with a three-pass backward instead of ATen's operator chain.
-  const auto& c = *channel;
-  auto& s = *spatial;
-  const bool bn_ok = !s.bn || s.bn->options.track_running_stats();
-  const auto bn_w = s.bn ? s.bn->weight : torch::Tensor();
-  const auto bn_b = s.bn ? s.bn->bias : torch::Tensor();
-  if (bn_ok && fused_gates_train_apply(x, {c.fc1->weight, c.fc1->bias, c.fc2->weight, c.fc2->bias,
-                                           s.conv->weight, s.conv->bias, bn_w, bn_b})) {
-    return fused_cbam_train(x, {c.fc1->weight, c.fc1->bias, c.fc2->weight, c.fc2->bias},
-                            s.conv->weight, s.conv->bias, s.bn ? s.bn.get() : nullptr,
-                            options.max_first());
-  }
-  return run(x, nullptr);
+  return kernels()({this, x});
+}
+
+std::string CBAMImpl::kernel_for(const torch::Tensor& x) {
+  return kernels().chosen({this, x});
+}
+
+torch::Tensor CBAMImpl::forward_with(const std::string& kernel, const torch::Tensor& x) {
+  check_attention_input("CBAM", x, options.channels());
+  return kernels().run(kernel, {this, x});
 }
 
 AttentionOutput CBAMImpl::forward_with_maps(const torch::Tensor& x) {

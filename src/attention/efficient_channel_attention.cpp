@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "dynattn/models/attention_slot.h"
+#include "dynattn/ops/dispatch.h"
 #include "dynattn/ops/fused_gates.h"
 
 namespace dynattn {
@@ -46,15 +47,45 @@ torch::Tensor EfficientChannelAttentionImpl::gate(const torch::Tensor& x) {
   return torch::sigmoid(y).view({n, options.channels(), 1, 1});
 }
 
+const KernelOp<EfficientChannelAttentionImpl::KernelCall>&
+EfficientChannelAttentionImpl::kernels() {
+  using Call = KernelCall;
+  static const KernelOp<Call> op(
+      "eca",
+      {// Inference: one fused kernel instead of the ATen operators of gate().
+       {"fused",
+        [](const Call& c) {
+          return fused_gates_apply(c.x, {c.self->conv->weight, c.self->conv->bias});
+        },
+        [](const Call& c) {
+          return fused_efficient_channel_attention(c.x, c.self->conv->weight, c.self->conv->bias);
+        }},
+       // Training: one autograd node with a two-pass backward instead of ATen's operator chain.
+       {"fused_train",
+        [](const Call& c) {
+          return fused_gates_train_apply(c.x, {c.self->conv->weight, c.self->conv->bias});
+        },
+        [](const Call& c) {
+          return fused_efficient_channel_attention_train(c.x, c.self->conv->weight,
+                                                         c.self->conv->bias);
+        }},
+       {"aten", always_applies<Call>, [](const Call& c) { return c.x * c.self->gate(c.x); }}});
+  return op;
+}
+
 torch::Tensor EfficientChannelAttentionImpl::forward(const torch::Tensor& x) {
   check_attention_input("ECA", x, options.channels());
-  // Inference: one fused kernel instead of the ATen operators of gate() (ops/fused_gates.h).
-  if (fused_gates_apply(x, {conv->weight, conv->bias}))
-    return fused_efficient_channel_attention(x, conv->weight, conv->bias);
-  // Training: one autograd node with a two-pass backward instead of ATen's operator chain.
-  if (fused_gates_train_apply(x, {conv->weight, conv->bias}))
-    return fused_efficient_channel_attention_train(x, conv->weight, conv->bias);
-  return x * gate(x);
+  return kernels()({this, x});
+}
+
+std::string EfficientChannelAttentionImpl::kernel_for(const torch::Tensor& x) {
+  return kernels().chosen({this, x});
+}
+
+torch::Tensor EfficientChannelAttentionImpl::forward_with(const std::string& kernel,
+                                                          const torch::Tensor& x) {
+  check_attention_input("ECA", x, options.channels());
+  return kernels().run(kernel, {this, x});
 }
 
 AttentionOutput EfficientChannelAttentionImpl::forward_with_maps(const torch::Tensor& x) {

@@ -3,6 +3,7 @@
 #include "dynattn/attention/channel_reduction.h"
 #include "dynattn/models/attention_slot.h"
 #include "dynattn/ops/conv2d.h"
+#include "dynattn/ops/dispatch.h"
 #include "dynattn/ops/fused_gates.h"
 
 namespace dynattn {
@@ -10,6 +11,10 @@ namespace {
 void check_gate_name(const std::string& gate, const char* module) {
   TORCH_CHECK(gate == "sigmoid" || gate == "hard_sigmoid", module,
               ": gate must be one of sigmoid, hard_sigmoid; got '", gate, "'");
+}
+
+GateFunction gate_function(const SqueezeExcitationImpl& m) {
+  return m.options.gate() == "sigmoid" ? GateFunction::Sigmoid : GateFunction::HardSigmoid;
 }
 }  // namespace
 
@@ -43,17 +48,51 @@ torch::Tensor SqueezeExcitationImpl::gate(const torch::Tensor& x) {
   return apply_channel_gate(conv1x1_on_pooled(*fc2, hidden), options.gate(), "SE");
 }
 
+const KernelOp<SqueezeExcitationImpl::KernelCall>& SqueezeExcitationImpl::kernels() {
+  using Call = KernelCall;
+  static const KernelOp<Call> op(
+      "se",
+      {// Inference: one fused kernel instead of the ATen operators of gate().
+       {"fused",
+        [](const Call& c) {
+          const auto& m = *c.self;
+          return fused_gates_apply(c.x, {m.fc1->weight, m.fc1->bias, m.fc2->weight, m.fc2->bias});
+        },
+        [](const Call& c) {
+          const auto& m = *c.self;
+          return fused_squeeze_excitation(
+              c.x, ChannelMlp{m.fc1->weight, m.fc1->bias, m.fc2->weight, m.fc2->bias},
+              gate_function(m));
+        }},
+       // Training: one autograd node with a two-pass backward instead of ATen's operator chain.
+       {"fused_train",
+        [](const Call& c) {
+          const auto& m = *c.self;
+          return fused_gates_train_apply(c.x,
+                                         {m.fc1->weight, m.fc1->bias, m.fc2->weight, m.fc2->bias});
+        },
+        [](const Call& c) {
+          const auto& m = *c.self;
+          return fused_squeeze_excitation_train(c.x, m.fc1->weight, m.fc1->bias, m.fc2->weight,
+                                                m.fc2->bias, gate_function(m));
+        }},
+       {"aten", always_applies<Call>, [](const Call& c) { return c.x * c.self->gate(c.x); }}});
+  return op;
+}
+
 torch::Tensor SqueezeExcitationImpl::forward(const torch::Tensor& x) {
   check_attention_input("SE", x, options.channels());
-  // Inference: one fused kernel instead of the ATen operators of gate() (ops/fused_gates.h).
-  const ChannelMlp mlp{fc1->weight, fc1->bias, fc2->weight, fc2->bias};
-  const auto fn = options.gate() == "sigmoid" ? GateFunction::Sigmoid : GateFunction::HardSigmoid;
-  if (fused_gates_apply(x, {mlp.fc1_weight, mlp.fc1_bias, mlp.fc2_weight, mlp.fc2_bias}))
-    return fused_squeeze_excitation(x, mlp, fn);
-  // Training: one autograd node with a two-pass backward instead of ATen's operator chain.
-  if (fused_gates_train_apply(x, {mlp.fc1_weight, mlp.fc1_bias, mlp.fc2_weight, mlp.fc2_bias}))
-    return fused_squeeze_excitation_train(x, fc1->weight, fc1->bias, fc2->weight, fc2->bias, fn);
-  return x * gate(x);
+  return kernels()({this, x});
+}
+
+std::string SqueezeExcitationImpl::kernel_for(const torch::Tensor& x) {
+  return kernels().chosen({this, x});
+}
+
+torch::Tensor SqueezeExcitationImpl::forward_with(const std::string& kernel,
+                                                  const torch::Tensor& x) {
+  check_attention_input("SE", x, options.channels());
+  return kernels().run(kernel, {this, x});
 }
 
 AttentionOutput SqueezeExcitationImpl::forward_with_maps(const torch::Tensor& x) {

@@ -325,17 +325,27 @@ torch::Tensor same_conv2d(const torch::Tensor& input, const torch::Tensor& weigh
                            bias.defined() ? bias : torch::empty({0}, weight.options()), dilation);
 }
 
-ConvKernel select_conv2d_kernel(const torch::Tensor& input, const torch::nn::Conv2dImpl& conv) {
-  if (!dynattn_kernels_enabled() || !at::hasMKLDNN()) return ConvKernel::Aten;
+namespace {
+
+struct ConvCall {
+  torch::nn::Conv2dImpl* conv;
+  const torch::Tensor& input;
+};
+
+// The rule of conv2d_inference's "onednn" candidate (ops/dispatch.h).
+bool onednn_conv_applies(const ConvCall& c) {
+  const auto& input = c.input;
+  const auto& conv = *c.conv;
+  if (!at::hasMKLDNN()) return false;
   if (torch::GradMode::is_enabled() && (input.requires_grad() || conv.weight.requires_grad()))
-    return ConvKernel::Aten;
+    return false;
   const auto& o = conv.options;
   const auto* padding = variant_get_if<torch::ExpandingArray<2>>(&o.padding());
   if (!input.is_cpu() || input.scalar_type() != torch::kFloat || input.dim() != 4 ||
       o.groups() != 1 || o.transposed() || padding == nullptr ||
       !variant_get_if<torch::enumtype::kZeros>(&o.padding_mode()) ||
       aten_picks_onednn(input, conv.weight))
-    return ConvKernel::Aten;
+    return false;
   // MACs of this call; oneDNN's fixed cost only pays off on larger convolutions, and the
   // im2col kernel is already good on small feature maps (see the measurements above).
   const auto& k = o.kernel_size();
@@ -347,19 +357,43 @@ ConvKernel select_conv2d_kernel(const torch::Tensor& input, const torch::nn::Con
   const double macs =
       static_cast<double>(o.in_channels()) * o.out_channels() * k->at(0) * k->at(1) * out_h * out_w;
   const bool large_map = h * w >= 28 * 28 && macs >= 1.0e6;
-  return (large_map || macs >= 4.0e6) ? ConvKernel::OneDnn : ConvKernel::Aten;
+  return large_map || macs >= 4.0e6;
+}
+
+torch::Tensor onednn_conv(const ConvCall& c) {
+  const auto& o = c.conv->options;
+  const auto& padding = *variant_get_if<torch::ExpandingArray<2>>(&o.padding());
+  // oneDNN keeps the input's memory format, so the weight must follow it.
+  const auto format = c.input.suggest_memory_format();
+  const auto input_c = c.input.contiguous(format);
+  const auto weight = c.conv->weight.contiguous(format);
+  return at::mkldnn_convolution(input_c, weight,
+                                c.conv->bias.defined() ? c.conv->bias : torch::Tensor(), *padding,
+                                *o.stride(), *o.dilation(), o.groups());
+}
+
+const KernelOp<ConvCall>& conv2d_inference() {
+  static const KernelOp<ConvCall> op(
+      "conv2d_inference", {{"onednn", onednn_conv_applies, onednn_conv},
+                           {"aten", always_applies<ConvCall>,
+                            [](const ConvCall& c) { return c.conv->forward(c.input); }}});
+  return op;
+}
+
+}  // namespace
+
+ConvKernel select_conv2d_kernel(const torch::Tensor& input, const torch::nn::Conv2dImpl& conv) {
+  const ConvCall call{const_cast<torch::nn::Conv2dImpl*>(&conv), input};
+  return conv2d_inference().choose(call) == 0 ? ConvKernel::OneDnn : ConvKernel::Aten;
 }
 
 torch::Tensor conv2d_forward(torch::nn::Conv2dImpl& conv, const torch::Tensor& input) {
-  if (select_conv2d_kernel(input, conv) == ConvKernel::Aten) return conv.forward(input);
-  const auto& o = conv.options;
-  const auto& padding = *variant_get_if<torch::ExpandingArray<2>>(&o.padding());
-  // oneDNN keeps the input's memory format, so the weight must follow it.
-  const auto format = input.suggest_memory_format();
-  const auto input_c = input.contiguous(format);
-  const auto weight = conv.weight.contiguous(format);
-  return at::mkldnn_convolution(input_c, weight, conv.bias.defined() ? conv.bias : torch::Tensor(),
-                                *padding, *o.stride(), *o.dilation(), o.groups());
+  return conv2d_inference()({&conv, input});
+}
+
+torch::Tensor conv2d_forward_with(const std::string& kernel, torch::nn::Conv2dImpl& conv,
+                                  const torch::Tensor& input) {
+  return conv2d_inference().run(kernel, {&conv, input});
 }
 
 torch::Tensor conv1x1_on_pooled(const torch::nn::Conv2dImpl& conv, const torch::Tensor& pooled) {

@@ -154,35 +154,29 @@ bool dynattn_kernels_enabled() {
 }
 
 bool wide_vector_kernels_run() {
-  return cpu_capability().avx512 && g_dynattn.load(std::memory_order_relaxed) &&
-         g_wide_vectors.load(std::memory_order_relaxed);
+  return needs_avx512_wide(cpu_capability(), kernel_policy()) == nullptr;
 }
 
-std::string KernelCandidate::why_not() const {
-  return unavailable == nullptr ? std::string() : unavailable(cpu_capability(), kernel_policy());
+const char* KernelCandidate::why_not() const {
+  return unavailable == nullptr ? nullptr : unavailable(cpu_capability(), kernel_policy());
 }
 
-std::string needs_dynattn_policy(const CpuCapability&, const KernelPolicy& p) {
-  return p.dynattn ? "" : "--kernels aten";
+const char* needs_dynattn_policy(const CpuCapability&, const KernelPolicy& p) {
+  return p.dynattn ? nullptr : "--kernels aten";
 }
 
-std::string needs_onednn(const CpuCapability& cpu, const KernelPolicy& p) {
+const char* needs_onednn(const CpuCapability&, const KernelPolicy& p) {
   if (!p.dynattn) return "--kernels aten";
   if (!at::hasMKLDNN()) return "LibTorch built without oneDNN";
-  (void)cpu;
-  return "";
+  return nullptr;
 }
 
-std::string needs_avx512_wide(const CpuCapability& cpu, const KernelPolicy& p) {
+const char* needs_avx512_wide(const CpuCapability& cpu, const KernelPolicy& p) {
   if (!p.dynattn) return "--kernels aten";
   if (!cpu.avx512)
     return cpu.isa_limit.empty() ? "this CPU has no AVX-512" : "AVX-512 capped by MAX_CPU_ISA";
   if (!p.wide_vectors) return "16-float forms switched off";
-  return "";
-}
-
-std::string always_available(const CpuCapability&, const KernelPolicy&) {
-  return "";
+  return nullptr;
 }
 
 const KernelOpInfo& kernel_op(const std::string& name) {
@@ -202,11 +196,13 @@ std::string kernel_list_report() {
   s << "Per op, candidates in order of preference: the first that is available here and applies "
        "to the input runs.\n";
   for (const auto& op : kernel_ops()) {
-    s << "\n" << op.name << ": " << op.summary << "\n";
+    s << "\n"
+      << op.name << ": " << op.summary << (op.dispatched ? "" : " [rules in the op's own checks]")
+      << "\n";
     for (const auto& c : op.candidates) {
-      const auto why = c.why_not();
-      s << "  " << (why.empty() ? "[available]  " : "[not here]   ") << c.name;
-      if (!why.empty()) s << " (" << why << ")";
+      const char* why = c.why_not();
+      s << "  " << (why == nullptr ? "[available]  " : "[not here]   ") << c.name;
+      if (why != nullptr) s << " (" << why << ")";
       s << "\n      " << c.rule << "\n";
     }
   }

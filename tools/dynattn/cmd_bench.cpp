@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
+#include <limits>
 #include <tuple>
 
 #include "cli_common.h"
@@ -14,6 +15,7 @@
 #include "dynattn/io/atomic_file.h"
 #include "dynattn/io/checkpoint.h"
 #include "dynattn/models/repvgg.h"
+#include "dynattn/ops/dispatch.h"
 #include "dynattn/profile/model_bench.h"
 #include "dynattn/reparam/deploy.h"
 
@@ -31,6 +33,7 @@ struct BenchArgs {
   bool no_peak = false;
   bool compare_malloc = false;
   bool compare_deployed = false;
+  bool compare_kernels = false;
   int64_t train_batch = 0;
   std::string data = kFashionMnistDefaultRoot;  // BranchyNet: real test images
   std::string thresholds;
@@ -127,18 +130,64 @@ ModelBenchResult median_round(const std::vector<ModelBenchResult>& rounds) {
   return out;
 }
 
-// The model and its deployed form measured in alternating rounds, so that drift on a shared
-// machine affects both alike.
-std::pair<ModelBenchResult, ModelBenchResult> bench_against_deployed(Model& model, Model& deployed,
-                                                                     ModelBenchOptions options,
-                                                                     int rounds) {
+// One model under one kernel policy (ops/dispatch.h), among those a bench compares.
+struct Contender {
+  Model* model;
+  bool dynattn_kernels;
+};
+
+// The contenders measured in alternating rounds, so that drift on a shared machine affects them
+// alike: per contender, every round.
+std::vector<std::vector<ModelBenchResult>> bench_alternating(
+    const std::vector<Contender>& contenders, ModelBenchOptions options, int rounds) {
   options.min_seconds(options.min_seconds() / rounds);
-  std::vector<ModelBenchResult> base, plain;
+  std::vector<std::vector<ModelBenchResult>> results(contenders.size());
   for (int i = 0; i < rounds; ++i) {
-    base.push_back(benchmark_model(model, options));
-    plain.push_back(benchmark_model(deployed, options));
+    for (size_t c = 0; c < contenders.size(); ++c) {
+      auto policy = kernel_policy();
+      policy.dynattn = contenders[c].dynattn_kernels;
+      KernelPolicyGuard guard(policy);
+      results[c].push_back(benchmark_model(*contenders[c].model, options));
+    }
   }
-  return {median_round(base), median_round(plain)};
+  return results;
+}
+
+// Per batch size, how many times faster `fast` ran than `slow`: the median over rounds of the
+// ratio of the two medians measured next to each other in that round (a pair shares the
+// machine's state of the moment, which drifts over seconds here).
+nlohmann::json speedups(const std::vector<ModelBenchResult>& slow,
+                        const std::vector<ModelBenchResult>& fast) {
+  auto out = nlohmann::json::array();
+  for (size_t b = 0; b < slow.front().timings.size(); ++b) {
+    std::vector<double> ratios;
+    double slow_min = std::numeric_limits<double>::infinity(), fast_min = slow_min;
+    for (size_t i = 0; i < slow.size(); ++i) {
+      ratios.push_back(slow[i].timings[b].stats.median_ms / fast[i].timings[b].stats.median_ms);
+      slow_min = std::min(slow_min, slow[i].timings[b].stats.min_ms);
+      fast_min = std::min(fast_min, fast[i].timings[b].stats.min_ms);
+    }
+    std::sort(ratios.begin(), ratios.end());
+    const double median = ratios.size() % 2 == 1
+                              ? ratios[ratios.size() / 2]
+                              : 0.5 * (ratios[ratios.size() / 2 - 1] + ratios[ratios.size() / 2]);
+    out.push_back({{"batch", slow.front().timings[b].batch},
+                   {"speedup", median},
+                   {"speedup_min", ratios.front()},
+                   {"speedup_max", ratios.back()},
+                   // interference only adds time: the fastest runs are the least disturbed
+                   {"speedup_of_min", slow_min / fast_min},
+                   {"rounds", ratios.size()}});
+  }
+  return out;
+}
+
+void print_speedups(const nlohmann::json& s, const char* what) {
+  for (const auto& b : s)
+    std::printf("  batch %4lld  %s %.2fx (rounds %.2f to %.2f; fastest runs %.2fx)\n",
+                static_cast<long long>(b["batch"].get<int64_t>()), what, b["speedup"].get<double>(),
+                b["speedup_min"].get<double>(), b["speedup_max"].get<double>(),
+                b["speedup_of_min"].get<double>());
 }
 
 void run_bench(const BenchArgs& a, const GlobalOptions& g) {
@@ -146,7 +195,9 @@ void run_bench(const BenchArgs& a, const GlobalOptions& g) {
   const torch::Device device = parse_device(g.device);
   Model model = a.checkpoint.empty() ? create_model(model_with_attention(a.model, a.attn))
                                      : load_checkpoint_model(a.checkpoint);
-  if (as_branchy(model) != nullptr) {
+  // With --compare-kernels an early-exit model is timed as its static forward: the comparison is
+  // of kernels, not of exits.
+  if (as_branchy(model) != nullptr && !a.compare_kernels) {
     // Early exits depend on the data: timed on test images, against the last exit alone.
     TORCH_CHECK(!a.compare_deployed && !a.compare_malloc && a.train_batch == 0,
                 "bench: ", model.spec,
@@ -170,7 +221,6 @@ void run_bench(const BenchArgs& a, const GlobalOptions& g) {
                            .channels_last(a.channels_last)
                            .device(device)
                            .min_seconds(a.min_time);
-  ModelBenchResult r, deployed_result;
   Model deployed;
   if (a.compare_deployed) {
     deployed = a.checkpoint.empty() ? create_model(model_with_attention(a.model, a.attn))
@@ -181,19 +231,40 @@ void run_bench(const BenchArgs& a, const GlobalOptions& g) {
     const auto report = deploy(deployed, {2, model_in_channels(deployed), 28, 28});
     TORCH_CHECK(!report.merged.empty(), "bench --compare-deployed: ", model.spec,
                 " has nothing to merge");
-    std::tie(r, deployed_result) = bench_against_deployed(model, deployed, options, 3);
-  } else {
-    r = benchmark_model(model, options);
   }
+  // Contenders: the model under the policy in force, then (--compare-deployed) its deployed
+  // form, then (--compare-kernels) each of them under ATen's kernel choices.
+  const bool own_kernels = kernel_policy().dynattn;
+  std::vector<Contender> contenders = {{&model, own_kernels}};
+  if (a.compare_deployed) contenders.push_back({&deployed, own_kernels});
+  if (a.compare_kernels) {
+    contenders.push_back({&model, false});
+    if (a.compare_deployed) contenders.push_back({&deployed, false});
+  }
+  const auto rounds =
+      contenders.size() > 1
+          ? bench_alternating(contenders, options, a.rounds)
+          : std::vector<std::vector<ModelBenchResult>>{{benchmark_model(model, options)}};
+  std::vector<ModelBenchResult> results;
+  for (const auto& r : rounds) results.push_back(median_round(r));
+  const ModelBenchResult& r = results[0];
+  const size_t deployed_at = 1, aten_at = a.compare_deployed ? 2 : 1, deployed_aten_at = 3;
   const double peak = a.no_peak ? 0.0 : measure_conv_peak_gflops();
   auto j = bench_json(model.spec, threads, a, g, r, peak);
   if (a.compare_deployed) {
-    j["deployed"] = bench_json(deployed.spec, threads, a, g, deployed_result, peak);
-    j["deployed_speedup"] = nlohmann::json::array();
-    for (size_t b = 0; b < r.timings.size(); ++b) {
-      j["deployed_speedup"].push_back(
-          {{"batch", r.timings[b].batch},
-           {"speedup", r.timings[b].stats.median_ms / deployed_result.timings[b].stats.median_ms}});
+    j["deployed"] = bench_json(deployed.spec, threads, a, g, results[deployed_at], peak);
+    j["deployed_speedup"] = speedups(rounds[0], rounds[deployed_at]);
+  }
+  if (a.compare_kernels) {
+    j["aten_kernels"] = bench_json(model.spec, threads, a, g, results[aten_at], peak);
+    j["aten_kernels"]["kernels"] = "aten";
+    // > 1: dynattn's choices are faster than ATen's.
+    j["kernels_speedup"] = speedups(rounds[aten_at], rounds[0]);
+    if (a.compare_deployed) {
+      j["deployed"]["aten_kernels"] =
+          bench_json(deployed.spec, threads, a, g, results[deployed_aten_at], peak);
+      j["deployed"]["aten_kernels"]["kernels"] = "aten";
+      j["deployed"]["kernels_speedup"] = speedups(rounds[deployed_aten_at], rounds[deployed_at]);
     }
   }
   BatchTiming train;
@@ -224,7 +295,7 @@ void run_bench(const BenchArgs& a, const GlobalOptions& g) {
   }
   if (a.compare_deployed) {
     std::printf("deployed form %s (measured in alternating rounds with the above): %.2f M MACs\n",
-                deployed.spec.c_str(), deployed_result.macs_per_image / 1e6);
+                deployed.spec.c_str(), results[deployed_at].macs_per_image / 1e6);
     j["deployed"]["conv_peak_gflops"] = peak;
     print_result(j["deployed"]);
     if (auto* repvgg = dynamic_cast<RepVGGImpl*>(deployed.ptr().get())) {
@@ -238,9 +309,19 @@ void run_bench(const BenchArgs& a, const GlobalOptions& g) {
         j["deployed"]["onednn_kernels"] = kernels;
       }
     }
-    for (const auto& s : j["deployed_speedup"])
-      std::printf("  batch %4lld  deployed speed-up %.2fx\n",
-                  static_cast<long long>(s["batch"].get<int64_t>()), s["speedup"].get<double>());
+    print_speedups(j["deployed_speedup"], "deployed speed-up");
+  }
+  if (a.compare_kernels) {
+    std::printf("with --kernels aten (alternating rounds with the above):\n");
+    j["aten_kernels"]["conv_peak_gflops"] = peak;
+    print_result(j["aten_kernels"]);
+    print_speedups(j["kernels_speedup"], "dynattn's kernels vs ATen's:");
+    if (a.compare_deployed) {
+      std::printf("deployed form with --kernels aten:\n");
+      j["deployed"]["aten_kernels"]["conv_peak_gflops"] = peak;
+      print_result(j["deployed"]["aten_kernels"]);
+      print_speedups(j["deployed"]["kernels_speedup"], "deployed, dynattn's kernels vs ATen's:");
+    }
   }
   if (a.compare_malloc) {
     const std::string other = g.malloc == "tuned" ? "default" : "tuned";
@@ -287,6 +368,9 @@ void add_bench_command(CLI::App& app, GlobalOptions& g) {
   sub->add_flag("--compare-deployed", a->compare_deployed,
                 "also measure the deployed form (deploy(): conv+BN folded, RepVGG branches "
                 "merged), alternating rounds with the model as given");
+  sub->add_flag("--compare-kernels", a->compare_kernels,
+                "also measure with ATen's kernel choices (--kernels aten), alternating rounds "
+                "with dynattn's in one process (with --compare-deployed, for both forms)");
   sub->add_option("--data", a->data, "BranchyNet: Fashion-MNIST directory (timed on test images)")
       ->capture_default_str();
   sub->add_option("--thresholds", a->thresholds,
@@ -296,7 +380,9 @@ void add_bench_command(CLI::App& app, GlobalOptions& g) {
       ->capture_default_str()
       ->check(kPositive);
   sub->add_option("--rounds", a->rounds,
-                  "BranchyNet: alternating rounds of the dynamic model and its last exit")
+                  "alternating rounds of the runs compared (--compare-deployed, "
+                  "--compare-kernels; BranchyNet: the dynamic model and its last exit); each "
+                  "batch size's --min-time is shared among them, the median round is reported")
       ->capture_default_str()
       ->check(kPositive);
   sub->add_flag("--stream", a->stream,

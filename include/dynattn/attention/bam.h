@@ -17,6 +17,9 @@
 
 namespace dynattn {
 
+template <class Args>
+class KernelOp;  // ops/dispatch.h
+
 struct AttentionInfo;
 
 struct BAMOptions {
@@ -65,10 +68,20 @@ class BAMSpatialGateImpl : public torch::nn::Cloneable<BAMSpatialGateImpl> {
       const torch::optional<torch::Device>& device = torch::nullopt) const override;
   // The layers of gate_s, for ops/bam_spatial_branch.h.
   BamSpatialLayers layers() const;
+  // forward()'s kernels (op "bam_spatial_gate" of ops/dispatch.h), as BAMImpl's.
+  std::string kernel_for(const torch::Tensor& x);
+  torch::Tensor forward_with(const std::string& kernel, const torch::Tensor& x);
 
   BAMOptions options;
   int64_t rd_channels = 0;
   torch::nn::Sequential gate_s{nullptr};
+
+ private:
+  struct KernelCall {
+    BAMSpatialGateImpl* self;
+    const torch::Tensor& x;
+  };
+  static const KernelOp<KernelCall>& kernels();
 };
 TORCH_MODULE(BAMSpatialGate);
 
@@ -81,6 +94,10 @@ class BAMImpl : public torch::nn::Cloneable<BAMImpl>, public AttentionWithMaps {
   void reset() override;
   torch::Tensor forward(const torch::Tensor& x);
   AttentionOutput forward_with_maps(const torch::Tensor& x) override;
+  // forward()'s kernels (op "bam" of ops/dispatch.h, `dynattn --kernels list`): the one that
+  // runs on x, and any one by name whatever the preference (tests walk each against "aten").
+  std::string kernel_for(const torch::Tensor& x);
+  torch::Tensor forward_with(const std::string& kernel, const torch::Tensor& x);
   void pretty_print(std::ostream& stream) const override;
 
   BAMOptions options;
@@ -94,6 +111,14 @@ class BAMImpl : public torch::nn::Cloneable<BAMImpl>, public AttentionWithMaps {
                         const torch::Tensor& ms) const;
   // The fused inference kernel (ops/fused_gates.h) when it applies, else undefined.
   torch::Tensor fused_forward(const torch::Tensor& x);
+  // The training form of the fused gates: the channel gate's modules, then the spatial branch and
+  // the combine as one node where they apply.
+  torch::Tensor fused_train_forward(const torch::Tensor& x);
+  struct KernelCall {
+    BAMImpl* self;
+    const torch::Tensor& x;
+  };
+  static const KernelOp<KernelCall>& kernels();
 };
 TORCH_MODULE(BAM);
 

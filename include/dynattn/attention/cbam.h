@@ -18,6 +18,9 @@
 
 namespace dynattn {
 
+template <class Args>
+class KernelOp;  // ops/dispatch.h
+
 struct AttentionInfo;
 
 struct CBAMOptions {
@@ -78,6 +81,10 @@ class CBAMImpl : public torch::nn::Cloneable<CBAMImpl>, public AttentionWithMaps
   void reset() override;
   torch::Tensor forward(const torch::Tensor& x);
   AttentionOutput forward_with_maps(const torch::Tensor& x) override;
+  // forward()'s kernels (op "cbam" of ops/dispatch.h, `dynattn --kernels list`): the one that
+  // runs on x, and any one by name whatever the preference (tests walk each against "aten").
+  std::string kernel_for(const torch::Tensor& x);
+  torch::Tensor forward_with(const std::string& kernel, const torch::Tensor& x);
   void pretty_print(std::ostream& stream) const override;
 
   CBAMOptions options;
@@ -88,6 +95,11 @@ class CBAMImpl : public torch::nn::Cloneable<CBAMImpl>, public AttentionWithMaps
   torch::Tensor run(const torch::Tensor& x, AttentionMaps* maps);  // maps filled when not null
   // The fused inference kernel (ops/fused_gates.h) when it applies, else undefined.
   torch::Tensor fused_forward(const torch::Tensor& x);
+  struct KernelCall {
+    CBAMImpl* self;
+    const torch::Tensor& x;
+  };
+  static const KernelOp<KernelCall>& kernels();
 };
 TORCH_MODULE(CBAM);
 

@@ -12,6 +12,9 @@
 
 namespace dynattn {
 
+template <class Args>
+class KernelOp;  // ops/dispatch.h
+
 struct AttentionInfo;
 
 struct EfficientChannelAttentionOptions {
@@ -34,12 +37,23 @@ class EfficientChannelAttentionImpl : public torch::nn::Cloneable<EfficientChann
   void reset() override;
   torch::Tensor forward(const torch::Tensor& x);
   AttentionOutput forward_with_maps(const torch::Tensor& x) override;
+  // forward()'s kernels (op "eca" of ops/dispatch.h, `dynattn --kernels list`): the one that
+  // runs on x, and any one by name whatever the preference (tests walk each against "aten").
+  std::string kernel_for(const torch::Tensor& x);
+  torch::Tensor forward_with(const std::string& kernel, const torch::Tensor& x);
   torch::Tensor gate(const torch::Tensor& x);  // [N,C,1,1]
   void pretty_print(std::ostream& stream) const override;
 
   EfficientChannelAttentionOptions options;
   int64_t kernel_size = 0;  // the k actually used
   torch::nn::Conv1d conv{nullptr};
+
+ private:
+  struct KernelCall {
+    EfficientChannelAttentionImpl* self;
+    const torch::Tensor& x;
+  };
+  static const KernelOp<KernelCall>& kernels();
 };
 TORCH_MODULE(EfficientChannelAttention);
 

@@ -14,6 +14,9 @@
 
 namespace dynattn {
 
+template <class Args>
+class KernelOp;  // ops/dispatch.h
+
 struct AttentionInfo;
 
 struct SqueezeExcitationOptions {
@@ -35,6 +38,10 @@ class SqueezeExcitationImpl : public torch::nn::Cloneable<SqueezeExcitationImpl>
   void reset() override;
   torch::Tensor forward(const torch::Tensor& x);
   AttentionOutput forward_with_maps(const torch::Tensor& x) override;
+  // forward()'s kernels (op "se" of ops/dispatch.h, `dynattn --kernels list`): the one that
+  // runs on x, and any one by name whatever the preference (tests walk each against "aten").
+  std::string kernel_for(const torch::Tensor& x);
+  torch::Tensor forward_with(const std::string& kernel, const torch::Tensor& x);
   // The gate s alone, [N,C,1,1].
   torch::Tensor gate(const torch::Tensor& x);
   void pretty_print(std::ostream& stream) const override;
@@ -42,6 +49,13 @@ class SqueezeExcitationImpl : public torch::nn::Cloneable<SqueezeExcitationImpl>
   SqueezeExcitationOptions options;
   int64_t rd_channels = 0;  // the reduced width actually used
   torch::nn::Conv2d fc1{nullptr}, fc2{nullptr};
+
+ private:
+  struct KernelCall {
+    SqueezeExcitationImpl* self;
+    const torch::Tensor& x;
+  };
+  static const KernelOp<KernelCall>& kernels();
 };
 TORCH_MODULE(SqueezeExcitation);
 

@@ -25,6 +25,9 @@ ConvKernel select_conv2d_kernel(const torch::Tensor& input, const torch::nn::Con
 
 // Same result as conv.forward(input), with the kernel chosen by select_conv2d_kernel().
 torch::Tensor conv2d_forward(torch::nn::Conv2dImpl& conv, const torch::Tensor& input);
+// The named candidate of op conv2d_inference (ops/dispatch.h) whatever the preference: tests.
+torch::Tensor conv2d_forward_with(const std::string& kernel, torch::nn::Conv2dImpl& conv,
+                                  const torch::Tensor& input);
 
 // A 1x1 convolution applied to pooled features [N,C,1,1] (SE, CBAM and BAM gates), computed
 // as one matrix product: same result and the same weights as conv.forward(pooled), without the
