@@ -12,7 +12,8 @@
 
 namespace dynattn::detail {
 
-// Whether this build has the kernel (GCC/Clang vector extensions).
+// Whether the kernel may run: this build has it (GCC/Clang vector extensions) and the dispatch's
+// 16-float forms run here (AVX-512; see the measurement in attention_kernel.cpp).
 bool attention_kernel_available();
 
 // Whether the kernel is the better choice: it keeps phi and g of one image in L1/L2 while it

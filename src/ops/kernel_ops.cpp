@@ -30,6 +30,12 @@ const char* needs_winograd(const CpuCapability& cpu, const KernelPolicy& p) {
   return nullptr;
 }
 
+// The non-local block's own paths are built around the attention register kernel.
+const char* needs_onednn_and_avx512(const CpuCapability& cpu, const KernelPolicy& p) {
+  if (const char* why = needs_onednn_library(cpu, p)) return why;
+  return needs_avx512_wide(cpu, p);
+}
+
 std::vector<KernelOpInfo> build_table() {
   const KernelCandidate aten{"aten", "always: ATen's own operators and kernel choice", nullptr};
   const char* fused_inference =
@@ -132,8 +138,9 @@ std::vector<KernelOpInfo> build_table() {
        "the non-local block's attention product, forward and backward (ops/softmax_attention.h)",
        {{"register_kernel",
          "float CPU 3-D, phi and g of one image fit in L2 ((D + Dv) K <= 2^16 floats): "
-         "src/ops/attention_kernel.cpp",
-         needs_vector_extensions},
+         "src/ops/attention_kernel.cpp, 16 queries per AVX-512 vector (3x slower than ATen "
+         "on AVX2)",
+         needs_avx512_wide},
         {"onednn_matmul", "float CPU 3-D: oneDNN batched matmul and softmax", needs_onednn_library},
         aten}},
       {"non_local_block",
@@ -141,15 +148,15 @@ std::vector<KernelOpInfo> build_table() {
        {{"inference_z_on_keys",
          "as inference, when (W_z g) P^T takes fewer MACs than W_z (g P^T) (few keys, pooled "
          "first)",
-         needs_onednn_library},
+         needs_onednn_and_avx512},
         {"inference",
-         "eval mode, embedded or gaussian, float contiguous CPU, no gradient: one node, BN and "
-         "the residual in the kernel's store",
-         needs_onednn_library},
+         "eval mode, embedded or gaussian, float contiguous CPU, no gradient, the attention "
+         "kernel suits the shape: one node, BN and the residual in the kernel's store",
+         needs_onednn_and_avx512},
         {"training",
          "training mode, embedded, affine BN, float contiguous CPU, the attention kernel suits "
          "the shape: one autograd node",
-         needs_onednn_library},
+         needs_onednn_and_avx512},
         aten}},
       {"pointwise_conv",
        "the non-local block's 1x1 projections, forward and backward (ops/pointwise_conv.h)",

@@ -188,7 +188,7 @@ bool OnednnConvStack::available() {
 namespace {
 
 bool is_reference(const dnnl::convolution_forward::primitive_desc& pd) {
-  return std::string(pd.impl_info_str()).rfind("ref", 0) == 0;
+  return detail::is_reference_implementation(pd.impl_info_str());
 }
 
 std::string to_string(const std::vector<int64_t>& dims) {

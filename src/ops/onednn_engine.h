@@ -17,5 +17,12 @@ inline dnnl::stream& onednn_cpu_stream() {
   return stream;
 }
 
+// Whether a primitive's implementation (primitive_desc::impl_info_str()) is one of oneDNN's
+// reference kernels ("ref:any", ...), which run 100-1000x slower than its JIT ones: dynattn
+// never takes one (ops/dispatch.h); the caller takes its next candidate.
+inline bool is_reference_implementation(const char* impl_info) {
+  return impl_info != nullptr && impl_info[0] == 'r' && impl_info[1] == 'e' && impl_info[2] == 'f';
+}
+
 }  // namespace dynattn::detail
 #endif

@@ -157,8 +157,14 @@ std::pair<torch::Tensor, torch::Tensor> attend(const torch::Tensor& theta, const
   auto a = torch::empty({n, q, k}, theta.options());
   batched_matmul(stream, theta, /*a_transposed=*/true, phi, false, a);  // logits theta^T phi
   const auto a_desc = matrices(n, q, k, false);
-  dnnl::softmax_forward(softmax_pd(a_desc))
-      .execute(stream, {{DNNL_ARG_SRC, wrap(a_desc, a)}, {DNNL_ARG_DST, wrap(a_desc, a)}});
+  const auto softmax = softmax_pd(a_desc);
+  if (detail::is_reference_implementation(softmax.impl_info_str())) {
+    stream.wait();
+    a = torch::softmax(a, 2);  // never oneDNN's reference kernel (ops/dispatch.h)
+  } else {
+    dnnl::softmax_forward(softmax).execute(
+        stream, {{DNNL_ARG_SRC, wrap(a_desc, a)}, {DNNL_ARG_DST, wrap(a_desc, a)}});
+  }
   auto y = torch::empty({n, dv, q}, theta.options());
   batched_matmul(stream, g, false, a, /*b_transposed=*/true, y);  // g A^T
   stream.wait();
@@ -193,10 +199,17 @@ struct OnednnAttentionFunction : torch::autograd::Function<OnednnAttentionFuncti
       const auto forward_pd = softmax_pd(desc);
       const dnnl::softmax_backward::primitive_desc pd(dnnl::softmax_backward::desc(desc, desc, 2),
                                                       detail::onednn_cpu_engine(), forward_pd);
-      // In place: the logits' gradient overwrites the softmax output's.
-      dnnl::softmax_backward(pd).execute(stream, {{DNNL_ARG_DST, wrap(desc, a)},
-                                                  {DNNL_ARG_DIFF_DST, wrap(desc, d_a)},
-                                                  {DNNL_ARG_DIFF_SRC, wrap(desc, d_a)}});
+      if (detail::is_reference_implementation(pd.impl_info_str())) {
+        // oneDNN 2.6 has its softmax backward for AVX-512 only; elsewhere ATen's elementwise
+        // form: dL = A * (dA - sum_k A dA).
+        stream.wait();
+        d_a = a * (d_a - (a * d_a).sum(2, /*keepdim=*/true));
+      } else {
+        // In place: the logits' gradient overwrites the softmax output's.
+        dnnl::softmax_backward(pd).execute(stream, {{DNNL_ARG_DST, wrap(desc, a)},
+                                                    {DNNL_ARG_DIFF_DST, wrap(desc, d_a)},
+                                                    {DNNL_ARG_DIFF_SRC, wrap(desc, d_a)}});
+      }
       if (ctx->needs_input_grad(0)) {
         d_theta = torch::empty_like(theta);
         batched_matmul(stream, phi, false, d_a, /*b_transposed=*/true, d_theta);  // phi dL^T

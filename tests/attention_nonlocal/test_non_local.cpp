@@ -36,6 +36,15 @@ bool fused_attention_applies() {
   return dynattn::softmax_attention_applicable(t, t, t);
 }
 
+// Why the kernel dispatch rules out the non-local block's own path `path` on this CPU and policy
+// (ops/dispatch.h, op non_local_block), or nullptr when it may run.
+const char* block_path_ruled_out(const std::string& path) {
+  for (const auto& c : dynattn::kernel_op("non_local_block").candidates)
+    if (c.name == path) return c.why_not();
+  ADD_FAILURE() << "non_local_block has no candidate " << path;
+  return "unknown path";
+}
+
 // Every parameter N(0, std), BN running statistics away from (0, 1): nothing is trivially zero.
 void randomise(torch::nn::Module& m, double std = 0.5) {
   torch::NoGradGuard no_grad;
@@ -908,6 +917,7 @@ TEST(NonLocalBlock, TrainingPathEqualsTheDoubleAtenForm) {
   // Output, input and parameter gradients and BN's running statistics against the ATen form in
   // double, 1-, 2- and 3-D, with and without sub-sampling, two steps (the running statistics
   // average over them).
+  if (const char* why = block_path_ruled_out("training")) GTEST_SKIP() << "training path: " << why;
   const std::vector<std::vector<int64_t>> shapes = {{3, 8, 11}, {2, 8, 7, 6}, {2, 8, 3, 5, 4}};
   for (const auto& shape : shapes) {
     for (bool subsample : {true, false}) {
@@ -978,7 +988,8 @@ TEST(NonLocalBlock, ZAppliedToTheKeysFirstEqualsTheDoubleAtenForm) {
   // keys), the fast paths compute (W_z g) P^T instead of W_z (g P^T). Training (output, input
   // and parameter gradients, running statistics) and inference (embedded and gaussian) against
   // the ATen form in double; and that form is the one taken, and not at 14x14.
-  if (!fused_attention_applies()) GTEST_SKIP() << "no attention kernel in this build";
+  if (const char* why = block_path_ruled_out("inference_z_on_keys"))
+    GTEST_SKIP() << "z-on-keys path: " << why;
   const auto x = torch::randn({3, 32, 7, 7});
   for (const std::string mode : {"embedded", "gaussian"}) {
     SCOPED_TRACE(mode);
