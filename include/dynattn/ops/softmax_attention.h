@@ -6,9 +6,11 @@
 //
 // Two implementations. A hand-written CPU kernel (src/ops/attention_kernel.h): 16 queries per
 // vector, the logits, softmax and both products of a block in registers and L1, the affinity
-// never written out in [Q, K] form; used while phi and g of one image fit in L2 ((D + Dv) K <=
-// 2^16 floats). Beyond that, oneDNN's batched matmul and softmax (when built with the oneDNN
-// library), whose GEMMs reuse large operands better. BM_SoftmaxAttention
+// never written out in [Q, K] form; used on CPUs with AVX-512 (its vectors are AVX-512
+// registers: on AVX2 it ran 3x slower than ATen) while phi and g of one image fit in L2
+// ((D + Dv) K <= 2^16 floats). Otherwise oneDNN's batched matmul and softmax (when built with
+// the oneDNN library; ATen's softmax where oneDNN has only its reference kernel), whose GEMMs
+// reuse large operands better. BM_SoftmaxAttention
 // (bench/bench_attention_nonlocal.cpp) times the op against ATen's bmm/softmax/bmm at the shapes
 // of a non-local block in stages 2 and 3 of a CIFAR ResNet. The backward (dtheta, dphi, dg) works
 // from the softmax output the forward saves (what ATen's own backward saves too).
